@@ -1,0 +1,142 @@
+//! The agent's configuration file (`/etc/foobar/agent.toml`) and the command-line overrides applied on top of it.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use serde::Deserialize;
+
+/// Where the image installs the agent's configuration.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/foobar/agent.toml";
+
+/// Where the agent listens: a TCP `host:port` or a unix socket path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Listen {
+    Tcp(String),
+    Unix(PathBuf),
+}
+
+impl Listen {
+    /// Parses `unix:/path` or `host:port`.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if !path.starts_with('/') {
+                return Err(format!("`{text}`: a unix socket path must be absolute, like unix:/run/foobar/agent.sock"));
+            }
+            return Ok(Listen::Unix(PathBuf::from(path)));
+        }
+        match text.rsplit_once(':') {
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
+                Ok(Listen::Tcp(text.to_string()))
+            }
+            _ => Err(format!(
+                "`{text}`: expected host:port (like 127.0.0.1:8080) or unix:/path"
+            )),
+        }
+    }
+}
+
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Listen::Tcp(addr) => write!(f, "{addr}"),
+            Listen::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Listen {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Listen::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// The agent's settings. Every key has a default, so an empty file is a valid configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Config {
+    /// Where to listen when systemd does not hand over a socket.
+    pub listen: Listen,
+    /// The MariaDB/MySQL URL; the default reaches the local server over its unix socket with `unix_socket` auth.
+    pub database_url: String,
+    /// Connections kept in the pool.
+    pub pool_size: u32,
+    /// A directory of `NNNN_name.sql` migrations to apply instead of the ones built into the binary.
+    pub migrations: Option<PathBuf>,
+    /// Seconds to wait for another agent's migration lock before giving up.
+    pub migrate_lock_timeout: u64,
+    /// A file whose existence means first boot completed; `/readyz` waits for it. Unset outside an image.
+    pub first_boot_marker: Option<PathBuf>,
+    /// Seconds that in-flight requests get to finish after SIGTERM.
+    pub shutdown_timeout: u64,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: Listen::Unix(PathBuf::from("/run/foobar/agent.sock")),
+            database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock"
+                .to_string(),
+            pool_size: 16,
+            migrations: None,
+            migrate_lock_timeout: 60,
+            first_boot_marker: None,
+            shutdown_timeout: 10,
+        }
+    }
+}
+
+impl Config {
+    /// Reads the configuration. A missing file is an error unless it is the default path, which a laptop does not have.
+    pub fn load(path: Option<&Path>) -> anyhow::Result<Config> {
+        let (path, explicit) = match path {
+            Some(path) => (path, true),
+            None => (Path::new(DEFAULT_CONFIG_PATH), false),
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                tracing::info!(path = %path.display(), "no configuration file, using defaults");
+                return Ok(Config::default());
+            }
+            Err(err) => {
+                return Err(err)
+                    .with_context(|| format!("cannot read config file {}", path.display()))
+            }
+        };
+        let config: Config = toml::from_str(&text)
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        config
+            .validate()
+            .with_context(|| format!("invalid config file {}", path.display()))?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if !self.database_url.starts_with("mysql://")
+            && !self.database_url.starts_with("mariadb://")
+        {
+            bail!(
+                "key `database-url`: expected a mysql:// URL, got `{}`",
+                self.database_url
+            );
+        }
+        if self.pool_size == 0 {
+            bail!("key `pool-size`: expected at least 1");
+        }
+        if self.migrate_lock_timeout == 0 {
+            bail!("key `migrate-lock-timeout`: expected at least 1 second");
+        }
+        Ok(())
+    }
+
+    pub fn migrate_lock_timeout(&self) -> Duration {
+        Duration::from_secs(self.migrate_lock_timeout)
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_secs(self.shutdown_timeout)
+    }
+}

@@ -1,0 +1,92 @@
+//! Operations endpoints: `/livez`, `/readyz`, `/healthz` (health+json) and `/metrics` (Prometheus text).
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use crate::metrics::Gauges;
+use crate::state::{AppState, MigrationStatus};
+
+/// 200 as long as the process can answer at all.
+pub async fn livez() -> Json<Value> {
+    Json(json!({ "status": "pass" }))
+}
+
+/// 200 only when the database answers, migrations are applied and first boot is complete.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let r = state.readiness().await;
+    let problems: Vec<String> = [r.database.err(), r.migrations.err(), r.first_boot.err()]
+        .into_iter()
+        .flatten()
+        .collect();
+    if problems.is_empty() {
+        (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "status": "not ready", "problems": problems })),
+        )
+            .into_response()
+    }
+}
+
+fn check(result: &Result<(), String>, observed: Option<Value>) -> Value {
+    let mut check = match result {
+        Ok(()) => json!({ "status": "pass" }),
+        Err(output) => json!({ "status": "fail", "output": output }),
+    };
+    if let Some(value) = observed {
+        check["observedValue"] = value;
+    }
+    json!([check])
+}
+
+/// The health document (draft-inadarei-api-health-check): overall status, version and one check per component.
+pub async fn healthz(State(state): State<AppState>) -> Response {
+    let r = state.readiness().await;
+    let ready = r.is_ready();
+    let version = r.migrations.as_ref().ok().copied();
+    let body = json!({
+        "status": if ready { "pass" } else { "fail" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "serviceId": "foobar-agent",
+        "checks": {
+            "database:connection": check(&r.database, None),
+            "migrations:version": check(&r.migrations.map(|_| ()), version.map(Value::from)),
+            "first-boot:marker": check(&r.first_boot, None),
+        },
+    });
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/health+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    let gauges = Gauges {
+        pool_size: state.pool.size(),
+        pool_idle: state.pool.num_idle(),
+        pool_max: state.pool.options().get_max_connections(),
+        migration_version: match state.migration_status() {
+            MigrationStatus::Applied { version } => version,
+            _ => 0,
+        },
+    };
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.metrics.render(&gauges),
+    )
+        .into_response()
+}

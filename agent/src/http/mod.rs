@@ -1,0 +1,62 @@
+//! The router: every route, the body limit, request spans and the metrics middleware.
+
+pub mod error;
+pub mod health;
+pub mod posts;
+
+use std::time::Instant;
+
+use axum::extract::{MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::get;
+use axum::Router;
+use tower_http::trace::TraceLayer;
+
+use crate::state::AppState;
+use error::ApiError;
+
+/// Largest request body accepted, in bytes; larger ones get 413.
+pub const BODY_LIMIT: usize = 64 * 1024;
+
+/// Builds the application. Tests call this directly with `oneshot`; `serve` puts it on a socket.
+pub fn app(state: AppState) -> Router {
+    Router::new()
+        .route("/livez", get(health::livez))
+        .route("/readyz", get(health::readyz))
+        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(health::metrics))
+        .route("/api/posts", get(posts::list_posts).post(posts::create_post))
+        .route("/api/posts/{id}", get(posts::get_post))
+        .route("/posts", get(posts::page).post(posts::submit))
+        .fallback(|| async { ApiError::NotFound("no such path".to_string()) })
+        .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(
+            TraceLayer::new_for_http().make_span_with(|req: &Request| {
+                tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
+            }),
+        )
+        .with_state(state)
+}
+
+async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "unmatched".to_string());
+    let start = Instant::now();
+    let response = next.run(req).await;
+    let elapsed = start.elapsed();
+    state
+        .metrics
+        .record(&route, response.status().as_u16(), elapsed);
+    tracing::debug!(
+        status = response.status().as_u16(),
+        latency_us = elapsed.as_micros() as u64,
+        "answered"
+    );
+    response
+}

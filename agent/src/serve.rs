@@ -1,0 +1,176 @@
+//! Running the agent: connect lazily, migrate in the background, listen (or take systemd's socket), tell systemd
+//! when ready, and on SIGTERM drain in-flight requests within a bounded time.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::migrate::Migrator;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{ConnectOptions as _, MySqlPool};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::config::{Config, Listen};
+use crate::state::{AppState, MigrationStatus};
+use crate::{migrate, systemd};
+
+/// A pool that connects on first use, so the agent starts (and answers `/livez`) while the database is down.
+pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
+    let options = MySqlConnectOptions::from_str(&config.database_url)
+        .with_context(|| format!("invalid database URL `{}`", config.database_url))?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(MySqlPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options))
+}
+
+/// Applies migrations until they are applied or fail for good, retrying while the database is unreachable.
+async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout: Duration) {
+    let mut delay = Duration::from_millis(250);
+    loop {
+        match migrate::apply(&state.pool, &migrator, lock_timeout).await {
+            Ok(version) => {
+                tracing::info!(version, "migrations applied");
+                state.set_migration_status(MigrationStatus::Applied { version });
+                return;
+            }
+            Err(err) if err.is_retryable() => {
+                tracing::warn!(error = %err, retry_in = ?delay, "migrations not applied yet");
+                state.set_migration_status(MigrationStatus::Pending(Some(err.to_string())));
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "migrations failed; the agent stays up but not ready");
+                state.set_migration_status(MigrationStatus::Failed(err.to_string()));
+                return;
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// Sends `READY=1` the first time `/readyz` would answer 200.
+async fn notify_when_ready(state: AppState) {
+    loop {
+        if state.readiness().await.is_ready() {
+            tracing::info!("ready");
+            systemd::notify("READY=1");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+async fn listen(config: &Config) -> anyhow::Result<Listener> {
+    if let Some(inherited) = systemd::take_listener() {
+        tracing::info!("using the socket passed by systemd");
+        return Ok(match inherited {
+            systemd::Inherited::Tcp(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Tcp(TcpListener::from_std(l)?)
+            }
+            systemd::Inherited::Unix(l) => {
+                l.set_nonblocking(true)?;
+                Listener::Unix(UnixListener::from_std(l)?)
+            }
+        });
+    }
+    match &config.listen {
+        Listen::Tcp(addr) => Ok(Listener::Tcp(
+            TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("cannot listen on {addr}"))?,
+        )),
+        Listen::Unix(path) => {
+            // A socket file left by an earlier run would make bind fail; it is ours to replace.
+            if std::fs::symlink_metadata(path).is_ok_and(|m| {
+                use std::os::unix::fs::FileTypeExt as _;
+                m.file_type().is_socket()
+            }) {
+                std::fs::remove_file(path)
+                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+            }
+            let listener = UnixListener::bind(path)
+                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            Ok(Listener::Unix(listener))
+        }
+    }
+}
+
+/// `foobar-agent serve`.
+pub async fn run(config: Config) -> anyhow::Result<()> {
+    let migrator = migrate::load(config.migrations.as_deref()).await?;
+    let state = AppState::new(pool(&config)?, config.first_boot_marker.clone());
+    let listener = listen(&config).await?;
+    tracing::info!(listen = %config.listen, version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
+
+    tokio::spawn(migrate_in_background(
+        state.clone(),
+        migrator,
+        config.migrate_lock_timeout(),
+    ));
+    tokio::spawn(notify_when_ready(state.clone()));
+    if let Some(interval) = systemd::watchdog_interval() {
+        tokio::spawn(async move {
+            loop {
+                systemd::notify("WATCHDOG=1");
+                tokio::time::sleep(interval).await;
+            }
+        });
+    }
+
+    let app = crate::app(state.clone());
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let graceful = async move {
+        shutdown_signal().await;
+        tracing::info!("stopping: no new connections, finishing in-flight requests");
+        systemd::notify("STOPPING=1");
+        let _ = stop_tx.send(true);
+    };
+    let server = async {
+        match listener {
+            Listener::Tcp(l) => axum::serve(l, app).with_graceful_shutdown(graceful).await,
+            Listener::Unix(l) => axum::serve(l, app).with_graceful_shutdown(graceful).await,
+        }
+    };
+    let deadline = async {
+        let _ = stop_rx.wait_for(|stopped| *stopped).await;
+        tokio::time::sleep(config.shutdown_timeout()).await;
+    };
+    tokio::select! {
+        result = server => result.context("server failed")?,
+        _ = deadline => tracing::warn!(timeout = ?config.shutdown_timeout(), "in-flight requests cut off at the shutdown timeout"),
+    }
+    state.pool.close().await;
+    if let Listen::Unix(path) = &config.listen {
+        let _ = std::fs::remove_file(path);
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `foobar-agent migrate`: apply pending migrations once and report the version, or fail with the reason.
+pub async fn migrate_once(config: Config) -> anyhow::Result<i64> {
+    let migrator = migrate::load(config.migrations.as_deref()).await?;
+    let pool = pool(&config)?;
+    let version = migrate::apply(&pool, &migrator, config.migrate_lock_timeout()).await?;
+    pool.close().await;
+    Ok(version)
+}

@@ -1,0 +1,125 @@
+//! What the request handlers share: the pool, the migration status, the templates and the metrics.
+
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use sqlx::MySqlPool;
+
+use crate::metrics::Metrics;
+
+/// Where the schema stands, as the background migration task last saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MigrationStatus {
+    /// Not applied yet; holds the last transient error, if any (database down, lock held).
+    Pending(Option<String>),
+    Applied {
+        version: i64,
+    },
+    /// A migration failed or was modified: not retried, never repaired.
+    Failed(String),
+}
+
+/// The result of one readiness check per component; `Err` holds what is wrong.
+pub struct Readiness {
+    pub database: Result<(), String>,
+    pub migrations: Result<i64, String>,
+    pub first_boot: Result<(), String>,
+}
+
+impl Readiness {
+    pub fn is_ready(&self) -> bool {
+        self.database.is_ok() && self.migrations.is_ok() && self.first_boot.is_ok()
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState(Arc<Inner>);
+
+pub struct Inner {
+    pub pool: MySqlPool,
+    pub migrations: RwLock<MigrationStatus>,
+    pub first_boot_marker: Option<PathBuf>,
+    pub metrics: Metrics,
+    pub templates: tera::Tera,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Inner;
+    fn deref(&self) -> &Inner {
+        &self.0
+    }
+}
+
+/// The page templates, compiled into the binary from `image/templates/`.
+fn templates() -> tera::Tera {
+    let mut tera = tera::Tera::default();
+    // A `.html` name turns on tera's autoescaping.
+    tera.add_raw_template(
+        "posts.html",
+        include_str!("../../image/templates/posts.html"),
+    )
+    .expect("the built-in posts.html template parses");
+    tera
+}
+
+impl AppState {
+    pub fn new(pool: MySqlPool, first_boot_marker: Option<PathBuf>) -> AppState {
+        AppState(Arc::new(Inner {
+            pool,
+            migrations: RwLock::new(MigrationStatus::Pending(None)),
+            first_boot_marker,
+            metrics: Metrics::default(),
+            templates: templates(),
+        }))
+    }
+
+    pub fn migration_status(&self) -> MigrationStatus {
+        self.migrations
+            .read()
+            .expect("migration status lock")
+            .clone()
+    }
+
+    pub fn set_migration_status(&self, status: MigrationStatus) {
+        *self.migrations.write().expect("migration status lock") = status;
+    }
+
+    /// Checks every component that `/readyz` depends on, the database live.
+    pub async fn readiness(&self) -> Readiness {
+        let ping = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&self.pool),
+        )
+        .await;
+        let database = match ping {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(err)) => Err(format!(
+                "database unreachable: {}",
+                crate::http::error::db_summary(&err)
+            )),
+            Err(_) => Err("database did not answer within 2 s".to_string()),
+        };
+        let migrations = match self.migration_status() {
+            MigrationStatus::Applied { version } => Ok(version),
+            MigrationStatus::Pending(None) => Err("migrations not applied yet".to_string()),
+            MigrationStatus::Pending(Some(err)) => {
+                Err(format!("migrations not applied yet: {err}"))
+            }
+            MigrationStatus::Failed(err) => Err(err),
+        };
+        let first_boot = match &self.first_boot_marker {
+            None => Ok(()),
+            Some(marker) if marker.exists() => Ok(()),
+            Some(marker) => Err(format!(
+                "first boot not complete ({} missing)",
+                marker.display()
+            )),
+        };
+        Readiness {
+            database,
+            migrations,
+            first_boot,
+        }
+    }
+}

@@ -1,0 +1,489 @@
+//! The agent's HTTP surface, driven through `app().oneshot(...)` against a real, throwaway MariaDB.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, Request, StatusCode};
+use axum::Router;
+use foobar_agent::config::Config;
+use foobar_agent::state::MigrationStatus;
+use foobar_agent::{migrate, AppState};
+use http_body_util::BodyExt as _;
+use serde_json::{json, Value};
+use tower::ServiceExt as _;
+
+use crate::support::mariadb;
+
+struct Reply {
+    status: StatusCode,
+    headers: axum::http::HeaderMap,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+/// An app on a fresh database with migrations applied, as `serve` has it once ready.
+async fn ready_app(first_boot_marker: Option<std::path::PathBuf>) -> (Router, AppState) {
+    let config = Config {
+        database_url: mariadb::shared().fresh_database(),
+        ..Config::default()
+    };
+    let pool = foobar_agent::serve::pool(&config).unwrap();
+    let migrator = migrate::load(None).await.unwrap();
+    let version = migrate::apply(&pool, &migrator, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let state = AppState::new(pool, first_boot_marker);
+    state.set_migration_status(MigrationStatus::Applied { version });
+    (foobar_agent::app(state.clone()), state)
+}
+
+async fn call(
+    app: &Router,
+    method: &str,
+    path: &str,
+    content_type: Option<&str>,
+    body: impl Into<Body>,
+) -> Reply {
+    let mut req = Request::builder().method(method).uri(path);
+    if let Some(ct) = content_type {
+        req = req.header(header::CONTENT_TYPE, ct);
+    }
+    let response = app
+        .clone()
+        .oneshot(req.body(body.into()).unwrap())
+        .await
+        .unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.into_body().collect().await.unwrap().to_bytes();
+    Reply {
+        status,
+        headers,
+        body: String::from_utf8(bytes.to_vec()).unwrap(),
+    }
+}
+
+async fn get(app: &Router, path: &str) -> Reply {
+    call(app, "GET", path, None, Body::empty()).await
+}
+
+async fn post_json(app: &Router, body: &Value) -> Reply {
+    call(
+        app,
+        "POST",
+        "/api/posts",
+        Some("application/json"),
+        body.to_string(),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn created_post_is_returned_listed_and_fetchable() {
+    let (app, _) = ready_app(None).await;
+    let created = post_json(&app, &json!({"author": "ana", "body": "hello"})).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let post = created.json();
+    assert_eq!(post["author"], "ana");
+    assert_eq!(post["body"], "hello");
+    let id = post["id"].as_u64().expect("numeric id");
+    assert!(
+        post["created_at"].as_str().unwrap().ends_with('Z'),
+        "{post}"
+    );
+    assert_eq!(
+        created.headers[header::LOCATION],
+        format!("/api/posts/{id}").as_str()
+    );
+
+    let fetched = get(&app, &format!("/api/posts/{id}")).await;
+    assert_eq!(fetched.status, StatusCode::OK);
+    assert_eq!(fetched.json(), post);
+
+    let list = get(&app, "/api/posts").await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(list.headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    assert_eq!(list.json(), json!([post]));
+}
+
+#[tokio::test]
+async fn list_is_newest_first_and_pages_with_limit_and_before() {
+    let (app, _) = ready_app(None).await;
+    for i in 1..=5 {
+        let r = post_json(
+            &app,
+            &json!({"author": "pager", "body": format!("post {i}")}),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::CREATED);
+    }
+    let first = get(&app, "/api/posts?limit=2").await.json();
+    let bodies: Vec<&str> = first
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["post 5", "post 4"]);
+    let last_id = first[1]["id"].as_u64().unwrap();
+    let next = get(&app, &format!("/api/posts?limit=2&before={last_id}"))
+        .await
+        .json();
+    let bodies: Vec<&str> = next
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["body"].as_str().unwrap())
+        .collect();
+    assert_eq!(bodies, ["post 3", "post 2"]);
+    let all = get(&app, "/api/posts").await.json();
+    assert_eq!(
+        all.as_array().unwrap().len(),
+        5,
+        "default limit covers all five"
+    );
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_4xx_without_internals() {
+    let (app, _) = ready_app(None).await;
+    let long_author = "a".repeat(101);
+    let long_body = "b".repeat(10_001);
+    let cases: Vec<(&str, &str, Option<&str>, String, StatusCode)> = vec![
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            "{not json".into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("text/plain"),
+            r#"{"author":"a","body":"b"}"#.into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            None,
+            r#"{"author":"a","body":"b"}"#.into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            r#"{"author":"a"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            r#"{"author":"","body":"b"}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            r#"{"author":"a","body":"   "}"#.into(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            r#"{"author":5,"body":"b"}"#.into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            json!({"author": long_author, "body": "b"}).to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            json!({"author": "a", "body": long_body}).to_string(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/api/posts",
+            Some("application/json"),
+            "x".repeat(65 * 1024),
+            StatusCode::PAYLOAD_TOO_LARGE,
+        ),
+        (
+            "GET",
+            "/api/posts/abc",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts/-1",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts/99999999",
+            None,
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET",
+            "/api/posts/99999999999999999999999",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts?limit=0",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts?limit=101",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts?limit=ten",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/api/posts?before=x",
+            None,
+            String::new(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/posts",
+            Some("application/json"),
+            "{}".into(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        ),
+        (
+            "POST",
+            "/posts",
+            Some("application/x-www-form-urlencoded"),
+            "author=a".into(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+        (
+            "DELETE",
+            "/api/posts",
+            None,
+            String::new(),
+            StatusCode::METHOD_NOT_ALLOWED,
+        ),
+        (
+            "GET",
+            "/no/such/path",
+            None,
+            String::new(),
+            StatusCode::NOT_FOUND,
+        ),
+    ];
+    for (method, path, ct, body, expected) in cases {
+        let shown = body.chars().take(40).collect::<String>();
+        let r = call(&app, method, path, ct, body).await;
+        assert_eq!(
+            r.status, expected,
+            "{method} {path} {ct:?} {shown}: {}",
+            r.body
+        );
+        let error = r.json()["error"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no error field: {}", r.body))
+            .to_string();
+        assert!(!error.is_empty());
+        for internal in ["SELECT", "INSERT", "sqlx", "/src/", "mysql", "panicked"] {
+            assert!(
+                !error.contains(internal),
+                "{method} {path}: error leaks `{internal}`: {error}"
+            );
+        }
+    }
+    assert_eq!(
+        get(&app, "/api/posts").await.json(),
+        json!([]),
+        "nothing was stored by bad requests"
+    );
+}
+
+#[tokio::test]
+async fn any_text_is_stored_exactly_and_escaped_in_html() {
+    let (app, _) = ready_app(None).await;
+    let tricky =
+        "<script>alert('x')</script> \"quoted\" '; DROP TABLE posts; -- ünïcödé 日本語 🦀\n\ttabs";
+    let author = "O'Brien <b>";
+    let created = post_json(&app, &json!({"author": author, "body": tricky})).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
+    let id = created.json()["id"].as_u64().unwrap();
+    let fetched = get(&app, &format!("/api/posts/{id}")).await.json();
+    assert_eq!(fetched["body"], tricky);
+    assert_eq!(fetched["author"], author);
+
+    let page = get(&app, "/posts").await;
+    assert_eq!(page.status, StatusCode::OK);
+    assert!(page.headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    assert!(
+        !page.body.contains("<script>alert"),
+        "raw script tag in page"
+    );
+    assert!(
+        page.body.contains("&lt;script&gt;alert("),
+        "escaped text missing: {}",
+        page.body
+    );
+    assert!(page.body.contains("日本語 🦀"));
+    assert!(
+        page.body.contains("O&#x27;Brien &lt;b&gt;"),
+        "{}",
+        page.body
+    );
+}
+
+#[tokio::test]
+async fn the_html_form_posts_and_redirects_back_with_303() {
+    let (app, _) = ready_app(None).await;
+    let empty = get(&app, "/posts").await;
+    assert!(empty
+        .body
+        .contains("<form method=\"post\" action=\"/posts\""));
+    assert!(empty.body.contains("No posts yet"));
+    let r = call(
+        &app,
+        "POST",
+        "/posts",
+        Some("application/x-www-form-urlencoded"),
+        "author=Zo%C3%AB&body=from+the+form%21",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.headers[header::LOCATION], "/posts");
+    let page = get(&app, "/posts").await;
+    assert!(page.body.contains("from the form!"), "{}", page.body);
+    assert!(page.body.contains("Zoë"));
+    assert_eq!(
+        get(&app, "/api/posts").await.json()[0]["body"],
+        "from the form!"
+    );
+}
+
+#[tokio::test]
+async fn health_endpoints_report_each_component() {
+    let marker = crate::support::temp_dir("marker").join("first-boot.done");
+    let (app, _) = ready_app(Some(marker.clone())).await;
+
+    assert_eq!(get(&app, "/livez").await.status, StatusCode::OK);
+    let not_ready = get(&app, "/readyz").await;
+    assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        not_ready.body.contains("first boot not complete"),
+        "{}",
+        not_ready.body
+    );
+    let health = get(&app, "/healthz").await;
+    assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        health.headers[header::CONTENT_TYPE],
+        "application/health+json"
+    );
+    let doc = health.json();
+    assert_eq!(doc["status"], "fail");
+    assert_eq!(doc["checks"]["first-boot:marker"][0]["status"], "fail");
+    assert_eq!(doc["checks"]["database:connection"][0]["status"], "pass");
+
+    std::fs::write(&marker, b"").unwrap();
+    assert_eq!(get(&app, "/readyz").await.status, StatusCode::OK);
+    let doc = get(&app, "/healthz").await.json();
+    assert_eq!(doc["status"], "pass");
+    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(doc["checks"]["migrations:version"][0]["status"], "pass");
+    assert_eq!(doc["checks"]["migrations:version"][0]["observedValue"], 1);
+    for component in [
+        "database:connection",
+        "migrations:version",
+        "first-boot:marker",
+    ] {
+        assert_eq!(
+            doc["checks"][component][0]["status"], "pass",
+            "{component}: {doc}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn readyz_is_503_until_migrations_are_applied() {
+    let config = Config {
+        database_url: mariadb::shared().fresh_database(),
+        ..Config::default()
+    };
+    let state = AppState::new(foobar_agent::serve::pool(&config).unwrap(), None);
+    let app = foobar_agent::app(state.clone());
+    let r = get(&app, "/readyz").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(r.body.contains("migrations not applied"), "{}", r.body);
+    assert_eq!(get(&app, "/livez").await.status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_status() {
+    let (app, _) = ready_app(None).await;
+    post_json(&app, &json!({"author": "m", "body": "x"})).await;
+    get(&app, "/api/posts/abc").await;
+    get(&app, "/api/posts").await;
+    let r = get(&app, "/metrics").await;
+    assert_eq!(r.status, StatusCode::OK);
+    assert!(r.headers[header::CONTENT_TYPE]
+        .to_str()
+        .unwrap()
+        .starts_with("text/plain"));
+    for line in [
+        "foobar_http_requests_total{route=\"/api/posts\",status=\"201\"} 1",
+        "foobar_http_requests_total{route=\"/api/posts\",status=\"200\"} 1",
+        "foobar_http_requests_total{route=\"/api/posts/{id}\",status=\"400\"} 1",
+        "foobar_http_request_duration_seconds_count 3",
+        "foobar_migration_version 1",
+        "foobar_db_pool_max_connections 16",
+    ] {
+        assert!(
+            r.body.lines().any(|l| l == line),
+            "missing `{line}` in:\n{}",
+            r.body
+        );
+    }
+}

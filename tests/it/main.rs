@@ -1,0 +1,7 @@
+//! The one integration test binary: black-box tests of the agent, the builder and the image.
+//!
+//! Fast tiers always run. The QEMU tier runs only when `FOOBAR_E2E=1` (CI sets it); see `e2e.rs`.
+
+mod agent_http;
+mod agent_process;
+mod support;

@@ -1,0 +1,206 @@
+//! Helpers shared by the test modules: the real binaries, agent processes and a small HTTP client.
+
+pub mod mariadb;
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A binary of this workspace, built by `cargo build` before the tests run (`just test` does that).
+pub fn binary(name: &str) -> PathBuf {
+    // The test binary lives in target/<profile>/deps/; the workspace binaries one level up.
+    let exe = std::env::current_exe().unwrap();
+    let path = exe.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace` first (`just test` does)",
+        path.display()
+    );
+    path
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the race with other processes is accepted in tests).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "foobar-{tag}-{}-{}",
+        std::process::id(),
+        free_port()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A response as a user sees it.
+pub struct Reply {
+    pub status: u16,
+    pub content_type: String,
+    pub body: String,
+}
+
+impl Reply {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+}
+
+fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .redirects(0)
+        .build()
+}
+
+fn reply(result: Result<ureq::Response, ureq::Error>) -> Result<Reply, String> {
+    let response = match result {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    Ok(Reply {
+        status: response.status(),
+        content_type: response.content_type().to_string(),
+        body: response.into_string().unwrap_or_default(),
+    })
+}
+
+pub fn get(url: &str) -> Result<Reply, String> {
+    reply(agent().get(url).call())
+}
+
+pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Reply, String> {
+    reply(agent().post(url).send_json(body.clone()))
+}
+
+/// Polls `url` until it answers `status`, or panics after `limit`.
+pub fn wait_for_status(url: &str, status: u16, limit: Duration) -> Duration {
+    let start = Instant::now();
+    loop {
+        let last = get(url);
+        if matches!(&last, Ok(r) if r.status == status) {
+            return start.elapsed();
+        }
+        if start.elapsed() > limit {
+            let seen = match last {
+                Ok(r) => format!("{} {}", r.status, r.body),
+                Err(e) => e,
+            };
+            panic!("{url} did not answer {status} within {limit:?}; last: {seen}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A `foobar-agent` process listening on a TCP port of its own; killed when dropped.
+pub struct AgentProcess {
+    pub child: Child,
+    pub base: String,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    pub fn serve(database_url: &str, extra: &[&str]) -> AgentProcess {
+        Self::serve_with(database_url, extra, |_| {})
+    }
+
+    pub fn serve_with(
+        database_url: &str,
+        extra: &[&str],
+        customize: impl FnOnce(&mut Command),
+    ) -> AgentProcess {
+        let port = free_port();
+        let log = temp_dir("agent-log").join("stderr.log");
+        let mut cmd = Command::new(binary("foobar-agent"));
+        cmd.args([
+            "serve",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database-url",
+            database_url,
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+        customize(&mut cmd);
+        let child = cmd.spawn().expect("start foobar-agent");
+        let base = format!("http://127.0.0.1:{port}");
+        let agent = AgentProcess { child, base, log };
+        agent.wait_listening();
+        agent
+    }
+
+    fn wait_listening(&self) {
+        let addr = self.base.trim_start_matches("http://").to_string();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(
+                Instant::now() < deadline,
+                "agent never listened on {addr}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit within {limit:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `foobar-agent` with `args` to completion: (exit code, stdout, stderr).
+pub fn agent_command(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(binary("foobar-agent"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
