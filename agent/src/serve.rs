@@ -78,6 +78,20 @@ enum Listener {
     Unix(UnixListener),
 }
 
+impl Listener {
+    /// What to log: the socket actually listened on.
+    fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(l) => l
+                .local_addr()
+                .ok()
+                .and_then(|a| a.as_pathname().map(|p| format!("unix:{}", p.display())))
+                .unwrap_or_default(),
+        }
+    }
+}
+
 async fn listen(config: &Config) -> anyhow::Result<Listener> {
     if let Some(inherited) = systemd::take_listener() {
         tracing::info!("using the socket passed by systemd");
@@ -118,8 +132,9 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
     let state = AppState::new(pool(&config)?, config.first_boot_marker.clone());
+    let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
-    tracing::info!(listen = %config.listen, version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
+    tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
 
     tokio::spawn(migrate_in_background(
         state.clone(),
@@ -159,7 +174,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         _ = deadline => tracing::warn!(timeout = ?config.shutdown_timeout(), "in-flight requests cut off at the shutdown timeout"),
     }
     state.pool.close().await;
-    if let Listen::Unix(path) = &config.listen {
+    // A socket we bound ourselves is ours to remove; systemd's stays for the next start.
+    if let (Listen::Unix(path), false) = (&config.listen, inherited) {
         let _ = std::fs::remove_file(path);
     }
     tracing::info!("stopped");

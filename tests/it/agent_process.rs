@@ -1,1 +1,361 @@
+//! The `foobar-agent` binary as a process: database outages, concurrent starts, broken migrations, SIGTERM,
+//! systemd socket activation and readiness notification, configuration errors.
 
+use std::os::unix::net::UnixDatagram;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::support::mariadb::{self, MariaDb};
+use crate::support::{self, agent_command, get, post_json, wait_for_status, AgentProcess};
+
+const SOON: Duration = Duration::from_secs(30);
+
+/// A copy of `sql/` that a test may add to or damage.
+fn migrations_copy() -> std::path::PathBuf {
+    let dir = support::temp_dir("migrations");
+    let sql = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql");
+    for entry in std::fs::read_dir(sql).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    dir
+}
+
+fn database_name(url: &str) -> &str {
+    url.split('?').next().unwrap().rsplit('/').next().unwrap()
+}
+
+#[test]
+fn database_down_at_start_and_later_the_agent_recovers_without_restart() {
+    let mut db = MariaDb::start();
+    let url = db.fresh_database();
+    db.stop();
+
+    let agent = AgentProcess::serve(&url, &[]);
+    assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
+    let r = get(&agent.url("/readyz")).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    let api = get(&agent.url("/api/posts")).unwrap();
+    assert_eq!(api.status, 503, "{}", api.body);
+    assert!(api.json()["error"]
+        .as_str()
+        .unwrap()
+        .contains("database unavailable"));
+
+    db.resume();
+    wait_for_status(&agent.url("/readyz"), 200, SOON);
+    let created = post_json(
+        &agent.url("/api/posts"),
+        &json!({"author": "a", "body": "before outage"}),
+    )
+    .unwrap();
+    assert_eq!(created.status, 201);
+
+    db.stop();
+    wait_for_status(&agent.url("/readyz"), 503, SOON);
+    assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
+    let health = get(&agent.url("/healthz")).unwrap();
+    assert_eq!(
+        health.json()["checks"]["database:connection"][0]["status"],
+        "fail",
+        "{}",
+        health.body
+    );
+
+    db.resume();
+    wait_for_status(&agent.url("/readyz"), 200, SOON);
+    let list = get(&agent.url("/api/posts")).unwrap().json();
+    assert_eq!(list[0]["body"], "before outage");
+    let mut agent = agent;
+    assert!(
+        agent.child.try_wait().unwrap().is_none(),
+        "the agent kept running throughout"
+    );
+}
+
+#[test]
+fn agents_started_together_apply_each_migration_once() {
+    let db = mariadb::shared();
+    let url2 = db.fresh_database();
+    let racers: Vec<_> = (0..4)
+        .map(|_| {
+            std::process::Command::new(support::binary("foobar-agent"))
+                .args(["migrate", "--database-url", &url2])
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    for racer in racers {
+        let out = racer.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "migrate failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+    }
+    let name = database_name(&url2);
+    let rows = db.sql(&format!(
+        "SELECT version, success FROM {name}._sqlx_migrations"
+    ));
+    assert_eq!(rows.trim(), "1\t1", "one row per migration, applied once");
+    assert_eq!(
+        db.sql(&format!("SELECT COUNT(*) FROM {name}.posts")).trim(),
+        "0"
+    );
+}
+
+#[test]
+fn a_broken_migration_leaves_the_agent_live_but_not_ready_and_data_intact() {
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    let dir = migrations_copy();
+    let dir_text = dir.to_str().unwrap();
+    let config = support::temp_dir("config").join("agent.toml");
+    std::fs::write(&config, format!("migrations = \"{dir_text}\"\n")).unwrap();
+    let config_text = config.to_str().unwrap();
+
+    // A healthy first start stores a post.
+    {
+        let agent = AgentProcess::serve(&url, &["--config", config_text]);
+        wait_for_status(&agent.url("/readyz"), 200, SOON);
+        assert_eq!(
+            post_json(
+                &agent.url("/api/posts"),
+                &json!({"author": "a", "body": "keep me"})
+            )
+            .unwrap()
+            .status,
+            201
+        );
+    }
+
+    // The new migration creates a table, then fails: MariaDB cannot roll the CREATE back.
+    std::fs::write(
+        dir.join("0002_broken.sql"),
+        "CREATE TABLE half_done (id INT);\nINSERT INTO no_such_table VALUES (1);\n",
+    )
+    .unwrap();
+    let agent = AgentProcess::serve(&url, &["--config", config_text]);
+    let deadline = std::time::Instant::now() + SOON;
+    let health = loop {
+        let health = get(&agent.url("/healthz")).unwrap();
+        if health.body.contains("0002_broken") || std::time::Instant::now() > deadline {
+            break health;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.status, 503);
+    let check = &health.json()["checks"]["migrations:version"][0];
+    assert_eq!(check["status"], "fail");
+    assert!(
+        check["output"]
+            .as_str()
+            .unwrap()
+            .contains("migration 0002_broken failed"),
+        "{check}"
+    );
+    assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
+    assert_eq!(get(&agent.url("/readyz")).unwrap().status, 503);
+    let name = database_name(&url);
+    assert_eq!(
+        db.sql(&format!("SELECT body FROM {name}.posts")).trim(),
+        "keep me"
+    );
+
+    // `migrate` refuses with the same story and touches nothing.
+    let (code, _, stderr) =
+        agent_command(&["migrate", "--config", config_text, "--database-url", &url]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("migration 0002_broken was left partly applied"),
+        "{stderr}"
+    );
+    assert_eq!(
+        db.sql(&format!("SELECT body FROM {name}.posts")).trim(),
+        "keep me"
+    );
+    assert_eq!(
+        db.sql(&format!("SELECT COUNT(*) FROM {name}.half_done"))
+            .trim(),
+        "0",
+        "nothing dropped"
+    );
+
+    // An applied migration edited afterwards is a checksum mismatch, reported, never re-applied.
+    let url2 = db.fresh_database();
+    let dir2 = migrations_copy();
+    let (code, _, stderr) = agent_command(&["migrate", "--database-url", &url2]);
+    assert_eq!(code, 0, "{stderr}");
+    let first = std::fs::read_dir(&dir2)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let mut text = std::fs::read_to_string(&first).unwrap();
+    text.push_str("\n-- edited after release\n");
+    std::fs::write(&first, text).unwrap();
+    let config2 = support::temp_dir("config").join("agent.toml");
+    std::fs::write(&config2, format!("migrations = \"{}\"\n", dir2.display())).unwrap();
+    let (code, _, stderr) = agent_command(&[
+        "migrate",
+        "--config",
+        config2.to_str().unwrap(),
+        "--database-url",
+        &url2,
+    ]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("migration 0001_posts was changed after it was applied"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    let mut agent = AgentProcess::serve(&url, &[]);
+    wait_for_status(&agent.url("/readyz"), 200, SOON);
+    let name = database_name(&url);
+
+    // A client holding a write lock on `posts` makes the next list request wait: a slow request.
+    let socket = db.socket();
+    let mut locker = std::process::Command::new("mariadb")
+        .arg("--no-defaults")
+        .arg(format!("--socket={}", socket.display()))
+        .args([
+            "-u",
+            "root",
+            name,
+            "-e",
+            "LOCK TABLES posts WRITE; SELECT SLEEP(2); UNLOCK TABLES;",
+        ])
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let url_list = agent.url("/api/posts");
+    let slow = std::thread::spawn(move || get(&url_list));
+    std::thread::sleep(Duration::from_millis(300));
+    agent.signal("TERM");
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        std::net::TcpStream::connect(agent.base.trim_start_matches("http://")).is_err(),
+        "no new connections after SIGTERM"
+    );
+    let reply = slow
+        .join()
+        .unwrap()
+        .expect("the in-flight request got an answer");
+    assert_eq!(reply.status, 200, "{}", reply.body);
+    assert_eq!(
+        agent.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        agent.log()
+    );
+    locker.wait().unwrap();
+}
+
+#[test]
+fn socket_activation_and_ready_notification() {
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    let dir = support::temp_dir("notify");
+    let notify_path = dir.join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(SOON)).unwrap();
+    let port = support::free_port();
+    let listen = format!("127.0.0.1:{port}");
+    // systemd-socket-activate binds the socket and hands it over as fd 3 with LISTEN_FDS/LISTEN_PID,
+    // exactly as the foobar-agent.socket unit does in the image.
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .args([
+            "-l",
+            &listen,
+            "-E",
+            &format!("NOTIFY_SOCKET={}", notify_path.display()),
+        ])
+        .arg(support::binary("foobar-agent"))
+        .args(["serve", "--listen", "127.0.0.1:1", "--database-url", &url])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("systemd-socket-activate (package systemd) runs");
+    // Like inetd, systemd-socket-activate starts the service on the first connection; that request waits in the
+    // socket's queue meanwhile, which is what socket activation buys across restarts.
+    let livez = format!("http://{listen}/livez");
+    let first = std::thread::spawn(move || {
+        // Retry only while systemd-socket-activate has not bound the port yet.
+        let deadline = std::time::Instant::now() + SOON;
+        loop {
+            match get(&livez) {
+                Err(e) if e.contains("refused") && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(50))
+                }
+                other => return other,
+            }
+        }
+    });
+    let mut buf = [0u8; 256];
+    let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
+    assert_eq!(
+        first
+            .join()
+            .unwrap()
+            .expect("the queued request was answered")
+            .status,
+        200
+    );
+    assert_eq!(&buf[..n], b"READY=1");
+    // READY=1 came only once /readyz answers 200, on the inherited socket (port 1 was never bound).
+    let ready = get(&format!("http://{listen}/readyz")).unwrap();
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[test]
+fn configuration_errors_name_the_file_and_the_key() {
+    let dir = support::temp_dir("badconfig");
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:8080\"\npool-sise = 4\n").unwrap();
+    let (code, _, stderr) = agent_command(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("pool-sise"), "{stderr}");
+    assert!(
+        stderr.contains("pool-size"),
+        "expected keys are listed: {stderr}"
+    );
+
+    std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
+    let (code, _, stderr) = agent_command(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("listen") && stderr.contains("host:port"),
+        "{stderr}"
+    );
+
+    let missing = dir.join("missing.toml");
+    let (code, _, stderr) = agent_command(&["serve", "--config", missing.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read config file") && stderr.contains("missing.toml"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn migrate_against_an_unreachable_database_fails_with_the_reason() {
+    let (code, _, stderr) = agent_command(&[
+        "migrate",
+        "--database-url",
+        "mysql://foobar@localhost/foobar?socket=/nonexistent/mysqld.sock",
+    ]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("database unreachable"), "{stderr}");
+}

@@ -4,4 +4,5 @@
 
 mod agent_http;
 mod agent_process;
+mod docs;
 mod support;

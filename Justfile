@@ -1,0 +1,17 @@
+# Entry points. `just image` builds foobar.qcow2; `just test` runs the tests; both install what is missing.
+
+set shell := ["bash", "-euo", "pipefail", "-c"]
+
+# Install the Debian packages the build and the tests need (idempotent)
+deps:
+    scripts/deps.sh
+
+# Run every test; the QEMU tier too when FOOBAR_E2E=1 (see `just e2e`)
+test: deps
+    cargo build --workspace
+    cargo test --workspace --no-fail-fast
+
+# Load-test the agent against a real MariaDB on this machine: requests/s and p99, median of 3 runs
+bench-agent: deps
+    cargo build --release -p foobar-agent
+    scripts/bench-agent.sh
