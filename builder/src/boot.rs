@@ -1,0 +1,111 @@
+//! `imagebuild boot`: the image in QEMU with user networking, host ports N, N+1, N+2 to guest 80, 443, 22.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::bail;
+
+use crate::process::cmd;
+
+pub const OVMF: &str = "/usr/share/ovmf/OVMF.fd";
+
+pub struct BootPlan {
+    pub image: PathBuf,
+    pub port: u16,
+    pub uefi: bool,
+    /// Write to the image instead of a throwaway overlay.
+    pub write: bool,
+    pub memory_mib: u32,
+    /// Where the serial console goes (default: this terminal).
+    pub serial: Option<PathBuf>,
+    /// A unix socket for QEMU's human monitor (`system_powerdown`, `quit`).
+    pub monitor: Option<PathBuf>,
+}
+
+/// KVM only when it actually runs stock kernels: /dev/kvm opens, a hardware KVM module is loaded, and the host is
+/// not a PVM host (`kvm_pvm`), where a stock Debian kernel hangs.
+pub fn kvm_usable() -> bool {
+    let opens = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    let hardware =
+        Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
+    let pvm = Path::new("/sys/module/kvm_pvm").exists();
+    opens && hardware && !pvm
+}
+
+fn image_format(image: &Path) -> &'static str {
+    match image.extension().and_then(|e| e.to_str()) {
+        Some("qcow2") => "qcow2",
+        Some("vmdk") => "vmdk",
+        Some("vhd") => "vpc",
+        _ => "raw",
+    }
+}
+
+pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
+    if !plan.image.is_file() {
+        bail!(
+            "{}: no such image; build one with `imagebuild --out {}`",
+            plan.image.display(),
+            plan.image.display()
+        );
+    }
+    if plan.port > u16::MAX - 2 {
+        bail!(
+            "--port {}: N, N+1 and N+2 must all be valid ports",
+            plan.port
+        );
+    }
+    if plan.uefi && !Path::new(OVMF).exists() {
+        bail!("--uefi needs {OVMF}: apt-get install ovmf");
+    }
+    let (http, https, ssh) = (plan.port, plan.port + 1, plan.port + 2);
+    let accel = if kvm_usable() {
+        "kvm"
+    } else {
+        "tcg,thread=multi"
+    };
+    let mut drive = format!(
+        "file={},if=virtio,format={},cache=unsafe",
+        plan.image.display(),
+        image_format(&plan.image)
+    );
+    if !plan.write {
+        drive.push_str(",snapshot=on");
+    }
+    let mut c = cmd("qemu-system-x86_64")
+        .args(["-accel", accel, "-m", &plan.memory_mib.to_string(), "-smp", "2", "-display", "none"])
+        .args(["-drive", &drive])
+        .arg("-nic")
+        .arg(format!(
+            "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{https}-:443,hostfwd=tcp:127.0.0.1:{ssh}-:22"
+        ))
+        .args(["-device", "virtio-rng-pci"]);
+    if accel != "kvm" {
+        c = c.args(["-cpu", "max"]);
+    }
+    if plan.uefi {
+        c = c.args(["-bios", OVMF]);
+    }
+    c = match &plan.serial {
+        Some(file) => c.arg("-serial").arg(format!("file:{}", file.display())),
+        None => c.args(["-serial", "stdio"]),
+    };
+    if let Some(sock) = &plan.monitor {
+        c = c
+            .arg("-monitor")
+            .arg(format!("unix:{},server=on,wait=off", sock.display()));
+    }
+    println!(
+        "booting {} ({}, {})",
+        plan.image.display(),
+        if plan.uefi { "UEFI" } else { "BIOS" },
+        accel
+    );
+    println!("  http:  http://127.0.0.1:{http}/  (send Host: www.foobar.com)");
+    println!("  https: https://127.0.0.1:{https}/");
+    println!("  ssh:   ssh -p {ssh} admin@127.0.0.1");
+    c.run_foreground()
+}

@@ -1,0 +1,207 @@
+//! `imagebuild`: parses the command line and dispatches to the build or to `boot`.
+
+mod boot;
+mod bootloader;
+mod build;
+mod config;
+mod context;
+mod disk;
+mod formats;
+mod manifest;
+mod overlay;
+mod process;
+mod render;
+mod rootfs;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+
+use crate::process::{require, Tool};
+
+#[derive(Parser)]
+#[command(
+    name = "imagebuild",
+    version,
+    about = "Builds the foobar machine image: imagebuild --out foobar.qcow2",
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    build: BuildArgs,
+}
+
+#[derive(clap::Args)]
+struct BuildArgs {
+    /// Output image; its extension picks the format unless --format is given
+    #[arg(long, value_name = "PATH", required = true)]
+    out: Option<PathBuf>,
+    /// Image configuration [default: the built-in image/foobar.toml]
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Output format: qcow2, raw, vmdk, vhd; repeat for several (the first goes to --out)
+    #[arg(long, value_name = "F")]
+    format: Vec<String>,
+    /// An OpenSSH public key file for the admin user; repeatable
+    #[arg(long = "ssh-key", value_name = "PUBKEY_FILE")]
+    ssh_key: Vec<PathBuf>,
+    /// The foobar-agent binary to install [default: foobar-agent beside imagebuild]
+    #[arg(long, value_name = "FILE")]
+    agent_bin: Option<PathBuf>,
+    /// Where the package layer is cached [default: $XDG_CACHE_HOME/foobar or ~/.cache/foobar]
+    #[arg(long, value_name = "DIR")]
+    cache_dir: Option<PathBuf>,
+    /// Build the package layer afresh and do not cache it
+    #[arg(long)]
+    no_cache: bool,
+    /// Timestamp for everything in the image [default: $SOURCE_DATE_EPOCH, else a fixed date]
+    #[arg(long, value_name = "SECONDS")]
+    source_date_epoch: Option<u64>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot an image in QEMU with user networking and print its URLs
+    Boot {
+        /// The image to boot (qcow2, raw, vmdk or vhd)
+        image: PathBuf,
+        /// Host port N forwards to guest 80, N+1 to 443, N+2 to 22
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Boot with UEFI firmware (OVMF) instead of SeaBIOS
+        #[arg(long)]
+        uefi: bool,
+        /// Write to the image itself instead of a throwaway overlay
+        #[arg(long)]
+        write: bool,
+        /// Guest memory in MiB
+        #[arg(long, default_value_t = 1024)]
+        memory: u32,
+        /// Send the serial console to FILE instead of this terminal
+        #[arg(long, value_name = "FILE")]
+        serial: Option<PathBuf>,
+        /// Open QEMU's monitor on a unix socket (for `system_powerdown`)
+        #[arg(long, value_name = "SOCKET")]
+        monitor: Option<PathBuf>,
+    },
+}
+
+const BUILD_TOOLS: &[Tool] = &[
+    Tool {
+        program: "mmdebstrap",
+        package: "mmdebstrap",
+    },
+    Tool {
+        program: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "mkfs.fat",
+        package: "dosfstools",
+    },
+    Tool {
+        program: "mcopy",
+        package: "mtools",
+    },
+    Tool {
+        program: "mmd",
+        package: "mtools",
+    },
+    Tool {
+        program: "grub-mkimage",
+        package: "grub-common",
+    },
+    Tool {
+        program: "qemu-img",
+        package: "qemu-utils",
+    },
+    Tool {
+        program: "dpkg-query",
+        package: "dpkg",
+    },
+];
+
+fn build(args: BuildArgs) -> anyhow::Result<()> {
+    require(
+        BUILD_TOOLS,
+        &[
+            (
+                &Path::new(bootloader::BIOS_MODULES).join("boot.img"),
+                "grub-pc-bin",
+            ),
+            (
+                &Path::new(bootloader::EFI_MODULES).join("linux.mod"),
+                "grub-efi-amd64-bin",
+            ),
+        ],
+    )?;
+    let ctx = context::Context::plan(context::Flags {
+        out: args.out.expect("clap requires --out"),
+        config: args.config,
+        formats: args.format,
+        ssh_keys: args.ssh_key,
+        agent_bin: args.agent_bin,
+        cache_dir: args.cache_dir,
+        no_cache: args.no_cache,
+        source_date_epoch: args.source_date_epoch,
+    })?;
+    let interrupted = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&interrupted))?;
+    }
+    build::build_image(&ctx, interrupted)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_target(false)
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Some(Command::Boot {
+            image,
+            port,
+            uefi,
+            write,
+            memory,
+            serial,
+            monitor,
+        }) => require(
+            &[Tool {
+                program: "qemu-system-x86_64",
+                package: "qemu-system-x86",
+            }],
+            &[],
+        )
+        .and_then(|_| {
+            boot::boot(&boot::BootPlan {
+                image,
+                port,
+                uefi,
+                write,
+                memory_mib: memory,
+                serial,
+                monitor,
+            })
+        }),
+        None => build(cli.build),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("imagebuild: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,243 @@
+//! Our files on top of the package layer: the agent and its units, the nginx site, the static site, MariaDB and
+//! network settings, the boot configuration; and removal of everything that must be unique to an instance.
+
+use std::os::unix::fs::{symlink, PermissionsExt as _};
+use std::path::Path;
+
+use anyhow::Context as _;
+
+use crate::context::Context;
+use crate::render;
+
+/// Files that must never ship in an image: each instance makes its own at first boot.
+pub const INSTANCE_FILES: &[&str] = &[
+    "etc/ssh/ssh_host_rsa_key",
+    "etc/ssh/ssh_host_rsa_key.pub",
+    "etc/ssh/ssh_host_ecdsa_key",
+    "etc/ssh/ssh_host_ecdsa_key.pub",
+    "etc/ssh/ssh_host_ed25519_key",
+    "etc/ssh/ssh_host_ed25519_key.pub",
+    "var/lib/dbus/machine-id",
+    "var/lib/systemd/random-seed",
+    "var/lib/foobar/first-boot.done",
+];
+
+fn write(root: &Path, path: &str, contents: impl AsRef<[u8]>, mode: u32) -> anyhow::Result<()> {
+    let full = root.join(path);
+    if let Some(dir) = full.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    std::fs::write(&full, contents).with_context(|| format!("cannot write {}", full.display()))?;
+    std::fs::set_permissions(&full, std::fs::Permissions::from_mode(mode))?;
+    Ok(())
+}
+
+/// `systemctl enable` done by hand: a symlink in the target's `.wants` directory.
+fn enable(root: &Path, unit: &str, unit_path: &str, target: &str) -> anyhow::Result<()> {
+    let dir = root.join(format!("etc/systemd/system/{target}.wants"));
+    std::fs::create_dir_all(&dir)?;
+    let link = dir.join(unit);
+    let _ = std::fs::remove_file(&link);
+    symlink(unit_path, &link).with_context(|| format!("cannot enable {unit}"))
+}
+
+fn mask(root: &Path, unit: &str) -> anyhow::Result<()> {
+    let link = root.join("etc/systemd/system").join(unit);
+    let _ = std::fs::remove_file(&link);
+    symlink("/dev/null", &link).with_context(|| format!("cannot mask {unit}"))
+}
+
+fn kernel_version(root: &Path) -> anyhow::Result<String> {
+    let mut versions: Vec<String> = std::fs::read_dir(root.join("boot"))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|n| n.strip_prefix("vmlinuz-").map(String::from))
+        .collect();
+    versions.sort();
+    versions
+        .pop()
+        .context("no kernel in /boot of the root file system")
+}
+
+/// The GRUB menu read from the root file system by both the BIOS and the UEFI core images.
+pub fn grub_cfg(root_uuid: &str, kernel: &str) -> String {
+    format!(
+        "# foobar: written by imagebuild\n\
+         set timeout=0\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial console\n\
+         terminal_output serial console\n\
+         menuentry 'foobar' {{\n\
+         \tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n\
+         \tlinux /boot/vmlinuz-{kernel} root=UUID={root_uuid} ro console=tty0 console=ttyS0,115200n8 quiet\n\
+         \tinitrd /boot/initrd.img-{kernel}\n\
+         }}\n"
+    )
+}
+
+pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
+    // The agent and its configuration.
+    let agent = std::fs::read(&ctx.agent_bin)
+        .with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
+    write(root, "usr/local/bin/foobar-agent", agent, 0o755)?;
+    write(
+        root,
+        "etc/foobar/agent.toml",
+        include_str!("../../image/files/agent.toml"),
+        0o644,
+    )?;
+    write(
+        root,
+        "usr/lib/foobar/firstboot",
+        include_str!("../../image/files/firstboot"),
+        0o755,
+    )?;
+    write(
+        root,
+        "usr/lib/sysusers.d/foobar.conf",
+        include_str!("../../image/files/sysusers.conf"),
+        0o644,
+    )?;
+
+    // systemd units.
+    let units = [
+        (
+            "foobar-agent.socket",
+            include_str!("../../image/systemd/foobar-agent.socket"),
+        ),
+        (
+            "foobar-agent.service",
+            include_str!("../../image/systemd/foobar-agent.service"),
+        ),
+        (
+            "foobar-firstboot.service",
+            include_str!("../../image/systemd/foobar-firstboot.service"),
+        ),
+    ];
+    for (name, text) in units {
+        write(root, &format!("etc/systemd/system/{name}"), text, 0o644)?;
+    }
+    enable(
+        root,
+        "foobar-agent.socket",
+        "/etc/systemd/system/foobar-agent.socket",
+        "sockets.target",
+    )?;
+    enable(
+        root,
+        "foobar-agent.service",
+        "/etc/systemd/system/foobar-agent.service",
+        "multi-user.target",
+    )?;
+    enable(
+        root,
+        "foobar-firstboot.service",
+        "/etc/systemd/system/foobar-firstboot.service",
+        "multi-user.target",
+    )?;
+    enable(
+        root,
+        "systemd-networkd.service",
+        "/lib/systemd/system/systemd-networkd.service",
+        "multi-user.target",
+    )?;
+    enable(
+        root,
+        "systemd-networkd.socket",
+        "/lib/systemd/system/systemd-networkd.socket",
+        "sockets.target",
+    )?;
+    // Nothing here needs the network to be "online"; waiting for it only delays boot.
+    mask(root, "systemd-networkd-wait-online.service")?;
+    write(
+        root,
+        "etc/systemd/network/80-dhcp.network",
+        include_str!("../../image/files/dhcp.network"),
+        0o644,
+    )?;
+
+    // nginx: our site only.
+    let site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
+    write(
+        root,
+        "etc/nginx/sites-available/foobar",
+        render::site(&site)?,
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/nginx/foobar-proxy.conf",
+        render::proxy(&render::ProxyVars { connect_timeout: 5 })?,
+        0o644,
+    )?;
+    let _ = std::fs::remove_file(root.join("etc/nginx/sites-enabled/default"));
+    let enabled = root.join("etc/nginx/sites-enabled/foobar");
+    let _ = std::fs::remove_file(&enabled);
+    symlink("/etc/nginx/sites-available/foobar", &enabled)?;
+    write(
+        root,
+        "var/www/foobar/index.html",
+        include_str!("../../image/site/index.html"),
+        0o644,
+    )?;
+    write(
+        root,
+        "var/www/foobar/static/site.css",
+        include_str!("../../image/site/static/site.css"),
+        0o644,
+    )?;
+
+    // MariaDB on its socket only.
+    write(
+        root,
+        "etc/mysql/mariadb.conf.d/90-foobar.cnf",
+        include_str!("../../image/files/mariadb.cnf"),
+        0o644,
+    )?;
+
+    // Admin access: keys only.
+    let keys: String = ctx.ssh_keys.iter().map(|k| format!("{k}\n")).collect();
+    write(root, "etc/ssh/authorized_keys/admin", keys, 0o644)?;
+    write(
+        root,
+        "etc/ssh/sshd_config.d/foobar.conf",
+        "# foobar: public keys only, no root\nPermitRootLogin no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile /etc/ssh/authorized_keys/%u .ssh/authorized_keys\n",
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/sudoers.d/foobar-admin",
+        "admin ALL=(ALL) NOPASSWD:ALL\n",
+        0o440,
+    )?;
+
+    // Identity and boot.
+    write(root, "etc/hostname", "foobar\n", 0o644)?;
+    write(
+        root,
+        "etc/hosts",
+        "127.0.0.1 localhost\n127.0.1.1 foobar\n::1 localhost ip6-localhost ip6-loopback\n",
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/fstab",
+        format!(
+            "UUID={} / ext4 defaults,errors=remount-ro 0 1\n",
+            ctx.ids.root_fs_uuid
+        ),
+        0o644,
+    )?;
+    let kernel = kernel_version(root)?;
+    write(
+        root,
+        "boot/grub/grub.cfg",
+        grub_cfg(&ctx.ids.root_fs_uuid, &kernel),
+        0o644,
+    )?;
+    // systemd creates the machine id at first boot when the file is empty.
+    write(root, "etc/machine-id", "", 0o444)?;
+    for file in INSTANCE_FILES {
+        let _ = std::fs::remove_file(root.join(file));
+    }
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! Rendering the nginx templates in `nginx/` from typed structs; an unknown variable is an error.
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+const SITE: &str = include_str!("../../nginx/site.conf.tera");
+const PROXY: &str = include_str!("../../nginx/proxy.conf.tera");
+
+/// Paths and settings the nginx site needs.
+#[derive(Debug, Serialize)]
+pub struct SiteVars {
+    pub domain: String,
+    pub canonical: String,
+    pub web_root: String,
+    pub agent_socket: String,
+    /// Exact paths proxied to the agent.
+    pub agent_exact: Vec<String>,
+    /// Path prefixes proxied to the agent.
+    pub agent_prefixes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProxyVars {
+    pub connect_timeout: u32,
+}
+
+impl SiteVars {
+    pub fn for_site(domain: &str, canonical: &str) -> SiteVars {
+        SiteVars {
+            domain: domain.to_string(),
+            canonical: canonical.to_string(),
+            web_root: "/var/www/foobar".to_string(),
+            agent_socket: "/run/foobar/agent.sock".to_string(),
+            agent_exact: ["/livez", "/readyz", "/healthz", "/posts"]
+                .map(String::from)
+                .to_vec(),
+            agent_prefixes: vec!["/api/".to_string()],
+        }
+    }
+}
+
+fn render(name: &str, template: &str, vars: &impl Serialize) -> anyhow::Result<String> {
+    let mut tera = tera::Tera::default();
+    tera.autoescape_on(vec![]);
+    tera.add_raw_template(name, template)
+        .with_context(|| format!("template nginx/{name} does not parse"))?;
+    let context = tera::Context::from_serialize(vars).context("template variables")?;
+    tera.render(name, &context).map_err(|err| {
+        // Tera keeps the useful part (the unknown variable) in the source chain.
+        let mut message = err.to_string();
+        let mut source = std::error::Error::source(&err);
+        while let Some(s) = source {
+            message = format!("{message}: {s}");
+            source = s.source();
+        }
+        anyhow::anyhow!("cannot render nginx/{name}: {message}")
+    })
+}
+
+/// The site file (`/etc/nginx/sites-enabled/foobar`).
+pub fn site(vars: &SiteVars) -> anyhow::Result<String> {
+    render("site.conf.tera", SITE, vars)
+}
+
+/// The proxy snippet (`/etc/nginx/foobar-proxy.conf`).
+pub fn proxy(vars: &ProxyVars) -> anyhow::Result<String> {
+    render("proxy.conf.tera", PROXY, vars)
+}
