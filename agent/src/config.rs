@@ -22,14 +22,14 @@ impl Listen {
     pub fn parse(text: &str) -> Result<Self, String> {
         if let Some(path) = text.strip_prefix("unix:") {
             if !path.starts_with('/') {
-                return Err(format!("`{text}`: a unix socket path must be absolute, like unix:/run/foobar/agent.sock"));
+                return Err(format!(
+                    "`{text}`: a unix socket path must be absolute, like unix:/run/foobar/agent.sock"
+                ));
             }
             return Ok(Listen::Unix(PathBuf::from(path)));
         }
         match text.rsplit_once(':') {
-            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => {
-                Ok(Listen::Tcp(text.to_string()))
-            }
+            Some((host, port)) if !host.is_empty() && port.parse::<u16>().is_ok() => Ok(Listen::Tcp(text.to_string())),
             _ => Err(format!(
                 "`{text}`: expected host:port (like 127.0.0.1:8080) or unix:/path"
             )),
@@ -77,8 +77,7 @@ impl Default for Config {
     fn default() -> Self {
         Config {
             listen: Listen::Unix(PathBuf::from("/run/foobar/agent.sock")),
-            database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock"
-                .to_string(),
+            database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock".to_string(),
             pool_size: 16,
             migrations: None,
             migrate_lock_timeout: 60,
@@ -101,13 +100,10 @@ impl Config {
                 tracing::info!(path = %path.display(), "no configuration file, using defaults");
                 return Ok(Config::default());
             }
-            Err(err) => {
-                return Err(err)
-                    .with_context(|| format!("cannot read config file {}", path.display()))
-            }
+            Err(err) => return Err(err).with_context(|| format!("cannot read config file {}", path.display())),
         };
-        let config: Config = toml::from_str(&text)
-            .with_context(|| format!("invalid config file {}", path.display()))?;
+        let config: Config =
+            toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
         config
             .validate()
             .with_context(|| format!("invalid config file {}", path.display()))?;
@@ -115,9 +111,7 @@ impl Config {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if !self.database_url.starts_with("mysql://")
-            && !self.database_url.starts_with("mariadb://")
-        {
+        if !self.database_url.starts_with("mysql://") && !self.database_url.starts_with("mariadb://") {
             bail!(
                 "key `database-url`: expected a mysql:// URL, got `{}`",
                 self.database_url

@@ -8,11 +8,7 @@ use foobar_agent::config::{Config, Listen};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(
-    name = "foobar-agent",
-    version,
-    about = "Application server of the foobar image"
-)]
+#[command(name = "foobar-agent", version, about = "Application server of the foobar image")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -63,8 +59,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             foobar_agent::serve::run(config).await
         }
         Command::Migrate { common } => {
-            let version = foobar_agent::serve::migrate_once(load(&common)?).await?;
-            println!("migrations applied; schema version {version}");
+            let applied = foobar_agent::serve::migrate_once(load(&common)?).await?;
+            println!(
+                "applied {} migration(s); schema version {}",
+                applied.newly_applied, applied.version
+            );
             Ok(())
         }
     }
@@ -73,9 +72,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 #[tokio::main]
 async fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();

@@ -38,16 +38,13 @@ impl Metrics {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
         }
         self.count.fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
+        self.sum_micros.fetch_add(elapsed.as_micros() as u64, Ordering::Relaxed);
     }
 
     /// Renders the Prometheus text exposition format.
     pub fn render(&self, gauges: &Gauges) -> String {
         let mut out = String::new();
-        out.push_str(
-            "# HELP foobar_http_requests_total HTTP requests answered, by route and status.\n",
-        );
+        out.push_str("# HELP foobar_http_requests_total HTTP requests answered, by route and status.\n");
         out.push_str("# TYPE foobar_http_requests_total counter\n");
         for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
             let _ = writeln!(
@@ -55,9 +52,7 @@ impl Metrics {
                 "foobar_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"
             );
         }
-        out.push_str(
-            "# HELP foobar_http_request_duration_seconds Time to answer an HTTP request.\n",
-        );
+        out.push_str("# HELP foobar_http_request_duration_seconds Time to answer an HTTP request.\n");
         out.push_str("# TYPE foobar_http_request_duration_seconds histogram\n");
         let mut cumulative = 0;
         for (bound, bucket) in BUCKETS.iter().zip(&self.buckets) {
@@ -75,9 +70,7 @@ impl Metrics {
         let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
         let _ = writeln!(out, "foobar_http_request_duration_seconds_sum {sum}");
         let _ = writeln!(out, "foobar_http_request_duration_seconds_count {count}");
-        out.push_str(
-            "# HELP foobar_db_pool_connections Database connections held by the pool, by state.\n",
-        );
+        out.push_str("# HELP foobar_db_pool_connections Database connections held by the pool, by state.\n");
         out.push_str("# TYPE foobar_db_pool_connections gauge\n");
         let idle = gauges.pool_idle as u32;
         let _ = writeln!(out, "foobar_db_pool_connections{{state=\"idle\"}} {idle}");
@@ -86,14 +79,10 @@ impl Metrics {
             "foobar_db_pool_connections{{state=\"in_use\"}} {}",
             gauges.pool_size.saturating_sub(idle)
         );
-        out.push_str(
-            "# HELP foobar_db_pool_max_connections Largest number of connections the pool opens.\n",
-        );
+        out.push_str("# HELP foobar_db_pool_max_connections Largest number of connections the pool opens.\n");
         out.push_str("# TYPE foobar_db_pool_max_connections gauge\n");
         let _ = writeln!(out, "foobar_db_pool_max_connections {}", gauges.pool_max);
-        out.push_str(
-            "# HELP foobar_migration_version Schema version applied (0 until migrations ran).\n",
-        );
+        out.push_str("# HELP foobar_migration_version Schema version applied (0 until migrations ran).\n");
         out.push_str("# TYPE foobar_migration_version gauge\n");
         let _ = writeln!(out, "foobar_migration_version {}", gauges.migration_version);
         out

@@ -29,10 +29,7 @@ pub enum MigrationError {
 
 impl MigrationError {
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            MigrationError::Unreachable(_) | MigrationError::LockTimeout(_)
-        )
+        matches!(self, MigrationError::Unreachable(_) | MigrationError::LockTimeout(_))
     }
 }
 
@@ -51,13 +48,19 @@ pub async fn load(dir: Option<&Path>) -> anyhow::Result<Migrator> {
     Ok(migrator)
 }
 
-/// Applies every pending migration and returns the schema version (0 when there are none).
-pub async fn apply(
-    pool: &MySqlPool,
-    migrator: &Migrator,
-    lock_timeout: Duration,
-) -> Result<i64, MigrationError> {
-    let mut conn = pool.acquire().await.map_err(unreachable)?;
+/// What one `apply` found and did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Applied {
+    /// The schema version now (0 when there are no migrations).
+    pub version: i64,
+    /// How many migrations this call applied (0 when the schema was already current).
+    pub newly_applied: i64,
+}
+
+/// Applies every pending migration.
+pub async fn apply(pool: &MySqlPool, migrator: &Migrator, lock_timeout: Duration) -> Result<Applied, MigrationError> {
+    let mut pooled = pool.acquire().await.map_err(unreachable)?;
+    let conn: &mut sqlx::MySqlConnection = &mut pooled;
     let secs = lock_timeout.as_secs().max(1);
     let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
         .bind(LOCK_NAME)
@@ -68,6 +71,7 @@ pub async fn apply(
     if locked != Some(1) {
         return Err(MigrationError::LockTimeout(secs));
     }
+    let before = applied_count(conn).await?;
     let result = migrator.run_direct(&mut *conn).await;
     // The lock is released even when the migration failed; a dropped connection releases it too.
     let _ = sqlx::query("SELECT RELEASE_LOCK(?)")
@@ -75,16 +79,34 @@ pub async fn apply(
         .execute(&mut *conn)
         .await;
     result.map_err(|err| describe(migrator, err))?;
-    current_version(&mut conn).await
+    let row = sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM _sqlx_migrations WHERE success")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(unreachable)?;
+    let version = row.try_get::<i64, _>("v").unwrap_or(0);
+    let after = applied_count(conn).await?;
+    Ok(Applied {
+        version,
+        newly_applied: after - before,
+    })
 }
 
-async fn current_version(conn: &mut sqlx::MySqlConnection) -> Result<i64, MigrationError> {
-    let row =
-        sqlx::query("SELECT COALESCE(MAX(version), 0) AS v FROM _sqlx_migrations WHERE success")
-            .fetch_one(conn)
-            .await
-            .map_err(unreachable)?;
-    Ok(row.try_get::<i64, _>("v").unwrap_or(0))
+/// Successful migrations recorded so far; 0 before the bookkeeping table exists.
+async fn applied_count(conn: &mut sqlx::MySqlConnection) -> Result<i64, MigrationError> {
+    let exists: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM information_schema.tables \
+         WHERE table_schema = DATABASE() AND table_name = '_sqlx_migrations'",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(unreachable)?;
+    if exists == 0 {
+        return Ok(0);
+    }
+    sqlx::query_scalar("SELECT COUNT(*) FROM _sqlx_migrations WHERE success")
+        .fetch_one(conn)
+        .await
+        .map_err(unreachable)
 }
 
 fn unreachable(err: sqlx::Error) -> MigrationError {
@@ -94,10 +116,7 @@ fn unreachable(err: sqlx::Error) -> MigrationError {
 fn is_connection_error(err: &sqlx::Error) -> bool {
     matches!(
         err,
-        sqlx::Error::Io(_)
-            | sqlx::Error::PoolTimedOut
-            | sqlx::Error::PoolClosed
-            | sqlx::Error::Tls(_)
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_)
     )
 }
 

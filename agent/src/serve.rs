@@ -31,9 +31,9 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
     let mut delay = Duration::from_millis(250);
     loop {
         match migrate::apply(&state.pool, &migrator, lock_timeout).await {
-            Ok(version) => {
-                tracing::info!(version, "migrations applied");
-                state.set_migration_status(MigrationStatus::Applied { version });
+            Ok(migrate::Applied { version, newly_applied }) => {
+                tracing::info!(version, newly_applied, "schema is current");
+                state.set_migration_status(MigrationStatus::Applied { version, newly_applied });
                 return;
             }
             Err(err) if err.is_retryable() => {
@@ -118,11 +118,10 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
                 use std::os::unix::fs::FileTypeExt as _;
                 m.file_type().is_socket()
             }) {
-                std::fs::remove_file(path)
-                    .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+                std::fs::remove_file(path).with_context(|| format!("cannot remove stale socket {}", path.display()))?;
             }
-            let listener = UnixListener::bind(path)
-                .with_context(|| format!("cannot listen on unix:{}", path.display()))?;
+            let listener =
+                UnixListener::bind(path).with_context(|| format!("cannot listen on unix:{}", path.display()))?;
             Ok(Listener::Unix(listener))
         }
     }
@@ -183,10 +182,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 }
 
 /// `foobar-agent migrate`: apply pending migrations once and report the version, or fail with the reason.
-pub async fn migrate_once(config: Config) -> anyhow::Result<i64> {
+pub async fn migrate_once(config: Config) -> anyhow::Result<migrate::Applied> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
     let pool = pool(&config)?;
-    let version = migrate::apply(&pool, &migrator, config.migrate_lock_timeout()).await?;
+    let applied = migrate::apply(&pool, &migrator, config.migrate_lock_timeout()).await?;
     pool.close().await;
-    Ok(version)
+    Ok(applied)
 }

@@ -13,9 +13,8 @@ use crate::metrics::Metrics;
 pub enum MigrationStatus {
     /// Not applied yet; holds the last transient error, if any (database down, lock held).
     Pending(Option<String>),
-    Applied {
-        version: i64,
-    },
+    /// `newly_applied`: how many this process applied (0 on a later boot with nothing new).
+    Applied { version: i64, newly_applied: i64 },
     /// A migration failed or was modified: not retried, never repaired.
     Failed(String),
 }
@@ -55,11 +54,8 @@ impl std::ops::Deref for AppState {
 fn templates() -> tera::Tera {
     let mut tera = tera::Tera::default();
     // A `.html` name turns on tera's autoescaping.
-    tera.add_raw_template(
-        "posts.html",
-        include_str!("../../image/templates/posts.html"),
-    )
-    .expect("the built-in posts.html template parses");
+    tera.add_raw_template("posts.html", include_str!("../../image/templates/posts.html"))
+        .expect("the built-in posts.html template parses");
     tera
 }
 
@@ -75,10 +71,7 @@ impl AppState {
     }
 
     pub fn migration_status(&self) -> MigrationStatus {
-        self.migrations
-            .read()
-            .expect("migration status lock")
-            .clone()
+        self.migrations.read().expect("migration status lock").clone()
     }
 
     pub fn set_migration_status(&self, status: MigrationStatus) {
@@ -87,11 +80,7 @@ impl AppState {
 
     /// Checks every component that `/readyz` depends on, the database live.
     pub async fn readiness(&self) -> Readiness {
-        let ping = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&self.pool),
-        )
-        .await;
+        let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&self.pool)).await;
         let database = match ping {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(err)) => Err(format!(
@@ -101,20 +90,15 @@ impl AppState {
             Err(_) => Err("database did not answer within 2 s".to_string()),
         };
         let migrations = match self.migration_status() {
-            MigrationStatus::Applied { version } => Ok(version),
+            MigrationStatus::Applied { version, .. } => Ok(version),
             MigrationStatus::Pending(None) => Err("migrations not applied yet".to_string()),
-            MigrationStatus::Pending(Some(err)) => {
-                Err(format!("migrations not applied yet: {err}"))
-            }
+            MigrationStatus::Pending(Some(err)) => Err(format!("migrations not applied yet: {err}")),
             MigrationStatus::Failed(err) => Err(err),
         };
         let first_boot = match &self.first_boot_marker {
             None => Ok(()),
             Some(marker) if marker.exists() => Ok(()),
-            Some(marker) => Err(format!(
-                "first boot not complete ({} missing)",
-                marker.display()
-            )),
+            Some(marker) => Err(format!("first boot not complete ({} missing)", marker.display())),
         };
         Readiness {
             database,

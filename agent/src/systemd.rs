@@ -60,10 +60,7 @@ pub fn notify(state: &str) {
 /// How often to ping the watchdog, when systemd asked this process for pings.
 pub fn watchdog_interval() -> Option<std::time::Duration> {
     let usec: u64 = std::env::var("WATCHDOG_USEC").ok()?.parse().ok()?;
-    if let Some(pid) = std::env::var("WATCHDOG_PID")
-        .ok()
-        .and_then(|p| p.parse::<u32>().ok())
-    {
+    if let Some(pid) = std::env::var("WATCHDOG_PID").ok().and_then(|p| p.parse::<u32>().ok()) {
         if pid != std::process::id() {
             return None;
         }

@@ -29,8 +29,7 @@ pub fn kvm_usable() -> bool {
         .write(true)
         .open("/dev/kvm")
         .is_ok();
-    let hardware =
-        Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
+    let hardware = Path::new("/sys/module/kvm_intel").exists() || Path::new("/sys/module/kvm_amd").exists();
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     opens && hardware && !pvm
 }
@@ -53,20 +52,13 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
         );
     }
     if plan.port > u16::MAX - 2 {
-        bail!(
-            "--port {}: N, N+1 and N+2 must all be valid ports",
-            plan.port
-        );
+        bail!("--port {}: N, N+1 and N+2 must all be valid ports", plan.port);
     }
     if plan.uefi && !Path::new(OVMF).exists() {
         bail!("--uefi needs {OVMF}: apt-get install ovmf");
     }
     let (http, https, ssh) = (plan.port, plan.port + 1, plan.port + 2);
-    let accel = if kvm_usable() {
-        "kvm"
-    } else {
-        "tcg,thread=multi"
-    };
+    let accel = if kvm_usable() { "kvm" } else { "tcg,thread=multi" };
     let mut drive = format!(
         "file={},if=virtio,format={},cache=unsafe",
         plan.image.display(),

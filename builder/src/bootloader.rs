@@ -34,13 +34,7 @@ fn embedded_config(root_uuid: &str) -> String {
     )
 }
 
-fn mkimage(
-    format: &str,
-    modules_dir: &str,
-    extra: &[&str],
-    config: &Path,
-    out: &Path,
-) -> anyhow::Result<()> {
+fn mkimage(format: &str, modules_dir: &str, extra: &[&str], config: &Path, out: &Path) -> anyhow::Result<()> {
     cmd("grub-mkimage")
         .args(["-O", format, "-d", modules_dir, "-p", "/boot/grub", "-c"])
         .arg(config)
@@ -70,8 +64,7 @@ pub fn install_bootloader(ctx: &Context, raw: &Path, layout: &Layout) -> anyhow:
     core_bytes[0x1F4..0x1FC].copy_from_slice(&(start + 1).to_le_bytes());
     disk.seek(SeekFrom::Start(start * SECTOR))?;
     disk.write_all(&core_bytes)?;
-    let boot = std::fs::read(Path::new(BIOS_MODULES).join("boot.img"))
-        .context("cannot read GRUB's boot.img")?;
+    let boot = std::fs::read(Path::new(BIOS_MODULES).join("boot.img")).context("cannot read GRUB's boot.img")?;
     let mut mbr_code = boot[..440].to_vec();
     mbr_code[0x5C..0x64].copy_from_slice(&start.to_le_bytes());
     disk.seek(SeekFrom::Start(0))?;
@@ -79,24 +72,11 @@ pub fn install_bootloader(ctx: &Context, raw: &Path, layout: &Layout) -> anyhow:
 
     // UEFI: the removable-media path, found by any firmware without boot entries.
     let efi = ctx.work.join("BOOTX64.EFI");
-    mkimage(
-        "x86_64-efi",
-        EFI_MODULES,
-        &["fat", "efi_gop"],
-        &config,
-        &efi,
-    )?;
+    mkimage("x86_64-efi", EFI_MODULES, &["fat", "efi_gop"], &config, &efi)?;
     let esp = ctx.work.join("esp.fat");
     let _ = std::fs::remove_file(&esp);
     cmd("mkfs.fat")
-        .args([
-            "-C",
-            "-n",
-            "ESP",
-            "-i",
-            &ctx.ids.esp_volume_id,
-            "--invariant",
-        ])
+        .args(["-C", "-n", "ESP", "-i", &ctx.ids.esp_volume_id, "--invariant"])
         .arg(&esp)
         .arg((Layout::bytes(layout.esp) / 1024).to_string())
         .run()?;
@@ -114,12 +94,7 @@ pub fn install_bootloader(ctx: &Context, raw: &Path, layout: &Layout) -> anyhow:
         .arg("::/EFI/BOOT/BOOTX64.EFI")
         .env("SOURCE_DATE_EPOCH", &epoch)
         .run()?;
-    copy_at(
-        &mut disk,
-        &esp,
-        layout.esp.0 * SECTOR,
-        Layout::bytes(layout.esp),
-    )?;
+    copy_at(&mut disk, &esp, layout.esp.0 * SECTOR, Layout::bytes(layout.esp))?;
     disk.sync_all()?;
     Ok(())
 }

@@ -106,8 +106,7 @@ fn check_no_instance_files(rootfs: &Path) -> anyhow::Result<()> {
 pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
     let started = Instant::now();
     let _ = std::fs::remove_dir_all(&ctx.work);
-    std::fs::create_dir_all(&ctx.work)
-        .with_context(|| format!("cannot create {}", ctx.work.display()))?;
+    std::fs::create_dir_all(&ctx.work).with_context(|| format!("cannot create {}", ctx.work.display()))?;
     let mut cleanup = Cleanup {
         paths: vec![ctx.work.clone()],
     };
@@ -132,11 +131,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
                 }
             };
             stages.run("copy_layer", || {
-                cmd("cp")
-                    .args(["-a", "--reflink=auto"])
-                    .arg(&layer)
-                    .arg(&rootfs)
-                    .run()
+                cmd("cp").args(["-a", "--reflink=auto"]).arg(&layer).arg(&rootfs).run()
             })?;
         }
         None => stages.run("bootstrap_rootfs", || bootstrap_rootfs(ctx, &rootfs))?,
@@ -147,9 +142,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     let raw = ctx.work.join("disk.raw");
     let layout = stages.run("make_disk", || make_disk(ctx, &rootfs, &raw))?;
     std::fs::remove_dir_all(&rootfs)?;
-    stages.run("install_bootloader", || {
-        install_bootloader(ctx, &raw, &layout)
-    })?;
+    stages.run("install_bootloader", || install_bootloader(ctx, &raw, &layout))?;
 
     // Every output is written beside its destination under a temporary name, then renamed.
     let mut outputs = Vec::new();
@@ -193,10 +186,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
             format!(
                 "{}  {}\n",
                 o.sha256,
-                Path::new(&o.path)
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
+                Path::new(&o.path).file_name().unwrap_or_default().to_string_lossy()
             )
         })
         .collect();
@@ -206,8 +196,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     std::fs::rename(&manifest_partial, &manifest_path)?;
     std::fs::rename(&sha_partial, &sha_path)?;
     for (partial, dest) in renames {
-        std::fs::rename(&partial, &dest)
-            .with_context(|| format!("cannot move the image to {}", dest.display()))?;
+        std::fs::rename(&partial, &dest).with_context(|| format!("cannot move the image to {}", dest.display()))?;
     }
     for o in &outputs {
         tracing::info!(

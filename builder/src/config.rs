@@ -91,8 +91,7 @@ fn is_hostname(name: &str) -> bool {
 impl ImageConfig {
     /// Parses `text`; `origin` names the file in every error.
     pub fn parse(text: &str, origin: &str) -> anyhow::Result<ImageConfig> {
-        let config: ImageConfig =
-            toml::from_str(text).with_context(|| format!("invalid config file {origin}"))?;
+        let config: ImageConfig = toml::from_str(text).with_context(|| format!("invalid config file {origin}"))?;
         config
             .validate()
             .with_context(|| format!("invalid config file {origin}"))?;
@@ -123,13 +122,7 @@ impl ImageConfig {
                 self.site.canonical
             );
         }
-        if self.debian.suite.is_empty()
-            || !self
-                .debian
-                .suite
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-')
-        {
+        if self.debian.suite.is_empty() || !self.debian.suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!(
                 "key `debian.suite`: expected a Debian suite name like bookworm, got `{}`",
                 self.debian.suite
@@ -144,7 +137,10 @@ impl ImageConfig {
             bail!("key `debian.packages`: expected Debian package names, got `{bad}`");
         }
         if self.disk.size_mib < 1024 {
-            bail!("key `disk.size-mib`: expected at least 1024 (the stack needs about 700 MiB), got {}", self.disk.size_mib);
+            bail!(
+                "key `disk.size-mib`: expected at least 1024 (the stack needs about 700 MiB), got {}",
+                self.disk.size_mib
+            );
         }
         if let Some(bad) = self
             .access

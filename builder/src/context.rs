@@ -47,11 +47,9 @@ pub fn hex(bytes: &[u8]) -> String {
 }
 
 pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
     let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher)
-        .with_context(|| format!("cannot read {}", path.display()))?;
+    std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(hex(&hasher.finalize()))
 }
 
@@ -121,20 +119,14 @@ impl Context {
 
         let mut ssh_keys = config.access.ssh_authorized_keys.clone();
         for path in &flags.ssh_keys {
-            let text = std::fs::read_to_string(path).with_context(|| {
-                format!(
-                    "--ssh-key {}: cannot read the public key file",
-                    path.display()
-                )
-            })?;
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--ssh-key {}: cannot read the public key file", path.display()))?;
             for line in text
                 .lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
             {
-                if line.contains("PRIVATE KEY")
-                    || !(line.starts_with("ssh-") || line.starts_with("ecdsa-"))
-                {
+                if line.contains("PRIVATE KEY") || !(line.starts_with("ssh-") || line.starts_with("ecdsa-")) {
                     bail!(
                         "--ssh-key {}: expected an OpenSSH public key (the .pub file), not this",
                         path.display()

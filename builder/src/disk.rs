@@ -194,21 +194,9 @@ pub fn copy_at(disk: &mut File, src: &Path, offset: u64, limit: u64) -> anyhow::
 /// Makes the ext4 root file system as a file from the directory tree, with the plan's UUID and hash seed.
 pub fn make_root_fs(ctx: &Context, rootfs: &Path, image: &Path, bytes: u64) -> anyhow::Result<()> {
     cmd("mkfs.ext4")
-        .args([
-            "-q",
-            "-F",
-            "-L",
-            "root",
-            "-b",
-            "4096",
-            "-U",
-            &ctx.ids.root_fs_uuid,
-        ])
+        .args(["-q", "-F", "-L", "root", "-b", "4096", "-U", &ctx.ids.root_fs_uuid])
         .arg("-E")
-        .arg(format!(
-            "hash_seed={},root_owner=0:0",
-            ctx.ids.root_hash_seed
-        ))
+        .arg(format!("hash_seed={},root_owner=0:0", ctx.ids.root_hash_seed))
         .arg("-d")
         .arg(rootfs)
         .arg(image)
@@ -223,19 +211,10 @@ pub fn make_disk(ctx: &Context, rootfs: &Path, raw: &Path) -> anyhow::Result<Lay
     let layout = Layout::for_size(ctx.config.disk.size_mib);
     let root_img = ctx.work.join("root.ext4");
     make_root_fs(ctx, rootfs, &root_img, Layout::bytes(layout.root))?;
-    let mut disk = OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .open(raw)?;
+    let mut disk = OpenOptions::new().create(true).truncate(true).write(true).open(raw)?;
     disk.set_len(layout.total_sectors * SECTOR)?;
     write_gpt(&mut disk, ctx, &layout)?;
-    copy_at(
-        &mut disk,
-        &root_img,
-        layout.root.0 * SECTOR,
-        Layout::bytes(layout.root),
-    )?;
+    copy_at(&mut disk, &root_img, layout.root.0 * SECTOR, Layout::bytes(layout.root))?;
     std::fs::remove_file(&root_img)?;
     disk.sync_all()?;
     Ok(layout)

@@ -1,18 +1,5 @@
 //! `imagebuild`: parses the command line and dispatches to the build or to `boot`.
 
-mod boot;
-mod bootloader;
-mod build;
-mod config;
-mod context;
-mod disk;
-mod formats;
-mod manifest;
-mod overlay;
-mod process;
-mod render;
-mod rootfs;
-
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -20,7 +7,8 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
-use crate::process::{require, Tool};
+use foobar_builder::process::{require, Tool};
+use foobar_builder::{boot, bootloader, build, context};
 
 #[derive(Parser)]
 #[command(
@@ -131,10 +119,7 @@ fn build(args: BuildArgs) -> anyhow::Result<()> {
     require(
         BUILD_TOOLS,
         &[
-            (
-                &Path::new(bootloader::BIOS_MODULES).join("boot.img"),
-                "grub-pc-bin",
-            ),
+            (&Path::new(bootloader::BIOS_MODULES).join("boot.img"), "grub-pc-bin"),
             (
                 &Path::new(bootloader::EFI_MODULES).join("linux.mod"),
                 "grub-efi-amd64-bin",

@@ -12,18 +12,12 @@ use crate::process::cmd;
 /// Debian packages installed in the root file system, as (name, version), sorted.
 pub fn packages(rootfs: &Path) -> anyhow::Result<Vec<(String, String)>> {
     let out = cmd("dpkg-query")
-        .arg(format!(
-            "--admindir={}",
-            rootfs.join("var/lib/dpkg").display()
-        ))
+        .arg(format!("--admindir={}", rootfs.join("var/lib/dpkg").display()))
         .args(["-W", "-f", "${Package}\t${Version}\n"])
         .output()?;
     let mut list: Vec<(String, String)> = String::from_utf8_lossy(&out)
         .lines()
-        .filter_map(|l| {
-            l.split_once('\t')
-                .map(|(n, v)| (n.to_string(), v.to_string()))
-        })
+        .filter_map(|l| l.split_once('\t').map(|(n, v)| (n.to_string(), v.to_string())))
         .collect();
     list.sort();
     Ok(list)

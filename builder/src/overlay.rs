@@ -53,9 +53,7 @@ fn kernel_version(root: &Path) -> anyhow::Result<String> {
         .filter_map(|n| n.strip_prefix("vmlinuz-").map(String::from))
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .context("no kernel in /boot of the root file system")
+    versions.pop().context("no kernel in /boot of the root file system")
 }
 
 /// The GRUB menu read from the root file system by both the BIOS and the UEFI core images.
@@ -76,8 +74,7 @@ pub fn grub_cfg(root_uuid: &str, kernel: &str) -> String {
 
 pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     // The agent and its configuration.
-    let agent = std::fs::read(&ctx.agent_bin)
-        .with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
+    let agent = std::fs::read(&ctx.agent_bin).with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
     write(root, "usr/local/bin/foobar-agent", agent, 0o755)?;
     write(
         root,
@@ -157,12 +154,7 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
 
     // nginx: our site only.
     let site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
-    write(
-        root,
-        "etc/nginx/sites-available/foobar",
-        render::site(&site)?,
-        0o644,
-    )?;
+    write(root, "etc/nginx/sites-available/foobar", render::site(&site)?, 0o644)?;
     write(
         root,
         "etc/nginx/foobar-proxy.conf",
@@ -221,10 +213,7 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     write(
         root,
         "etc/fstab",
-        format!(
-            "UUID={} / ext4 defaults,errors=remount-ro 0 1\n",
-            ctx.ids.root_fs_uuid
-        ),
+        format!("UUID={} / ext4 defaults,errors=remount-ro 0 1\n", ctx.ids.root_fs_uuid),
         0o644,
     )?;
     let kernel = kernel_version(root)?;

@@ -89,11 +89,7 @@ impl Cmd {
         let tail = reader.join().unwrap_or_default();
         if !status.success() {
             let tail: Vec<String> = tail.into();
-            bail!(
-                "command failed ({status}): {}\n{}",
-                self.line,
-                tail.join("\n")
-            );
+            bail!("command failed ({status}): {}\n{}", self.line, tail.join("\n"));
         }
         Ok(stdout)
     }

@@ -17,6 +17,8 @@ pub struct SiteVars {
     pub agent_exact: Vec<String>,
     /// Path prefixes proxied to the agent.
     pub agent_prefixes: Vec<String>,
+    /// Where the proxy snippet (`proxy`) is installed.
+    pub proxy_conf: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -31,10 +33,9 @@ impl SiteVars {
             canonical: canonical.to_string(),
             web_root: "/var/www/foobar".to_string(),
             agent_socket: "/run/foobar/agent.sock".to_string(),
-            agent_exact: ["/livez", "/readyz", "/healthz", "/posts"]
-                .map(String::from)
-                .to_vec(),
+            agent_exact: ["/livez", "/readyz", "/healthz", "/posts"].map(String::from).to_vec(),
             agent_prefixes: vec!["/api/".to_string()],
+            proxy_conf: "/etc/nginx/foobar-proxy.conf".to_string(),
         }
     }
 }

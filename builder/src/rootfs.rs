@@ -98,8 +98,7 @@ pub fn begin_layer(ctx: &Context, cache: &Path) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_file(&complete);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&partial);
-    std::fs::create_dir_all(cache)
-        .with_context(|| format!("cannot create cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(cache).with_context(|| format!("cannot create cache directory {}", cache.display()))?;
     Ok(partial)
 }
 

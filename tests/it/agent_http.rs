@@ -34,30 +34,22 @@ async fn ready_app(first_boot_marker: Option<std::path::PathBuf>) -> (Router, Ap
     };
     let pool = foobar_agent::serve::pool(&config).unwrap();
     let migrator = migrate::load(None).await.unwrap();
-    let version = migrate::apply(&pool, &migrator, Duration::from_secs(10))
-        .await
-        .unwrap();
+    let applied = migrate::apply(&pool, &migrator, Duration::from_secs(10)).await.unwrap();
+    assert_eq!(applied.newly_applied, 1, "a fresh database gets every migration");
     let state = AppState::new(pool, first_boot_marker);
-    state.set_migration_status(MigrationStatus::Applied { version });
+    state.set_migration_status(MigrationStatus::Applied {
+        version: applied.version,
+        newly_applied: applied.newly_applied,
+    });
     (foobar_agent::app(state.clone()), state)
 }
 
-async fn call(
-    app: &Router,
-    method: &str,
-    path: &str,
-    content_type: Option<&str>,
-    body: impl Into<Body>,
-) -> Reply {
+async fn call(app: &Router, method: &str, path: &str, content_type: Option<&str>, body: impl Into<Body>) -> Reply {
     let mut req = Request::builder().method(method).uri(path);
     if let Some(ct) = content_type {
         req = req.header(header::CONTENT_TYPE, ct);
     }
-    let response = app
-        .clone()
-        .oneshot(req.body(body.into()).unwrap())
-        .await
-        .unwrap();
+    let response = app.clone().oneshot(req.body(body.into()).unwrap()).await.unwrap();
     let status = response.status();
     let headers = response.headers().clone();
     let bytes = response.into_body().collect().await.unwrap().to_bytes();
@@ -73,14 +65,7 @@ async fn get(app: &Router, path: &str) -> Reply {
 }
 
 async fn post_json(app: &Router, body: &Value) -> Reply {
-    call(
-        app,
-        "POST",
-        "/api/posts",
-        Some("application/json"),
-        body.to_string(),
-    )
-    .await
+    call(app, "POST", "/api/posts", Some("application/json"), body.to_string()).await
 }
 
 #[tokio::test]
@@ -92,14 +77,8 @@ async fn created_post_is_returned_listed_and_fetchable() {
     assert_eq!(post["author"], "ana");
     assert_eq!(post["body"], "hello");
     let id = post["id"].as_u64().expect("numeric id");
-    assert!(
-        post["created_at"].as_str().unwrap().ends_with('Z'),
-        "{post}"
-    );
-    assert_eq!(
-        created.headers[header::LOCATION],
-        format!("/api/posts/{id}").as_str()
-    );
+    assert!(post["created_at"].as_str().unwrap().ends_with('Z'), "{post}");
+    assert_eq!(created.headers[header::LOCATION], format!("/api/posts/{id}").as_str());
 
     let fetched = get(&app, &format!("/api/posts/{id}")).await;
     assert_eq!(fetched.status, StatusCode::OK);
@@ -118,11 +97,7 @@ async fn created_post_is_returned_listed_and_fetchable() {
 async fn list_is_newest_first_and_pages_with_limit_and_before() {
     let (app, _) = ready_app(None).await;
     for i in 1..=5 {
-        let r = post_json(
-            &app,
-            &json!({"author": "pager", "body": format!("post {i}")}),
-        )
-        .await;
+        let r = post_json(&app, &json!({"author": "pager", "body": format!("post {i}")})).await;
         assert_eq!(r.status, StatusCode::CREATED);
     }
     let first = get(&app, "/api/posts?limit=2").await.json();
@@ -134,9 +109,7 @@ async fn list_is_newest_first_and_pages_with_limit_and_before() {
         .collect();
     assert_eq!(bodies, ["post 5", "post 4"]);
     let last_id = first[1]["id"].as_u64().unwrap();
-    let next = get(&app, &format!("/api/posts?limit=2&before={last_id}"))
-        .await
-        .json();
+    let next = get(&app, &format!("/api/posts?limit=2&before={last_id}")).await.json();
     let bodies: Vec<&str> = next
         .as_array()
         .unwrap()
@@ -145,11 +118,7 @@ async fn list_is_newest_first_and_pages_with_limit_and_before() {
         .collect();
     assert_eq!(bodies, ["post 3", "post 2"]);
     let all = get(&app, "/api/posts").await.json();
-    assert_eq!(
-        all.as_array().unwrap().len(),
-        5,
-        "default limit covers all five"
-    );
+    assert_eq!(all.as_array().unwrap().len(), 5, "default limit covers all five");
 }
 
 #[tokio::test]
@@ -228,27 +197,9 @@ async fn bad_input_gets_a_json_4xx_without_internals() {
             "x".repeat(65 * 1024),
             StatusCode::PAYLOAD_TOO_LARGE,
         ),
-        (
-            "GET",
-            "/api/posts/abc",
-            None,
-            String::new(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "GET",
-            "/api/posts/-1",
-            None,
-            String::new(),
-            StatusCode::BAD_REQUEST,
-        ),
-        (
-            "GET",
-            "/api/posts/99999999",
-            None,
-            String::new(),
-            StatusCode::NOT_FOUND,
-        ),
+        ("GET", "/api/posts/abc", None, String::new(), StatusCode::BAD_REQUEST),
+        ("GET", "/api/posts/-1", None, String::new(), StatusCode::BAD_REQUEST),
+        ("GET", "/api/posts/99999999", None, String::new(), StatusCode::NOT_FOUND),
         (
             "GET",
             "/api/posts/99999999999999999999999",
@@ -305,22 +256,12 @@ async fn bad_input_gets_a_json_4xx_without_internals() {
             String::new(),
             StatusCode::METHOD_NOT_ALLOWED,
         ),
-        (
-            "GET",
-            "/no/such/path",
-            None,
-            String::new(),
-            StatusCode::NOT_FOUND,
-        ),
+        ("GET", "/no/such/path", None, String::new(), StatusCode::NOT_FOUND),
     ];
     for (method, path, ct, body, expected) in cases {
         let shown = body.chars().take(40).collect::<String>();
         let r = call(&app, method, path, ct, body).await;
-        assert_eq!(
-            r.status, expected,
-            "{method} {path} {ct:?} {shown}: {}",
-            r.body
-        );
+        assert_eq!(r.status, expected, "{method} {path} {ct:?} {shown}: {}", r.body);
         let error = r.json()["error"]
             .as_str()
             .unwrap_or_else(|| panic!("no error field: {}", r.body))
@@ -343,8 +284,7 @@ async fn bad_input_gets_a_json_4xx_without_internals() {
 #[tokio::test]
 async fn any_text_is_stored_exactly_and_escaped_in_html() {
     let (app, _) = ready_app(None).await;
-    let tricky =
-        "<script>alert('x')</script> \"quoted\" '; DROP TABLE posts; -- ünïcödé 日本語 🦀\n\ttabs";
+    let tricky = "<script>alert('x')</script> \"quoted\" '; DROP TABLE posts; -- ünïcödé 日本語 🦀\n\ttabs";
     let author = "O'Brien <b>";
     let created = post_json(&app, &json!({"author": author, "body": tricky})).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
@@ -359,30 +299,21 @@ async fn any_text_is_stored_exactly_and_escaped_in_html() {
         .to_str()
         .unwrap()
         .starts_with("text/html"));
-    assert!(
-        !page.body.contains("<script>alert"),
-        "raw script tag in page"
-    );
+    assert!(!page.body.contains("<script>alert"), "raw script tag in page");
     assert!(
         page.body.contains("&lt;script&gt;alert("),
         "escaped text missing: {}",
         page.body
     );
     assert!(page.body.contains("日本語 🦀"));
-    assert!(
-        page.body.contains("O&#x27;Brien &lt;b&gt;"),
-        "{}",
-        page.body
-    );
+    assert!(page.body.contains("O&#x27;Brien &lt;b&gt;"), "{}", page.body);
 }
 
 #[tokio::test]
 async fn the_html_form_posts_and_redirects_back_with_303() {
     let (app, _) = ready_app(None).await;
     let empty = get(&app, "/posts").await;
-    assert!(empty
-        .body
-        .contains("<form method=\"post\" action=\"/posts\""));
+    assert!(empty.body.contains("<form method=\"post\" action=\"/posts\""));
     assert!(empty.body.contains("No posts yet"));
     let r = call(
         &app,
@@ -397,10 +328,7 @@ async fn the_html_form_posts_and_redirects_back_with_303() {
     let page = get(&app, "/posts").await;
     assert!(page.body.contains("from the form!"), "{}", page.body);
     assert!(page.body.contains("Zoë"));
-    assert_eq!(
-        get(&app, "/api/posts").await.json()[0]["body"],
-        "from the form!"
-    );
+    assert_eq!(get(&app, "/api/posts").await.json()[0]["body"], "from the form!");
 }
 
 #[tokio::test]
@@ -411,17 +339,10 @@ async fn health_endpoints_report_each_component() {
     assert_eq!(get(&app, "/livez").await.status, StatusCode::OK);
     let not_ready = get(&app, "/readyz").await;
     assert_eq!(not_ready.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        not_ready.body.contains("first boot not complete"),
-        "{}",
-        not_ready.body
-    );
+    assert!(not_ready.body.contains("first boot not complete"), "{}", not_ready.body);
     let health = get(&app, "/healthz").await;
     assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert_eq!(
-        health.headers[header::CONTENT_TYPE],
-        "application/health+json"
-    );
+    assert_eq!(health.headers[header::CONTENT_TYPE], "application/health+json");
     let doc = health.json();
     assert_eq!(doc["status"], "fail");
     assert_eq!(doc["checks"]["first-boot:marker"][0]["status"], "fail");
@@ -434,15 +355,8 @@ async fn health_endpoints_report_each_component() {
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(doc["checks"]["migrations:version"][0]["status"], "pass");
     assert_eq!(doc["checks"]["migrations:version"][0]["observedValue"], 1);
-    for component in [
-        "database:connection",
-        "migrations:version",
-        "first-boot:marker",
-    ] {
-        assert_eq!(
-            doc["checks"][component][0]["status"], "pass",
-            "{component}: {doc}"
-        );
+    for component in ["database:connection", "migrations:version", "first-boot:marker"] {
+        assert_eq!(doc["checks"][component][0]["status"], "pass", "{component}: {doc}");
     }
 }
 
@@ -480,10 +394,6 @@ async fn metrics_count_requests_by_route_and_status() {
         "foobar_migration_version 1",
         "foobar_db_pool_max_connections 16",
     ] {
-        assert!(
-            r.body.lines().any(|l| l == line),
-            "missing `{line}` in:\n{}",
-            r.body
-        );
+        assert!(r.body.lines().any(|l| l == line), "missing `{line}` in:\n{}", r.body);
     }
 }

@@ -38,10 +38,7 @@ fn database_down_at_start_and_later_the_agent_recovers_without_restart() {
     assert_eq!(r.status, 503, "{}", r.body);
     let api = get(&agent.url("/api/posts")).unwrap();
     assert_eq!(api.status, 503, "{}", api.body);
-    assert!(api.json()["error"]
-        .as_str()
-        .unwrap()
-        .contains("database unavailable"));
+    assert!(api.json()["error"].as_str().unwrap().contains("database unavailable"));
 
     db.resume();
     wait_for_status(&agent.url("/readyz"), 200, SOON);
@@ -88,6 +85,7 @@ fn agents_started_together_apply_each_migration_once() {
                 .unwrap()
         })
         .collect();
+    let mut applied_by = 0;
     for racer in racers {
         let out = racer.wait_with_output().unwrap();
         assert!(
@@ -95,17 +93,17 @@ fn agents_started_together_apply_each_migration_once() {
             "migrate failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        assert!(String::from_utf8_lossy(&out.stdout).contains("schema version 1"));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("schema version 1"), "{stdout}");
+        if stdout.contains("applied 1 migration") {
+            applied_by += 1;
+        }
     }
+    assert_eq!(applied_by, 1, "exactly one of the racers applied the migration");
     let name = database_name(&url2);
-    let rows = db.sql(&format!(
-        "SELECT version, success FROM {name}._sqlx_migrations"
-    ));
+    let rows = db.sql(&format!("SELECT version, success FROM {name}._sqlx_migrations"));
     assert_eq!(rows.trim(), "1\t1", "one row per migration, applied once");
-    assert_eq!(
-        db.sql(&format!("SELECT COUNT(*) FROM {name}.posts")).trim(),
-        "0"
-    );
+    assert_eq!(db.sql(&format!("SELECT COUNT(*) FROM {name}.posts")).trim(), "0");
 }
 
 #[test]
@@ -123,12 +121,9 @@ fn a_broken_migration_leaves_the_agent_live_but_not_ready_and_data_intact() {
         let agent = AgentProcess::serve(&url, &["--config", config_text]);
         wait_for_status(&agent.url("/readyz"), 200, SOON);
         assert_eq!(
-            post_json(
-                &agent.url("/api/posts"),
-                &json!({"author": "a", "body": "keep me"})
-            )
-            .unwrap()
-            .status,
+            post_json(&agent.url("/api/posts"), &json!({"author": "a", "body": "keep me"}))
+                .unwrap()
+                .status,
             201
         );
     }
@@ -161,26 +156,18 @@ fn a_broken_migration_leaves_the_agent_live_but_not_ready_and_data_intact() {
     assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
     assert_eq!(get(&agent.url("/readyz")).unwrap().status, 503);
     let name = database_name(&url);
-    assert_eq!(
-        db.sql(&format!("SELECT body FROM {name}.posts")).trim(),
-        "keep me"
-    );
+    assert_eq!(db.sql(&format!("SELECT body FROM {name}.posts")).trim(), "keep me");
 
     // `migrate` refuses with the same story and touches nothing.
-    let (code, _, stderr) =
-        agent_command(&["migrate", "--config", config_text, "--database-url", &url]);
+    let (code, _, stderr) = agent_command(&["migrate", "--config", config_text, "--database-url", &url]);
     assert_ne!(code, 0);
     assert!(
         stderr.contains("migration 0002_broken was left partly applied"),
         "{stderr}"
     );
+    assert_eq!(db.sql(&format!("SELECT body FROM {name}.posts")).trim(), "keep me");
     assert_eq!(
-        db.sql(&format!("SELECT body FROM {name}.posts")).trim(),
-        "keep me"
-    );
-    assert_eq!(
-        db.sql(&format!("SELECT COUNT(*) FROM {name}.half_done"))
-            .trim(),
+        db.sql(&format!("SELECT COUNT(*) FROM {name}.half_done")).trim(),
         "0",
         "nothing dropped"
     );
@@ -190,12 +177,7 @@ fn a_broken_migration_leaves_the_agent_live_but_not_ready_and_data_intact() {
     let dir2 = migrations_copy();
     let (code, _, stderr) = agent_command(&["migrate", "--database-url", &url2]);
     assert_eq!(code, 0, "{stderr}");
-    let first = std::fs::read_dir(&dir2)
-        .unwrap()
-        .next()
-        .unwrap()
-        .unwrap()
-        .path();
+    let first = std::fs::read_dir(&dir2).unwrap().next().unwrap().unwrap().path();
     let mut text = std::fs::read_to_string(&first).unwrap();
     text.push_str("\n-- edited after release\n");
     std::fs::write(&first, text).unwrap();
@@ -247,17 +229,9 @@ fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
         std::net::TcpStream::connect(agent.base.trim_start_matches("http://")).is_err(),
         "no new connections after SIGTERM"
     );
-    let reply = slow
-        .join()
-        .unwrap()
-        .expect("the in-flight request got an answer");
+    let reply = slow.join().unwrap().expect("the in-flight request got an answer");
     assert_eq!(reply.status, 200, "{}", reply.body);
-    assert_eq!(
-        agent.wait_exit(Duration::from_secs(15)),
-        Some(0),
-        "{}",
-        agent.log()
-    );
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
     locker.wait().unwrap();
 }
 
@@ -274,12 +248,7 @@ fn socket_activation_and_ready_notification() {
     // systemd-socket-activate binds the socket and hands it over as fd 3 with LISTEN_FDS/LISTEN_PID,
     // exactly as the foobar-agent.socket unit does in the image.
     let mut child = std::process::Command::new("systemd-socket-activate")
-        .args([
-            "-l",
-            &listen,
-            "-E",
-            &format!("NOTIFY_SOCKET={}", notify_path.display()),
-        ])
+        .args(["-l", &listen, "-E", &format!("NOTIFY_SOCKET={}", notify_path.display())])
         .arg(support::binary("foobar-agent"))
         .args(["serve", "--listen", "127.0.0.1:1", "--database-url", &url])
         .stderr(std::process::Stdio::null())
@@ -303,11 +272,7 @@ fn socket_activation_and_ready_notification() {
     let mut buf = [0u8; 256];
     let n = notify.recv(&mut buf).expect("READY=1 within 30 s");
     assert_eq!(
-        first
-            .join()
-            .unwrap()
-            .expect("the queued request was answered")
-            .status,
+        first.join().unwrap().expect("the queued request was answered").status,
         200
     );
     assert_eq!(&buf[..n], b"READY=1");
@@ -327,18 +292,12 @@ fn configuration_errors_name_the_file_and_the_key() {
     assert_eq!(code, 1);
     assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("pool-sise"), "{stderr}");
-    assert!(
-        stderr.contains("pool-size"),
-        "expected keys are listed: {stderr}"
-    );
+    assert!(stderr.contains("pool-size"), "expected keys are listed: {stderr}");
 
     std::fs::write(&file, "listen = \"nowhere\"\n").unwrap();
     let (code, _, stderr) = agent_command(&["serve", "--config", file.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(
-        stderr.contains("listen") && stderr.contains("host:port"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("listen") && stderr.contains("host:port"), "{stderr}");
 
     let missing = dir.join("missing.toml");
     let (code, _, stderr) = agent_command(&["serve", "--config", missing.to_str().unwrap()]);

@@ -3,21 +3,14 @@
 use crate::support::agent_command;
 
 fn readme() -> String {
-    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
-        .unwrap()
+    std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap()
 }
 
 /// Flags as `--help` lists them, so a new flag without documentation fails here.
 fn flags(help: &str) -> Vec<String> {
     help.split_whitespace()
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| {
-            w.trim_end_matches([',', '.'])
-                .split('=')
-                .next()
-                .unwrap()
-                .to_string()
-        })
+        .map(|w| w.trim_end_matches([',', '.']).split('=').next().unwrap().to_string())
         .filter(|f| f != "--help" && f != "--version")
         .collect()
 }

@@ -48,11 +48,7 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(err) = &self {
             tracing::error!(error = %err, "request failed");
         }
-        (
-            self.status(),
-            Json(serde_json::json!({ "error": self.to_string() })),
-        )
-            .into_response()
+        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
     }
 }
 
@@ -91,9 +87,9 @@ fn rejection(status: StatusCode, text: String) -> ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         match r {
-            JsonRejection::MissingJsonContentType(_) => ApiError::UnsupportedMediaType(
-                "expected Content-Type: application/json".to_string(),
-            ),
+            JsonRejection::MissingJsonContentType(_) => {
+                ApiError::UnsupportedMediaType("expected Content-Type: application/json".to_string())
+            }
             other => rejection(other.status(), other.body_text()),
         }
     }
@@ -102,9 +98,9 @@ impl From<JsonRejection> for ApiError {
 impl From<FormRejection> for ApiError {
     fn from(r: FormRejection) -> Self {
         match r {
-            FormRejection::InvalidFormContentType(_) => ApiError::UnsupportedMediaType(
-                "expected Content-Type: application/x-www-form-urlencoded".to_string(),
-            ),
+            FormRejection::InvalidFormContentType(_) => {
+                ApiError::UnsupportedMediaType("expected Content-Type: application/x-www-form-urlencoded".to_string())
+            }
             other => rejection(other.status(), other.body_text()),
         }
     }

@@ -48,7 +48,11 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     let r = state.readiness().await;
     let ready = r.is_ready();
     let version = r.migrations.as_ref().ok().copied();
-    let body = json!({
+    let newly_applied = match state.migration_status() {
+        MigrationStatus::Applied { newly_applied, .. } => Some(newly_applied),
+        _ => None,
+    };
+    let mut body = json!({
         "status": if ready { "pass" } else { "fail" },
         "version": env!("CARGO_PKG_VERSION"),
         "serviceId": "foobar-agent",
@@ -58,6 +62,10 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
             "first-boot:marker": check(&r.first_boot, None),
         },
     });
+    if let Some(n) = newly_applied {
+        // How many migrations this start applied: 0 on every boot after the one that brought them.
+        body["checks"]["migrations:version"][0]["appliedThisStart"] = json!(n);
+    }
     let status = if ready {
         StatusCode::OK
     } else {
@@ -77,15 +85,12 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         pool_idle: state.pool.num_idle(),
         pool_max: state.pool.options().get_max_connections(),
         migration_version: match state.migration_status() {
-            MigrationStatus::Applied { version } => version,
+            MigrationStatus::Applied { version, .. } => version,
             _ => 0,
         },
     };
     (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
         state.metrics.render(&gauges),
     )
         .into_response()

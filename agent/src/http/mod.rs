@@ -36,9 +36,9 @@ pub fn app(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             TraceLayer::new_for_http()
-                .make_span_with(|req: &Request| {
-                    tracing::info_span!("request", method = %req.method(), path = %req.uri().path())
-                })
+                .make_span_with(
+                    |req: &Request| tracing::info_span!("request", method = %req.method(), path = %req.uri().path()),
+                )
                 // A 503 from /readyz while booting is not an error; real failures are logged where they happen.
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
         )
@@ -54,9 +54,7 @@ async fn record_metrics(State(state): State<AppState>, req: Request, next: Next)
     let start = Instant::now();
     let response = next.run(req).await;
     let elapsed = start.elapsed();
-    state
-        .metrics
-        .record(&route, response.status().as_u16(), elapsed);
+    state.metrics.record(&route, response.status().as_u16(), elapsed);
     tracing::debug!(
         status = response.status().as_u16(),
         latency_us = elapsed.as_micros() as u64,

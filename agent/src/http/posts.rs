@@ -34,8 +34,7 @@ pub struct NewPost {
     body: String,
 }
 
-const COLUMNS: &str =
-    "id, author, body, DATE_FORMAT(created_at, '%Y-%m-%dT%H:%i:%s.%fZ') AS created_at";
+const COLUMNS: &str = "id, author, body, DATE_FORMAT(created_at, '%Y-%m-%dT%H:%i:%s.%fZ') AS created_at";
 
 impl NewPost {
     /// Checks lengths in characters (not bytes); the text itself is stored exactly as sent.
@@ -59,14 +58,12 @@ impl NewPost {
         self.validate()?;
         // MariaDB's INSERT ... RETURNING sends no column metadata for prepared statements, which sqlx needs,
         // so the stored row is read back by its id.
-        let id = sqlx::query(
-            "INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))",
-        )
-        .bind(&self.author)
-        .bind(&self.body)
-        .execute(&state.pool)
-        .await?
-        .last_insert_id();
+        let id = sqlx::query("INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))")
+            .bind(&self.author)
+            .bind(&self.body)
+            .execute(&state.pool)
+            .await?
+            .last_insert_id();
         fetch(state, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("post {id} vanished after insert")))
@@ -98,9 +95,10 @@ fn parse_param<T: std::str::FromStr>(
 ) -> Result<Option<T>, ApiError> {
     match params.get(name) {
         None => Ok(None),
-        Some(text) => text.parse().map(Some).map_err(|_| {
-            ApiError::BadRequest(format!("`{name}` must be {expected}, got `{text}`"))
-        }),
+        Some(text) => text
+            .parse()
+            .map(Some)
+            .map_err(|_| ApiError::BadRequest(format!("`{name}` must be {expected}, got `{text}`"))),
     }
 }
 
@@ -112,9 +110,7 @@ pub async fn list_posts(
     let range = format!("a whole number from 1 to {LIMIT_MAX}");
     let limit = parse_param::<u32>(&params, "limit", &range)?.unwrap_or(LIMIT_DEFAULT);
     if !(1..=LIMIT_MAX).contains(&limit) {
-        return Err(ApiError::BadRequest(format!(
-            "`limit` must be {range}, got `{limit}`"
-        )));
+        return Err(ApiError::BadRequest(format!("`limit` must be {range}, got `{limit}`")));
     }
     let before = parse_param::<u64>(&params, "before", "a post id")?;
     Ok(Json(list(&state, limit, before).await?))
@@ -127,23 +123,13 @@ pub async fn create_post(
     let Json(new) = body?;
     let post = new.insert(&state).await?;
     let location = format!("/api/posts/{}", post.id);
-    Ok((
-        StatusCode::CREATED,
-        [(header::LOCATION, location)],
-        Json(post),
-    )
-        .into_response())
+    Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(post)).into_response())
 }
 
-pub async fn get_post(
-    State(state): State<AppState>,
-    Path(id): Path<String>,
-) -> Result<Json<Post>, ApiError> {
-    let id: u64 = id.parse().map_err(|_| {
-        ApiError::BadRequest(format!(
-            "post id must be a positive whole number, got `{id}`"
-        ))
-    })?;
+pub async fn get_post(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Post>, ApiError> {
+    let id: u64 = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest(format!("post id must be a positive whole number, got `{id}`")))?;
     fetch(&state, id)
         .await?
         .map(Json)
@@ -157,13 +143,10 @@ pub async fn page(State(state): State<AppState>) -> Result<Html<String>, ApiErro
     context.insert("posts", &posts);
     context.insert("author_max", &AUTHOR_MAX_CHARS);
     context.insert("body_max", &BODY_MAX_CHARS);
-    let html = state
-        .templates
-        .render("posts.html", &context)
-        .map_err(|err| {
-            tracing::error!(error = ?err, "cannot render posts.html");
-            ApiError::BadRequest("cannot render the page".to_string())
-        })?;
+    let html = state.templates.render("posts.html", &context).map_err(|err| {
+        tracing::error!(error = ?err, "cannot render posts.html");
+        ApiError::BadRequest("cannot render the page".to_string())
+    })?;
     Ok(Html(html))
 }
 

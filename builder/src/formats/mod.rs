@@ -50,14 +50,13 @@ pub fn plan(out: &Path, requested: &[String]) -> anyhow::Result<Vec<(Format, Pat
         .unwrap_or_default();
     if requested.is_empty() {
         let Some((_, ext)) = name.split_once('.') else {
-            bail!("--out {}: no extension to tell the format from; add one (.qcow2, .raw, .vmdk, .vhd) or pass --format", out.display());
+            bail!(
+                "--out {}: no extension to tell the format from; add one (.qcow2, .raw, .vmdk, .vhd) or pass --format",
+                out.display()
+            );
         };
         let ext = ext.rsplit('.').next().unwrap_or(ext);
-        let ext = if name.ends_with(".tar.gz") {
-            "tar.gz"
-        } else {
-            ext
-        };
+        let ext = if name.ends_with(".tar.gz") { "tar.gz" } else { ext };
         return Ok(vec![(Format::parse(ext)?, out.to_path_buf())]);
     }
     let mut formats = Vec::new();
@@ -86,29 +85,12 @@ pub fn write(format: Format, raw: &Path, dest: &Path) -> anyhow::Result<()> {
         }
         // compat=1.1 opens with qemu-img 7.2 and later; -c compresses clusters (zlib).
         Format::Qcow2 => cmd("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "qcow2",
-                "-c",
-                "-o",
-                "compat=1.1",
-            ])
+            .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compat=1.1"])
             .arg(raw)
             .arg(dest)
             .run(),
         Format::Vmdk => cmd("qemu-img")
-            .args([
-                "convert",
-                "-f",
-                "raw",
-                "-O",
-                "vmdk",
-                "-o",
-                "subformat=streamOptimized",
-            ])
+            .args(["convert", "-f", "raw", "-O", "vmdk", "-o", "subformat=streamOptimized"])
             .arg(raw)
             .arg(dest)
             .run(),

@@ -24,9 +24,9 @@ pub fn shared() -> &'static MariaDb {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("cannot run {cmd:?}: {e} (is mariadb-server installed? `just deps`)")
-    });
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e} (is mariadb-server installed? `just deps`)"));
     assert!(
         out.status.success(),
         "{cmd:?} failed: {}\n{}",
@@ -64,19 +64,12 @@ impl MariaDb {
 
     /// A URL for `database`, authenticated by `unix_socket` as the (root) test user: no password anywhere.
     pub fn url(&self, database: &str) -> String {
-        format!(
-            "mysql://root@localhost/{database}?socket={}",
-            self.socket().display()
-        )
+        format!("mysql://root@localhost/{database}?socket={}", self.socket().display())
     }
 
     /// Creates an empty database with a unique name and returns its URL.
     pub fn fresh_database(&self) -> String {
-        let name = format!(
-            "t{}_{}",
-            std::process::id(),
-            NEXT.fetch_add(1, Ordering::SeqCst)
-        );
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::SeqCst));
         self.sql(&format!("CREATE DATABASE {name} CHARACTER SET utf8mb4"));
         self.url(&name)
     }

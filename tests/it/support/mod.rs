@@ -29,11 +29,7 @@ pub fn free_port() -> u16 {
 }
 
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "foobar-{tag}-{}-{}",
-        std::process::id(),
-        free_port()
-    ));
+    let dir = std::env::temp_dir().join(format!("foobar-{tag}-{}-{}", std::process::id(), free_port()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -110,11 +106,7 @@ impl AgentProcess {
         Self::serve_with(database_url, extra, |_| {})
     }
 
-    pub fn serve_with(
-        database_url: &str,
-        extra: &[&str],
-        customize: impl FnOnce(&mut Command),
-    ) -> AgentProcess {
+    pub fn serve_with(database_url: &str, extra: &[&str], customize: impl FnOnce(&mut Command)) -> AgentProcess {
         let port = free_port();
         let log = temp_dir("agent-log").join("stderr.log");
         let mut cmd = Command::new(binary("foobar-agent"));

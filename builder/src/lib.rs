@@ -1,0 +1,15 @@
+//! imagebuild: turns this repository into a bootable disk image. `build::build_image` is the whole pipeline;
+//! the modules are its stages and the plan they share.
+
+pub mod boot;
+pub mod bootloader;
+pub mod build;
+pub mod config;
+pub mod context;
+pub mod disk;
+pub mod formats;
+pub mod manifest;
+pub mod overlay;
+pub mod process;
+pub mod render;
+pub mod rootfs;
