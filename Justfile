@@ -9,9 +9,23 @@ deps:
 # Run every test; the QEMU tier too when FOOBAR_E2E=1 (see `just e2e`)
 test: deps
     cargo build --workspace
+    cargo build --release --workspace
     cargo test --workspace --no-fail-fast
 
 # Load-test the agent against a real MariaDB on this machine: requests/s and p99, median of 3 runs
 bench-agent: deps
     cargo build --release -p foobar-agent
     scripts/bench-agent.sh
+
+# Build foobar.qcow2 from this repository
+image: deps
+    cargo build --release --workspace
+    target/release/imagebuild --out foobar.qcow2
+
+# Build the image, then boot it in QEMU (http://127.0.0.1:8080/, Host: www.foobar.com)
+boot: image
+    target/release/imagebuild boot foobar.qcow2 --port 8080
+
+# Every test including the QEMU tier (builds and boots the image; minutes)
+e2e:
+    FOOBAR_E2E=1 just test

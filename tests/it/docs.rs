@@ -10,7 +10,13 @@ fn readme() -> String {
 fn flags(help: &str) -> Vec<String> {
     help.split_whitespace()
         .filter(|w| w.starts_with("--") && w.len() > 2)
-        .map(|w| w.trim_end_matches([',', '.']).split('=').next().unwrap().to_string())
+        .map(|w| {
+            w.trim_end_matches([',', '.', ')'])
+                .split('=')
+                .next()
+                .unwrap()
+                .to_string()
+        })
         .filter(|f| f != "--help" && f != "--version")
         .collect()
 }
@@ -51,5 +57,64 @@ fn every_agent_config_key_is_in_the_readme() {
             readme.contains(&format!("`{key}`")),
             "README does not document agent config key `{key}`"
         );
+    }
+}
+
+#[test]
+fn every_imagebuild_flag_is_in_the_readme() {
+    let readme = readme();
+    for args in [&["--help"][..], &["boot", "--help"][..]] {
+        let out = std::process::Command::new(crate::support::binary("imagebuild"))
+            .args(args)
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&out.stdout);
+        let flags = flags(&help);
+        assert!(flags.len() >= 3, "no flags in `imagebuild {args:?}`");
+        for flag in flags {
+            assert!(
+                readme.contains(&format!("`{flag}")),
+                "README does not document imagebuild flag `{flag}`"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_image_config_key_is_in_the_readme() {
+    let readme = readme();
+    let dir = crate::support::temp_dir("imgkeys");
+    let file = dir.join("c.toml");
+    // imagebuild's error for an unknown key lists the keys accepted at that level.
+    let keys_at = |prefix: &str| -> Vec<String> {
+        let text = if prefix.is_empty() {
+            "bogus = 1\n".to_string()
+        } else {
+            format!("[{prefix}]\nbogus = 1\n")
+        };
+        std::fs::write(&file, text).unwrap();
+        let out = std::process::Command::new(crate::support::binary("imagebuild"))
+            .args(["--out", "/tmp/never.qcow2", "--config", file.to_str().unwrap()])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        // serde says "expected one of `a`, `b`", "expected `a` or `b`" or "expected `a`".
+        let list = stderr
+            .split("unknown field `bogus`, expected")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no key list: {stderr}"))
+            .to_string();
+        list.split('`').skip(1).step_by(2).map(String::from).collect()
+    };
+    let sections = keys_at("");
+    assert!(sections.len() >= 4, "{sections:?}");
+    for section in sections {
+        for key in keys_at(&section) {
+            let full = format!("{section}.{key}");
+            assert!(
+                readme.contains(&format!("`{full}`")),
+                "README does not document image config key `{full}`"
+            );
+        }
     }
 }

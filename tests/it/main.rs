@@ -1,8 +1,12 @@
+#![allow(clippy::disallowed_methods)] // tests run real programs directly
+
 //! The one integration test binary: black-box tests of the agent, the builder and the image.
 //!
 //! Fast tiers always run. The QEMU tier runs only when `FOOBAR_E2E=1` (CI sets it); see `e2e.rs`.
 
 mod agent_http;
 mod agent_process;
+mod builder;
 mod docs;
+mod e2e;
 mod support;

@@ -4,7 +4,7 @@
 //! reason (pass, panic, abort), the pipe closes and the shell stops the server and removes the datadir.
 
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
@@ -141,10 +141,6 @@ kill "$pid"; wait "$pid"
 
     pub fn error_log(&self) -> String {
         std::fs::read_to_string(self.dir.join("error.log")).unwrap_or_default()
-    }
-
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

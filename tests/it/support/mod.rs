@@ -6,6 +6,26 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// A release binary of this workspace (`just test` builds them): what goes into images.
+pub fn release_binary(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let path = exe
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --release --workspace` first (`just test` does)",
+        path.display()
+    );
+    path
+}
+
 /// A binary of this workspace, built by `cargo build` before the tests run (`just test` does that).
 pub fn binary(name: &str) -> PathBuf {
     // The test binary lives in target/<profile>/deps/; the workspace binaries one level up.
@@ -73,6 +93,37 @@ pub fn get(url: &str) -> Result<Reply, String> {
 
 pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Reply, String> {
     reply(agent().post(url).send_json(body.clone()))
+}
+
+/// A GET with the `Host` header a browser would send for `host`; also returns the response headers.
+pub fn get_host(url: &str, host: &str) -> Result<(Reply, Vec<(String, String)>), String> {
+    let response = match agent().get(url).set("Host", host).call() {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let headers = response
+        .headers_names()
+        .into_iter()
+        .flat_map(|name| {
+            response
+                .all(&name)
+                .into_iter()
+                .map(move |v| (name.clone(), v.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Ok((
+        Reply {
+            status: response.status(),
+            content_type: response.content_type().to_string(),
+            body: response.into_string().unwrap_or_default(),
+        },
+        headers,
+    ))
+}
+
+pub fn post_json_host(url: &str, host: &str, body: &serde_json::Value) -> Result<Reply, String> {
+    reply(agent().post(url).set("Host", host).send_json(body.clone()))
 }
 
 /// Polls `url` until it answers `status`, or panics after `limit`.

@@ -1,0 +1,186 @@
+//! The builder's fast tier: rendered files (snapshots and the real `nginx -t`), and the errors a user sees for bad
+//! input, each checked through the real `imagebuild` binary where a user would meet it.
+
+use std::process::Command;
+
+use expect_test::expect_file;
+use foobar_builder::render::{self, ProxyVars, SiteVars};
+
+use crate::support::{self, binary};
+
+fn imagebuild(args: &[&str]) -> (i32, String) {
+    let out = Command::new(binary("imagebuild")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn nginx_site_snapshot() {
+    let site = render::site(&SiteVars::for_site("foobar.com", "www.foobar.com")).unwrap();
+    expect_file!["snapshots/nginx-site.conf"].assert_eq(&site);
+    let proxy = render::proxy(&ProxyVars { connect_timeout: 5 }).unwrap();
+    expect_file!["snapshots/nginx-proxy.conf"].assert_eq(&proxy);
+}
+
+#[test]
+fn grub_menu_snapshot() {
+    let cfg = foobar_builder::overlay::grub_cfg("0f1e2d3c-4b5a-4968-8776-655443322110", "6.1.0-99-cloud-amd64");
+    expect_file!["snapshots/grub.cfg"].assert_eq(&cfg);
+}
+
+#[test]
+fn rendered_nginx_configuration_passes_nginx_t() {
+    let dir = support::temp_dir("nginx");
+    let mut vars = SiteVars::for_site("example.org", "www.example.org");
+    vars.proxy_conf = dir.join("foobar-proxy.conf").display().to_string();
+    std::fs::write(dir.join("site.conf"), render::site(&vars).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("foobar-proxy.conf"),
+        render::proxy(&ProxyVars { connect_timeout: 5 }).unwrap(),
+    )
+    .unwrap();
+    let d = dir.display();
+    std::fs::write(
+        dir.join("nginx.conf"),
+        format!(
+            "pid {d}/nginx.pid;\nerror_log {d}/error.log;\nevents {{}}\nhttp {{\n  access_log off;\n  \
+             client_body_temp_path {d}/body;\n  proxy_temp_path {d}/proxy;\n  include {d}/site.conf;\n}}\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new("nginx")
+        .args(["-t", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .output()
+        .expect("nginx is installed (`just deps`)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "nginx -t failed:\n{stderr}");
+    assert!(stderr.contains("test is successful"), "{stderr}");
+
+    // And a broken one fails, so this check can fail.
+    std::fs::write(dir.join("site.conf"), "server { listen 80; bogus_directive on; }\n").unwrap();
+    let out = Command::new("nginx")
+        .args(["-t", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
+fn a_bad_config_names_the_file_the_key_and_what_was_expected() {
+    let dir = support::temp_dir("imgcfg");
+    let out = dir.join("never.qcow2");
+    let out_text = out.to_str().unwrap();
+    let cases = [
+        ("[site]\ndomian = \"x.com\"\n", "domian", "domain"),
+        ("[site]\ndomain = \"not a name!\"\n", "site.domain", "DNS name"),
+        ("[disk]\nsize-mib = 10\n", "disk.size-mib", "at least 1024"),
+        (
+            "[debian]\npackages = [\"Bad Name\"]\n",
+            "debian.packages",
+            "package names",
+        ),
+        ("[disk]\nsize-mib = \"big\"\n", "size-mib", "expected u64"),
+        (
+            "[access]\nssh-authorized-keys = [\"hello\"]\n",
+            "access.ssh-authorized-keys",
+            "OpenSSH public keys",
+        ),
+    ];
+    for (text, key, expected) in cases {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, text).unwrap();
+        let (code, stderr) = imagebuild(&["--out", out_text, "--config", file.to_str().unwrap()]);
+        assert_eq!(code, 1, "{text}: {stderr}");
+        assert!(
+            stderr.contains(file.to_str().unwrap()),
+            "{text}: file not named: {stderr}"
+        );
+        assert!(stderr.contains(key), "{text}: key `{key}` not named: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "{text}: expectation `{expected}` missing: {stderr}"
+        );
+    }
+    let (code, stderr) = imagebuild(&[
+        "--out",
+        out_text,
+        "--config",
+        dir.join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("cannot read config file") && stderr.contains("missing.toml"),
+        "{stderr}"
+    );
+    assert!(!out.exists(), "a failed build leaves no output");
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left,
+        ["bad.toml"],
+        "nothing but the test's own file in the output directory"
+    );
+}
+
+#[test]
+fn unusable_flags_are_refused_before_any_work() {
+    let dir = support::temp_dir("imgflags");
+    let out = |name: &str| dir.join(name).display().to_string();
+    let (code, stderr) = imagebuild(&["--out", &out("disk.iso")]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("unknown format `iso`"), "{stderr}");
+    let (code, stderr) = imagebuild(&["--out", &out("noext")]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("no extension"), "{stderr}");
+    let private = dir.join("id_ed25519");
+    std::fs::write(
+        &private,
+        "-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n-----END OPENSSH PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let (code, stderr) = imagebuild(&["--out", &out("x.qcow2"), "--ssh-key", private.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("expected an OpenSSH public key"), "{stderr}");
+    let (code, stderr) = imagebuild(&["--out", &out("x.qcow2"), "--agent-bin", &out("nope")]);
+    assert_eq!(code, 1);
+    assert!(
+        stderr.contains("agent binary") && stderr.contains("cargo build --release"),
+        "{stderr}"
+    );
+    let (code, stderr) = imagebuild(&["--out", "/nonexistent-dir/x.qcow2"]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("does not exist"), "{stderr}");
+}
+
+#[test]
+fn missing_host_tools_are_listed_with_their_packages() {
+    let empty = support::temp_dir("emptypath");
+    let out = Command::new(binary("imagebuild"))
+        .args(["--out", "/tmp/x.qcow2"])
+        .env("PATH", &empty)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr.contains("missing host tools"), "{stderr}");
+    for (tool, package) in [
+        ("mmdebstrap", "mmdebstrap"),
+        ("qemu-img", "qemu-utils"),
+        ("mcopy", "mtools"),
+    ] {
+        assert!(
+            stderr.contains(tool) && stderr.contains(package),
+            "{tool}/{package} not listed: {stderr}"
+        );
+    }
+}
