@@ -11,6 +11,7 @@ packages=(
   e2fsprogs dosfstools mtools
   grub-pc-bin grub-efi-amd64-bin
   qemu-system-x86 qemu-utils ovmf
+  fdisk                   # sfdisk, the independent GPT reader of the QEMU tier
 )
 
 missing=()
