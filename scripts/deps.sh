@@ -12,6 +12,7 @@ packages=(
   grub-pc-bin grub-efi-amd64-bin
   qemu-system-x86 qemu-utils ovmf
   fdisk                   # sfdisk, the independent GPT reader of the QEMU tier
+  openssh-client openssl  # SSH into guests and read their TLS certificates
 )
 
 missing=()

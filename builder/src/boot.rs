@@ -19,6 +19,20 @@ pub struct BootPlan {
     pub serial: Option<PathBuf>,
     /// A unix socket for QEMU's human monitor (`system_powerdown`, `quit`).
     pub monitor: Option<PathBuf>,
+    /// Extra (host port, guest port) forwards.
+    pub forwards: Vec<(u16, u16)>,
+}
+
+/// Parses `HOST:GUEST`, as in `--forward 13306:3306`.
+pub fn parse_forward(text: &str) -> Result<(u16, u16), String> {
+    let (h, g) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}`: expected HOST_PORT:GUEST_PORT"))?;
+    let port = |p: &str| {
+        p.parse::<u16>()
+            .map_err(|_| format!("`{text}`: `{p}` is not a port number"))
+    };
+    Ok((port(h)?, port(g)?))
 }
 
 /// KVM only when it actually runs stock kernels: /dev/kvm opens, a hardware KVM module is loaded, and the host is
@@ -67,13 +81,26 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     if !plan.write {
         drive.push_str(",snapshot=on");
     }
+    let mut nic = format!(
+        "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{https}-:443,hostfwd=tcp:127.0.0.1:{ssh}-:22"
+    );
+    for (host, guest) in &plan.forwards {
+        nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
     let mut c = cmd("qemu-system-x86_64")
-        .args(["-accel", accel, "-m", &plan.memory_mib.to_string(), "-smp", "2", "-display", "none"])
+        .args([
+            "-accel",
+            accel,
+            "-m",
+            &plan.memory_mib.to_string(),
+            "-smp",
+            "2",
+            "-display",
+            "none",
+        ])
         .args(["-drive", &drive])
         .arg("-nic")
-        .arg(format!(
-            "user,model=virtio-net-pci,hostfwd=tcp:127.0.0.1:{http}-:80,hostfwd=tcp:127.0.0.1:{https}-:443,hostfwd=tcp:127.0.0.1:{ssh}-:22"
-        ))
+        .arg(nic)
         .args(["-device", "virtio-rng-pci"]);
     if accel != "kvm" {
         c = c.args(["-cpu", "max"]);
@@ -99,5 +126,5 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     println!("  http:  http://127.0.0.1:{http}/  (send Host: www.foobar.com)");
     println!("  https: https://127.0.0.1:{https}/");
     println!("  ssh:   ssh -p {ssh} admin@127.0.0.1");
-    c.run_foreground()
+    Err(c.exec())
 }

@@ -45,6 +45,10 @@ pub struct Site {
     pub domain: String,
     /// The name the site is served under.
     pub canonical: String,
+    /// A real certificate (PEM, full chain) on the instance; empty: a self-signed one is made at first boot.
+    pub tls_certificate: String,
+    /// The private key for `tls-certificate`, on the instance (never in the image).
+    pub tls_key: String,
 }
 
 impl Default for Site {
@@ -52,6 +56,8 @@ impl Default for Site {
         Site {
             domain: "foobar.com".into(),
             canonical: "www.foobar.com".into(),
+            tls_certificate: String::new(),
+            tls_key: String::new(),
         }
     }
 }
@@ -121,6 +127,17 @@ impl ImageConfig {
                 "key `site.canonical`: expected a DNS name like www.foobar.com, got `{}`",
                 self.site.canonical
             );
+        }
+        if self.site.tls_certificate.is_empty() != self.site.tls_key.is_empty() {
+            bail!("keys `site.tls-certificate` and `site.tls-key`: expected both (a real certificate) or neither (self-signed)");
+        }
+        for (key, path) in [
+            ("site.tls-certificate", &self.site.tls_certificate),
+            ("site.tls-key", &self.site.tls_key),
+        ] {
+            if !path.is_empty() && !path.starts_with('/') {
+                bail!("key `{key}`: expected an absolute path on the instance, got `{path}`");
+            }
         }
         if self.debian.suite.is_empty() || !self.debian.suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!(

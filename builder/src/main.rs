@@ -77,6 +77,9 @@ enum Command {
         /// Open QEMU's monitor on a unix socket (for `system_powerdown`)
         #[arg(long, value_name = "SOCKET")]
         monitor: Option<PathBuf>,
+        /// Also forward host port HOST to guest port GUEST; repeatable
+        #[arg(long, value_name = "HOST:GUEST", value_parser = boot::parse_forward)]
+        forward: Vec<(u16, u16)>,
     },
 }
 
@@ -162,6 +165,7 @@ fn main() -> ExitCode {
             memory,
             serial,
             monitor,
+            forward,
         }) => require(
             &[Tool {
                 program: "qemu-system-x86_64",
@@ -178,6 +182,7 @@ fn main() -> ExitCode {
                 memory_mib: memory,
                 serial,
                 monitor,
+                forwards: forward,
             })
         }),
         None => build(cli.build),

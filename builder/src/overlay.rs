@@ -152,8 +152,27 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         0o644,
     )?;
 
-    // nginx: our site only.
-    let site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
+    // nginx: our site only, on 80 and 443.
+    let mut site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
+    let self_signed = ctx.config.site.tls_certificate.is_empty();
+    if !self_signed {
+        site.tls_certificate = ctx.config.site.tls_certificate.clone();
+        site.tls_key = ctx.config.site.tls_key.clone();
+    }
+    write(
+        root,
+        "etc/foobar/site.env",
+        format!(
+            "# What first boot needs to know about the site (written by imagebuild).\nDOMAIN={}\nCANONICAL={}\n\
+             TLS_CERTIFICATE={}\nTLS_KEY={}\nTLS_SELF_SIGNED={}\n",
+            ctx.config.site.domain,
+            ctx.config.site.canonical,
+            site.tls_certificate,
+            site.tls_key,
+            if self_signed { "yes" } else { "no" }
+        ),
+        0o644,
+    )?;
     write(root, "etc/nginx/sites-available/foobar", render::site(&site)?, 0o644)?;
     write(
         root,
@@ -175,6 +194,26 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         root,
         "var/www/foobar/static/site.css",
         include_str!("../../image/site/static/site.css"),
+        0o644,
+    )?;
+
+    // Only 22, 80 and 443 answer from outside.
+    write(
+        root,
+        "etc/nftables.conf",
+        include_str!("../../image/files/nftables.conf"),
+        0o755,
+    )?;
+    enable(
+        root,
+        "nftables.service",
+        "/lib/systemd/system/nftables.service",
+        "sysinit.target",
+    )?;
+    write(
+        root,
+        "usr/lib/tmpfiles.d/foobar.conf",
+        include_str!("../../image/files/tmpfiles.conf"),
         0o644,
     )?;
 

@@ -94,17 +94,12 @@ impl Cmd {
         Ok(stdout)
     }
 
-    /// Runs with this terminal's stdout and stderr (for QEMU's console); fails on a non-zero exit.
-    pub fn run_foreground(mut self) -> anyhow::Result<()> {
-        tracing::debug!(command = %self.line, "running");
-        let status = self
-            .inner
-            .status()
-            .with_context(|| format!("cannot start `{}`", self.line))?;
-        if !status.success() {
-            bail!("command failed ({status}): {}", self.line);
-        }
-        Ok(())
+    /// Replaces this process with the command (for QEMU: signals and exit status are then QEMU's own).
+    pub fn exec(mut self) -> anyhow::Error {
+        use std::os::unix::process::CommandExt as _;
+        tracing::debug!(command = %self.line, "exec");
+        let err = self.inner.exec();
+        anyhow::Error::new(err).context(format!("cannot start `{}`", self.line))
     }
 
     pub fn run(self) -> anyhow::Result<()> {

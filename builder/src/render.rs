@@ -6,6 +6,10 @@ use serde::Serialize;
 const SITE: &str = include_str!("../../nginx/site.conf.tera");
 const PROXY: &str = include_str!("../../nginx/proxy.conf.tera");
 
+/// Where first boot puts the self-signed certificate when the config names no real one.
+pub const DEFAULT_TLS_CERTIFICATE: &str = "/etc/foobar/tls/cert.pem";
+pub const DEFAULT_TLS_KEY: &str = "/etc/foobar/tls/key.pem";
+
 /// Paths and settings the nginx site needs.
 #[derive(Debug, Serialize)]
 pub struct SiteVars {
@@ -19,6 +23,16 @@ pub struct SiteVars {
     pub agent_prefixes: Vec<String>,
     /// Where the proxy snippet (`proxy`) is installed.
     pub proxy_conf: String,
+    pub tls_certificate: String,
+    pub tls_key: String,
+    /// Sustained POSTs per second per client address, and the burst allowed above it; beyond: 429.
+    pub write_rate: u32,
+    pub write_burst: u32,
+    /// Largest request body (nginx size syntax); beyond: 413.
+    pub body_limit: String,
+    /// `Name "value"` pairs added to every answer of the canonical site.
+    pub security_headers: Vec<String>,
+    pub posts_csp: String,
 }
 
 #[derive(Debug, Serialize)]
@@ -33,9 +47,20 @@ impl SiteVars {
             canonical: canonical.to_string(),
             web_root: "/var/www/foobar".to_string(),
             agent_socket: "/run/foobar/agent.sock".to_string(),
-            agent_exact: ["/livez", "/readyz", "/healthz", "/posts"].map(String::from).to_vec(),
+            agent_exact: ["/livez", "/readyz", "/healthz"].map(String::from).to_vec(),
             agent_prefixes: vec!["/api/".to_string()],
             proxy_conf: "/etc/nginx/foobar-proxy.conf".to_string(),
+            tls_certificate: DEFAULT_TLS_CERTIFICATE.to_string(),
+            tls_key: DEFAULT_TLS_KEY.to_string(),
+            write_rate: 5,
+            write_burst: 20,
+            body_limit: "64k".to_string(),
+            security_headers: vec![
+                "X-Content-Type-Options \"nosniff\"".to_string(),
+                "Referrer-Policy \"strict-origin-when-cross-origin\"".to_string(),
+                "X-Frame-Options \"DENY\"".to_string(),
+            ],
+            posts_csp: "default-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'".to_string(),
         }
     }
 }

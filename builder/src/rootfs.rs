@@ -18,7 +18,10 @@ pub const BASE_PACKAGES: &[&str] = &[
     "openssh-server",
     "sudo",
     "e2fsprogs",
+    "fdisk",
     "iproute2",
+    "nftables",
+    "openssl",
 ];
 
 /// Paths dpkg never unpacks: documentation, manual pages and translations the server does not need.

@@ -33,6 +33,10 @@ struct Guest {
 
 impl Guest {
     fn boot(image: &Path, uefi: bool, write: bool) -> Guest {
+        Self::boot_with(image, uefi, write, &[])
+    }
+
+    fn boot_with(image: &Path, uefi: bool, write: bool, forwards: &[(u16, u16)]) -> Guest {
         let dir = support::temp_dir("guest");
         let port = support::free_port();
         let serial = dir.join("serial.log");
@@ -49,6 +53,9 @@ impl Guest {
         }
         if write {
             cmd.arg("--write");
+        }
+        for (host, guest) in forwards {
+            cmd.args(["--forward", &format!("{host}:{guest}")]);
         }
         let child = cmd.stdout(Stdio::null()).spawn().expect("imagebuild boot starts");
         Guest {
@@ -171,28 +178,91 @@ fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     (value, start.elapsed().as_secs_f64())
 }
 
+/// The image every QEMU test boots, built once per test run, with an SSH key for the admin user.
+struct Built {
+    image: PathBuf,
+    raw: PathBuf,
+    key: PathBuf,
+    build_secs: f64,
+}
+
+/// One QEMU test at a time: two cores do not run several guests under TCG well.
+static QEMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn built() -> &'static Built {
+    static BUILT: std::sync::OnceLock<Built> = std::sync::OnceLock::new();
+    BUILT.get_or_init(|| {
+        let dir = support::temp_dir("e2e");
+        let key = dir.join("id_ed25519");
+        let keygen = Command::new("ssh-keygen")
+            .args(["-q", "-t", "ed25519", "-N", "", "-C", "e2e", "-f"])
+            .arg(&key)
+            .status();
+        assert!(keygen.unwrap().success(), "ssh-keygen (openssh-client) runs");
+        let image = dir.join("foobar.qcow2");
+        let (out, build_secs) = timed(|| {
+            Command::new(binary("imagebuild"))
+                .args(["--out"])
+                .arg(&image)
+                .args(["--format", "qcow2", "--format", "raw", "--agent-bin"])
+                .arg(release_binary("foobar-agent"))
+                .arg("--ssh-key")
+                .arg(key.with_extension("pub"))
+                .output()
+                .unwrap()
+        });
+        assert!(
+            out.status.success(),
+            "imagebuild failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Built {
+            raw: dir.join("foobar.raw"),
+            image,
+            key,
+            build_secs,
+        }
+    })
+}
+
+/// Runs a command in the guest over SSH as `user` with the test key: (exit code, stdout, stderr).
+fn ssh(guest: &Guest, key: &Path, user: &str, extra: &[&str], command: &str) -> (i32, String, String) {
+    let out = Command::new("ssh")
+        .args(["-p", &(guest.port + 2).to_string(), "-i"])
+        .arg(key)
+        .args([
+            "-o",
+            "StrictHostKeyChecking=no",
+            "-o",
+            "UserKnownHostsFile=/dev/null",
+            "-o",
+            "BatchMode=yes",
+        ])
+        .args(["-o", "ConnectTimeout=20", "-o", "LogLevel=ERROR"])
+        .args(extra)
+        .arg(format!("{user}@127.0.0.1"))
+        .arg(command)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).trim().to_string(),
+        String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    )
+}
+
 #[test]
 fn the_image_boots_under_bios_and_uefi_serves_the_site_and_keeps_data_across_power_off() {
     if !enabled() {
         return;
     }
-    let dir = support::temp_dir("e2e");
-    let image = dir.join("foobar.qcow2");
-    let raw = dir.join("foobar.raw");
-    let (out, build_secs) = timed(|| {
-        Command::new(binary("imagebuild"))
-            .args(["--out"])
-            .arg(&image)
-            .args(["--format", "qcow2", "--format", "raw", "--agent-bin"])
-            .arg(release_binary("foobar-agent"))
-            .output()
-            .unwrap()
-    });
-    assert!(
-        out.status.success(),
-        "imagebuild failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let Built {
+        image, raw, build_secs, ..
+    } = built();
+    let (image, raw, build_secs) = (image.clone(), raw.clone(), *build_secs);
+    let dir = support::temp_dir("e2e-disk");
 
     // The outputs, checked by independent readers.
     let check = Command::new("qemu-img")
@@ -307,4 +377,272 @@ fn the_image_boots_under_bios_and_uefi_serves_the_site_and_keeps_data_across_pow
          OVMF {uefi_ready:.1} s, second boot {second_ready:.1} s, power-off {:.1} s",
         powerdown.as_secs_f64()
     );
+}
+
+/// The SHA-256 fingerprint of the certificate served on the guest's HTTPS port, and its subject alternative names.
+fn tls_certificate(guest: &Guest) -> (String, String) {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{} -servername {SITE} </dev/null 2>/dev/null \
+         | openssl x509 -noout -fingerprint -sha256 -ext subjectAltName",
+        guest.port + 1
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let fingerprint = text
+        .lines()
+        .find(|l| l.contains("Fingerprint"))
+        .unwrap_or_else(|| panic!("no certificate: {text}"));
+    (fingerprint.split('=').nth(1).unwrap().to_string(), text)
+}
+
+fn ssh_host_key(guest: &Guest) -> String {
+    let out = Command::new("ssh-keyscan")
+        .args(["-p", &(guest.port + 2).to_string(), "-t", "ed25519", "127.0.0.1"])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_else(|| panic!("no host key from ssh-keyscan: {text}"))
+        .to_string()
+}
+
+/// True when `needle` occurs anywhere in the file (read in chunks; the raw image is sparse and large).
+fn file_contains(path: &Path, needle: &[u8]) -> bool {
+    let out = Command::new("grep")
+        .args(["-c", "-a", "-F"])
+        .arg(String::from_utf8_lossy(needle).as_ref())
+        .arg(path)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim() != "0"
+}
+
+/// A forwarded port that nothing may answer on: after connecting and sending a request, no byte comes back.
+fn assert_silent(port: u16, what: &str) {
+    use std::io::Read as _;
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return;
+    };
+    stream.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    let _ = stream.write_all(b"GET / HTTP/1.0\r\n\r\n");
+    let mut buf = [0u8; 64];
+    match stream.read(&mut buf) {
+        Ok(n) if n > 0 => panic!("guest port {what} answered: {:?}", String::from_utf8_lossy(&buf[..n])),
+        _ => {}
+    }
+}
+
+#[test]
+fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
+    if !enabled() {
+        return;
+    }
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built();
+    // Guest ports that must stay closed, forwarded from free host ports (first guest only).
+    let closed: Vec<(u16, u16)> = std::iter::once(3306)
+        .chain(8000..=8100)
+        .map(|guest| (support::free_port(), guest))
+        .collect();
+    let mut a = Guest::boot_with(&built.image, false, false, &closed);
+    let mut b = Guest::boot(&built.image, false, false);
+    let a_ready = a.wait_ready();
+    let b_ready = b.wait_ready();
+
+    // Identity: machine id, SSH host key and TLS certificate differ between instances and are not in the image.
+    let machine_a = ssh(&a, &built.key, "admin", &[], "cat /etc/machine-id");
+    let machine_b = ssh(&b, &built.key, "admin", &[], "cat /etc/machine-id");
+    assert_eq!(machine_a.0, 0, "ssh with the configured key works: {}", machine_a.2);
+    assert_eq!(machine_a.1.len(), 32, "{machine_a:?}");
+    assert_ne!(machine_a.1, machine_b.1, "machine ids differ");
+    let (host_a, host_b) = (ssh_host_key(&a), ssh_host_key(&b));
+    assert_ne!(host_a, host_b, "SSH host keys differ");
+    let ((tls_a, sans), (tls_b, _)) = (tls_certificate(&a), tls_certificate(&b));
+    assert_ne!(tls_a, tls_b, "TLS certificates differ");
+    assert!(
+        sans.contains("DNS:www.foobar.com") && sans.contains("DNS:foobar.com"),
+        "{sans}"
+    );
+    for (what, needle) in [("machine id", machine_a.1.as_str()), ("SSH host key", host_a.as_str())] {
+        assert!(
+            !file_contains(&built.raw, needle.as_bytes()),
+            "the image contains an instance's {what}"
+        );
+    }
+
+    // SSH: key login with sudo; no password, no root.
+    let (code, _, stderr) = ssh(&a, &built.key, "admin", &[], "sudo -n true");
+    assert_eq!(code, 0, "sudo -n true: {stderr}");
+    let (code, _, stderr) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[
+            "-o",
+            "PubkeyAuthentication=no",
+            "-o",
+            "PreferredAuthentications=password,keyboard-interactive",
+        ],
+        "true",
+    );
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("Permission denied (publickey)"),
+        "only public keys are offered: {stderr}"
+    );
+    let (code, _, stderr) = ssh(&a, &built.key, "root", &[], "true");
+    assert_ne!(code, 0, "root login refused");
+    assert!(stderr.contains("Permission denied"), "{stderr}");
+
+    // Network surface: 80, 443 and 22 answer; MariaDB and 8000-8100 do not.
+    assert_eq!(get_host(&a.url("/"), SITE).unwrap().0.status, 200);
+    for (host, guest) in &closed {
+        assert_silent(*host, &guest.to_string());
+    }
+    let (code, listening, _) = ssh(&a, &built.key, "admin", &[], "sudo ss -Htln");
+    assert_eq!(code, 0);
+    assert!(!listening.contains(":3306"), "MariaDB listens on TCP: {listening}");
+
+    // The agent's sandbox, as systemd rates it.
+    let (_, security, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "sudo systemd-analyze security foobar-agent.service --no-pager | tail -1",
+    );
+
+    // Killing the agent: systemd restarts it; requests meanwhile wait in the socket's queue instead of failing.
+    let (code, _, stderr) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "sudo systemctl kill --signal=KILL foobar-agent.service",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let killed = Instant::now();
+    let mut failures = Vec::new();
+    let restart = loop {
+        match get_host(&a.url("/api/posts"), SITE) {
+            Ok((r, _)) if r.status == 200 => {}
+            Ok((r, _)) => failures.push(format!("{} {}", r.status, r.body)),
+            Err(e) => failures.push(e),
+        }
+        if let Ok((r, _)) = get_host(&a.url("/readyz"), SITE) {
+            if r.status == 200 && killed.elapsed() > Duration::from_millis(1500) {
+                break killed.elapsed();
+            }
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(30),
+            "agent not back: {}",
+            a.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(restart < Duration::from_secs(5), "ready again after {restart:?}");
+    assert!(
+        failures.is_empty(),
+        "requests failed while the agent restarted: {failures:?}"
+    );
+    let (_, restarts, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "systemctl show -p NRestarts --value foobar-agent.service",
+    );
+    assert_eq!(restarts, "1", "systemd restarted the agent once");
+
+    // Limits: a burst of writes gets 429s and nothing else breaks; a 2 MiB body gets 413.
+    let mut statuses = std::collections::BTreeMap::new();
+    for i in 0..60 {
+        let r = post_json_host(
+            &a.url("/api/posts"),
+            SITE,
+            &json!({"author": "burst", "body": format!("burst {i}")}),
+        )
+        .unwrap();
+        *statuses.entry(r.status).or_insert(0) += 1;
+    }
+    assert!(statuses.get(&429).is_some_and(|n| *n > 0), "{statuses:?}");
+    assert!(statuses.get(&201).is_some_and(|n| *n > 0), "{statuses:?}");
+    assert!(statuses.keys().all(|s| *s == 201 || *s == 429), "{statuses:?}");
+    assert_eq!(get_host(&a.url("/"), SITE).unwrap().0.status, 200);
+    let big = "x".repeat(2 * 1024 * 1024);
+    let r = post_json_host(&a.url("/api/posts"), SITE, &json!({"author": "big", "body": big})).unwrap();
+    assert_eq!(r.status, 413);
+    let (posts, headers) = get_host(&a.url("/posts"), SITE).unwrap();
+    assert_eq!(posts.status, 200);
+    assert!(
+        header(&headers, "content-security-policy").is_some_and(|v| v.contains("default-src 'self'")),
+        "{headers:?}"
+    );
+    assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
+
+    println!(
+        "e2e identity figures: two guests ready in {a_ready:.1} s and {b_ready:.1} s (booted together), agent back \
+         {:.1} s after SIGKILL, systemd-analyze security: {security}",
+        restart.as_secs_f64()
+    );
+}
+
+#[test]
+fn a_first_boot_cut_off_completes_on_the_next_boot_and_the_root_grows_to_the_disk() {
+    if !enabled() {
+        return;
+    }
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built();
+    let dir = support::temp_dir("e2e-grow");
+    let disk = dir.join("disk.qcow2");
+    std::fs::copy(&built.image, &disk).unwrap();
+    let resize = Command::new("qemu-img")
+        .args(["resize", "-f", "qcow2"])
+        .arg(&disk)
+        .arg("4G")
+        .output()
+        .unwrap();
+    assert!(resize.status.success(), "{}", String::from_utf8_lossy(&resize.stderr));
+
+    // Power is cut (QEMU killed) in the middle of first boot, after the disk grew but before the marker.
+    let mut first = Guest::boot(&disk, false, true);
+    let start = Instant::now();
+    loop {
+        let console = std::fs::read_to_string(&first.serial).unwrap_or_default();
+        if console.contains("foobar-firstboot: SSH host keys") {
+            break;
+        }
+        assert!(
+            start.elapsed() < READY_LIMIT,
+            "first boot never reached its SSH step:\n{}",
+            first.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    drop(first);
+
+    let mut second = Guest::boot(&disk, false, true);
+    let ready = second.wait_ready();
+    check_site(&second);
+    let (code, size, stderr) = ssh(&second, &built.key, "admin", &[], "df -B1 --output=size / | tail -1");
+    assert_eq!(code, 0, "{stderr}");
+    let size: u64 = size.trim().parse().unwrap();
+    assert!(
+        size > 3_500_000_000,
+        "root file system fills the 4 GiB disk: {size} bytes"
+    );
+    let (_, marker, _) = ssh(
+        &second,
+        &built.key,
+        "admin",
+        &[],
+        "test -e /var/lib/foobar/first-boot.done && echo done",
+    );
+    assert_eq!(marker, "done");
+    println!("e2e first-boot figures: ready {ready:.1} s after an interrupted first boot; root {size} bytes");
 }
