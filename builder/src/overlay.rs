@@ -20,6 +20,8 @@ pub const INSTANCE_FILES: &[&str] = &[
     "var/lib/dbus/machine-id",
     "var/lib/systemd/random-seed",
     "var/lib/foobar/first-boot.done",
+    "etc/foobar/tls/key.pem",
+    "etc/foobar/tls/cert.pem",
 ];
 
 fn write(root: &Path, path: &str, contents: impl AsRef<[u8]>, mode: u32) -> anyhow::Result<()> {

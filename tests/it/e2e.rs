@@ -500,6 +500,19 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
     for (host, guest) in &closed {
         assert_silent(*host, &guest.to_string());
     }
+    let (_, failed, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "systemctl list-units --failed --plain --no-legend",
+    );
+    assert_eq!(failed, "", "failed units in the guest");
+    let (_, rules, _) = ssh(&a, &built.key, "admin", &[], "sudo nft list chain inet foobar input");
+    assert!(
+        rules.contains("policy drop") && rules.contains("tcp dport { 22, 80, 443 } accept"),
+        "{rules}"
+    );
     let (code, listening, _) = ssh(&a, &built.key, "admin", &[], "sudo ss -Htln");
     assert_eq!(code, 0);
     assert!(!listening.contains(":3306"), "MariaDB listens on TCP: {listening}");
