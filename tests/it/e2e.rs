@@ -172,6 +172,11 @@ fn check_site(guest: &Guest) {
     assert_eq!(metrics.status, 404, "/metrics is not served to outside clients");
 }
 
+/// Figures go straight to stderr, past the test harness's capture, so CI logs show them.
+fn report(line: String) {
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
 fn timed<T>(f: impl FnOnce() -> T) -> (T, f64) {
     let start = Instant::now();
     let value = f();
@@ -372,11 +377,11 @@ fn the_image_boots_under_bios_and_uefi_serves_the_site_and_keeps_data_across_pow
     assert_eq!(created.status, 201);
     drop(uefi);
 
-    println!(
+    report(format!(
         "e2e figures: build {build_secs:.0} s, qcow2 {size_mb:.0} MB, boot-to-ready (TCG) SeaBIOS {bios_ready:.1} s, \
          OVMF {uefi_ready:.1} s, second boot {second_ready:.1} s, power-off {:.1} s",
         powerdown.as_secs_f64()
-    );
+    ));
 }
 
 /// The SHA-256 fingerprint of the certificate served on the guest's HTTPS port, and its subject alternative names.
@@ -595,11 +600,11 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
     );
     assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"));
 
-    println!(
+    report(format!(
         "e2e identity figures: two guests ready in {a_ready:.1} s and {b_ready:.1} s (booted together), agent back \
          {:.1} s after SIGKILL, systemd-analyze security: {security}",
         restart.as_secs_f64()
-    );
+    ));
 }
 
 #[test]
@@ -657,5 +662,5 @@ fn a_first_boot_cut_off_completes_on_the_next_boot_and_the_root_grows_to_the_dis
         "test -e /var/lib/foobar/first-boot.done && echo done",
     );
     assert_eq!(marker, "done");
-    println!("e2e first-boot figures: ready {ready:.1} s after an interrupted first boot; root {size} bytes");
+    report(format!("e2e first-boot figures: ready {ready:.1} s after an interrupted first boot; root {size} bytes"));
 }
