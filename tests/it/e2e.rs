@@ -38,7 +38,7 @@ impl Guest {
 
     fn boot_with(image: &Path, uefi: bool, write: bool, forwards: &[(u16, u16)]) -> Guest {
         let dir = support::temp_dir("guest");
-        let port = support::free_port();
+        let port = support::free_port_block(3);
         let serial = dir.join("serial.log");
         let monitor = dir.join("monitor.sock");
         let mut cmd = Command::new(binary("imagebuild"));
@@ -57,7 +57,12 @@ impl Guest {
         for (host, guest) in forwards {
             cmd.args(["--forward", &format!("{host}:{guest}")]);
         }
-        let child = cmd.stdout(Stdio::null()).spawn().expect("imagebuild boot starts");
+        let stderr = std::fs::File::create(dir.join("qemu.log")).unwrap();
+        let child = cmd
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("imagebuild boot starts");
         Guest {
             child,
             port,
@@ -71,7 +76,8 @@ impl Guest {
     }
 
     fn console_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        let qemu = std::fs::read_to_string(self.serial.with_file_name("qemu.log")).unwrap_or_default();
+        let text = std::fs::read_to_string(&self.serial).unwrap_or_default() + "\n--- imagebuild boot:\n" + &qemu;
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
@@ -662,5 +668,7 @@ fn a_first_boot_cut_off_completes_on_the_next_boot_and_the_root_grows_to_the_dis
         "test -e /var/lib/foobar/first-boot.done && echo done",
     );
     assert_eq!(marker, "done");
-    report(format!("e2e first-boot figures: ready {ready:.1} s after an interrupted first boot; root {size} bytes"));
+    report(format!(
+        "e2e first-boot figures: ready {ready:.1} s after an interrupted first boot; root {size} bytes"
+    ));
 }

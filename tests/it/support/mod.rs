@@ -48,6 +48,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The first of `n` consecutive free ports on 127.0.0.1, never handed out twice in this process (guests need N,
+/// N+1 and N+2; the port-surface test forwards a hundred more).
+pub fn free_port_block(n: u16) -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let _ = NEXT.compare_exchange(
+        0,
+        20_000 + (std::process::id() % 200) * 100,
+        Ordering::SeqCst,
+        Ordering::SeqCst,
+    );
+    loop {
+        let base = NEXT.fetch_add(n as u32, Ordering::SeqCst);
+        assert!(base + (n as u32) < 60_000, "no free block of {n} ports");
+        let held: Vec<_> = (0..n)
+            .map_while(|i| std::net::TcpListener::bind(("127.0.0.1", base as u16 + i)).ok())
+            .collect();
+        if held.len() == n as usize {
+            return base as u16;
+        }
+    }
+}
+
 pub fn temp_dir(tag: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("foobar-{tag}-{}-{}", std::process::id(), free_port()));
     let _ = std::fs::remove_dir_all(&dir);
