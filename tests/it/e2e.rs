@@ -452,9 +452,11 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let built = built();
     // Guest ports that must stay closed, forwarded from free host ports (first guest only).
+    let base = support::free_port_block(102);
     let closed: Vec<(u16, u16)> = std::iter::once(3306)
         .chain(8000..=8100)
-        .map(|guest| (support::free_port(), guest))
+        .enumerate()
+        .map(|(i, guest)| (base + i as u16, guest))
         .collect();
     let mut a = Guest::boot_with(&built.image, false, false, &closed);
     let mut b = Guest::boot(&built.image, false, false);
