@@ -76,26 +76,23 @@ fn rendered_nginx_configuration_passes_nginx_t() {
         ),
     )
     .unwrap();
-    let out = Command::new("nginx")
-        .args(["-t", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .output()
-        .expect("nginx is installed (`just deps`)");
+    let nginx_t = || {
+        Command::new("nginx")
+            .args(["-t", "-p"])
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .output()
+            .expect("nginx is installed (`just deps`)")
+    };
+    let out = nginx_t();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "nginx -t failed:\n{stderr}");
     assert!(stderr.contains("test is successful"), "{stderr}");
 
     // And a broken one fails, so this check can fail.
     std::fs::write(dir.join("site.conf"), "server { listen 80; bogus_directive on; }\n").unwrap();
-    let out = Command::new("nginx")
-        .args(["-t", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .output()
-        .unwrap();
+    let out = nginx_t();
     assert!(!out.status.success());
 }
 
