@@ -13,3 +13,4 @@ pub mod overlay;
 pub mod process;
 pub mod render;
 pub mod rootfs;
+pub mod smoke;

@@ -1,14 +1,17 @@
 //! `imagebuild`: parses the command line and dispatches to the build or to `boot`.
 
+use std::io::Write as _;
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
 use foobar_builder::process::{require, Tool};
-use foobar_builder::{boot, bootloader, build, context};
+use foobar_builder::{boot, bootloader, build, context, smoke};
 
 #[derive(Parser)]
 #[command(
@@ -81,6 +84,78 @@ enum Command {
         #[arg(long, value_name = "HOST:GUEST", value_parser = boot::parse_forward)]
         forward: Vec<(u16, u16)>,
     },
+    /// Run the smoke checks against a running instance over HTTP and HTTPS
+    Smoke(SmokeArgs),
+}
+
+#[derive(clap::Args)]
+struct SmokeArgs {
+    /// Where the instance answers: http://ADDRESS[:PORT] or https://NAME (no path)
+    url: String,
+    /// The site's canonical name to ask for [default: the URL's name, or www.foobar.com for an address]
+    #[arg(long, value_name = "NAME")]
+    host: Option<String>,
+    /// Connect to IP whenever NAME is asked for, instead of resolving it; repeatable
+    #[arg(long, value_name = "NAME:IP", value_parser = parse_resolve)]
+    resolve: Vec<(String, IpAddr)>,
+    /// Port for the HTTPS checks [default: 443; the URL's port + 1 for plain HTTP on another port]
+    #[arg(long, value_name = "N")]
+    https_port: Option<u16>,
+    /// Accept a certificate no trusted authority signed (it must still name the site)
+    #[arg(long)]
+    insecure: bool,
+    /// Seconds each request may take
+    #[arg(long, value_name = "S", default_value_t = 10)]
+    timeout: u64,
+    /// First wait up to S seconds for /readyz to answer 200, and report how long it took
+    #[arg(long, value_name = "S")]
+    wait: Option<u64>,
+    /// Skip the checks that write (for production sites)
+    #[arg(long)]
+    read_only: bool,
+    /// Output: one line per check, or a JSON or JUnit XML document on stdout
+    #[arg(long, value_enum, default_value = "text")]
+    format: smoke::report::Format,
+}
+
+fn parse_resolve(text: &str) -> Result<(String, IpAddr), String> {
+    let (name, ip) = text
+        .split_once(':')
+        .ok_or_else(|| format!("expected NAME:IP, got `{text}`"))?;
+    let ip = ip
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| format!("`{ip}` is not an IP address (expected NAME:IP)"))?;
+    Ok((name.to_string(), ip))
+}
+
+fn smoke(args: SmokeArgs) -> anyhow::Result<bool> {
+    use smoke::report::{self, Format};
+    let options = smoke::Options {
+        url: args.url,
+        host: args.host,
+        resolve: args.resolve,
+        https_port: args.https_port,
+        insecure: args.insecure,
+        timeout: Duration::from_secs(args.timeout.max(1)),
+        wait: args.wait.map(Duration::from_secs),
+        read_only: args.read_only,
+    };
+    // Output errors (a closed pipe) are ignored: the exit status still tells the result.
+    let mut out = std::io::stdout();
+    let text = args.format == Format::Text;
+    let report = smoke::run(&options, |result| {
+        if text {
+            let _ = writeln!(out, "{}", report::line(result));
+        }
+    })?;
+    let _ = match args.format {
+        Format::Text => writeln!(out, "{}", report::summary(&report)),
+        Format::Json => writeln!(out, "{}", report::json(&report)),
+        Format::Junit => write!(out, "{}", report::junit(&report)),
+    };
+    Ok(report.ok())
 }
 
 const BUILD_TOOLS: &[Tool] = &[
@@ -185,6 +260,11 @@ fn main() -> ExitCode {
                 forwards: forward,
             })
         }),
+        Some(Command::Smoke(args)) => match smoke(args) {
+            Ok(true) => Ok(()),
+            Ok(false) => return ExitCode::FAILURE,
+            Err(err) => Err(err),
+        },
         None => build(cli.build),
     };
     match result {

@@ -63,7 +63,7 @@ fn every_agent_config_key_is_in_the_readme() {
 #[test]
 fn every_imagebuild_flag_is_in_the_readme() {
     let readme = readme();
-    for args in [&["--help"][..], &["boot", "--help"][..]] {
+    for args in [&["--help"][..], &["boot", "--help"][..], &["smoke", "--help"][..]] {
         let out = std::process::Command::new(crate::support::binary("imagebuild"))
             .args(args)
             .output()

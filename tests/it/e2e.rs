@@ -144,36 +144,54 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
         .map(|(_, v)| v.as_str())
 }
 
-/// What every booted guest must serve, through nginx with the site's Host header.
-fn check_site(guest: &Guest) {
-    let (page, headers) = get_host(&guest.url("/"), SITE).unwrap();
-    assert_eq!(page.status, 200);
-    assert_eq!(page.content_type, "text/html");
-    assert!(page.body.contains("Welcome to foobar"), "{}", page.body);
+/// `imagebuild smoke` against a guest (JSON output): each check's status by name, and the whole document for messages.
+fn smoke(guest: &Guest, extra: &[&str]) -> (std::collections::BTreeMap<String, String>, String) {
+    let out = Command::new(binary("imagebuild"))
+        .args([
+            "smoke",
+            &guest.url(""),
+            "--host",
+            SITE,
+            "--insecure",
+            "--format",
+            "json",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap_or_else(|err| {
+        panic!(
+            "smoke printed no JSON ({err}): {text}{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    let statuses = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["name"].as_str().unwrap().to_string(),
+                c["status"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
     assert_eq!(
-        header(&headers, "server"),
-        Some("nginx"),
-        "nginx serves it, without its version"
+        out.status.success(),
+        doc["failed"] == 0,
+        "the exit status follows the result: {text}"
     );
+    (statuses, text)
+}
 
-    let (css, headers) = get_host(&guest.url("/static/site.css"), SITE).unwrap();
-    assert_eq!(css.status, 200);
-    assert_eq!(css.content_type, "text/css");
-    assert!(
-        header(&headers, "cache-control").is_some_and(|v| v.contains("max-age=604800")),
-        "{headers:?}"
-    );
-    assert!(header(&headers, "expires").is_some(), "{headers:?}");
+/// What every booted guest must serve: the whole smoke suite passes, plus what is particular to our image.
+fn check_site(guest: &Guest) {
+    let (statuses, text) = smoke(guest, &[]);
+    assert!(statuses.len() >= 15 && statuses.values().all(|s| s == "pass"), "{text}");
 
-    let (redirect, headers) = get_host(&guest.url("/posts?x=1"), "foobar.com").unwrap();
-    assert_eq!(redirect.status, 301);
-    assert_eq!(header(&headers, "location"), Some("http://www.foobar.com/posts?x=1"));
-
-    match get_host(&guest.url("/"), "intruder.example") {
-        Err(_) => {} // nginx closed the connection (444)
-        Ok((r, _)) => panic!("an unknown Host got an answer: {} {}", r.status, r.body),
-    }
-
+    let (page, _) = get_host(&guest.url("/"), SITE).unwrap();
+    assert!(page.body.contains("Welcome to foobar"), "{}", page.body);
     let (metrics, _) = get_host(&guest.url("/metrics"), SITE).unwrap();
     assert_eq!(metrics.status, 404, "/metrics is not served to outside clients");
 }
@@ -581,6 +599,48 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         "systemctl show -p NRestarts --value foobar-agent.service",
     );
     assert_eq!(restarts, "1", "systemd restarted the agent once");
+
+    // With the agent stopped, smoke fails exactly the agent's checks, and nginx's own still pass.
+    let (code, _, stderr) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "sudo systemctl stop foobar-agent.socket foobar-agent.service",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let (statuses, text) = smoke(&a, &[]);
+    let failed: Vec<&str> = statuses
+        .iter()
+        .filter(|(_, s)| *s == "fail")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        [
+            "api-read",
+            "api-write",
+            "healthz",
+            "livez",
+            "page-read",
+            "page-write",
+            "readyz"
+        ],
+        "{text}"
+    );
+    for name in [
+        "static-page",
+        "static-asset",
+        "redirect-to-canonical",
+        "https",
+        "security-headers",
+    ] {
+        assert_eq!(statuses[name], "pass", "{name}: {text}");
+    }
+    let (code, _, stderr) = ssh(&a, &built.key, "admin", &[], "sudo systemctl start foobar-agent.socket");
+    assert_eq!(code, 0, "{stderr}");
+    let (statuses, text) = smoke(&a, &["--wait", "30"]);
+    assert!(statuses.values().all(|s| s == "pass"), "back after a start: {text}");
 
     // Limits: a burst of writes gets 429s and nothing else breaks; a 2 MiB body gets 413.
     let mut statuses = std::collections::BTreeMap::new();

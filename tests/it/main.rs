@@ -9,4 +9,5 @@ mod agent_process;
 mod builder;
 mod docs;
 mod e2e;
+mod smoke;
 mod support;

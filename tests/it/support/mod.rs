@@ -81,7 +81,6 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 /// A response as a user sees it.
 pub struct Reply {
     pub status: u16,
-    pub content_type: String,
     pub body: String,
 }
 
@@ -105,7 +104,6 @@ fn reply(result: Result<ureq::Response, ureq::Error>) -> Result<Reply, String> {
     };
     Ok(Reply {
         status: response.status(),
-        content_type: response.content_type().to_string(),
         body: response.into_string().unwrap_or_default(),
     })
 }
@@ -138,7 +136,6 @@ pub fn get_host(url: &str, host: &str) -> Result<(Reply, Vec<(String, String)>),
     Ok((
         Reply {
             status: response.status(),
-            content_type: response.content_type().to_string(),
             body: response.into_string().unwrap_or_default(),
         },
         headers,
