@@ -17,6 +17,11 @@ bench-agent: deps
     cargo build --release -p foobar-agent
     scripts/bench-agent.sh
 
+# Measure the image: cold and warm build, size, first and second boot-to-ready, requests/s through nginx in a guest
+bench: deps
+    cargo build --release --workspace
+    scripts/bench.sh
+
 # Build foobar.qcow2 from this repository
 image: deps
     cargo build --release --workspace

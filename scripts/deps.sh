@@ -6,7 +6,9 @@ packages=(
   mariadb-server          # the throwaway MariaDB of the tests and the benchmark
   nginx-light             # `nginx -t` on the rendered site
   systemd                 # systemd-socket-activate, for the socket activation test
-  wrk                     # load generator of `just bench-agent`
+  wrk                     # load generator of `just bench-agent` and `just bench`
+  socat                   # `just bench` presses the guest's power button through the QEMU monitor
+  bc                      # `just bench` arithmetic
   mmdebstrap              # the root file system from the Debian archive
   e2fsprogs dosfstools mtools
   grub-pc-bin grub-efi-amd64-bin

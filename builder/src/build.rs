@@ -12,6 +12,7 @@ use crate::context::{sha256_file, Context};
 use crate::disk::make_disk;
 use crate::formats;
 use crate::manifest::{self, write_manifest, Output};
+use crate::normalize::normalize_rootfs;
 use crate::overlay::{install_overlay, INSTANCE_FILES};
 use crate::process::cmd;
 use crate::rootfs::{self, bootstrap_rootfs};
@@ -139,6 +140,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     let packages = manifest::packages(&rootfs)?;
     stages.run("install_overlay", || install_overlay(ctx, &rootfs))?;
     stages.run("check_secrets", || check_no_instance_files(&rootfs))?;
+    stages.run("normalize_rootfs", || normalize_rootfs(&rootfs, ctx.source_date_epoch))?;
     let raw = ctx.work.join("disk.raw");
     let layout = stages.run("make_disk", || make_disk(ctx, &rootfs, &raw))?;
     std::fs::remove_dir_all(&rootfs)?;

@@ -38,6 +38,21 @@ pub struct Context {
     pub source_date_epoch: u64,
 }
 
+/// The timestamp when neither the flag, `SOURCE_DATE_EPOCH` nor a git checkout gives one (2023-11-14).
+pub const FALLBACK_EPOCH: u64 = 1_700_000_000;
+
+/// The commit time of the checkout this builder was compiled from, when it is still a git checkout.
+fn last_commit_time() -> Option<u64> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
+    let out = crate::process::cmd("git")
+        .arg("-C")
+        .arg(repo)
+        .args(["log", "-1", "--format=%ct"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out).trim().parse().ok()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     hex(&Sha256::digest(bytes))
 }
@@ -156,7 +171,8 @@ impl Context {
             None => std::env::var("SOURCE_DATE_EPOCH")
                 .ok()
                 .and_then(|v| v.parse().ok())
-                .unwrap_or(1_700_000_000),
+                .or_else(last_commit_time)
+                .unwrap_or(FALLBACK_EPOCH),
         };
         let seed = sha256_hex(
             format!(

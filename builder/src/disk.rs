@@ -203,7 +203,8 @@ pub fn make_root_fs(ctx: &Context, rootfs: &Path, image: &Path, bytes: u64) -> a
         .arg(format!("{}k", bytes / 1024))
         .env("E2FSPROGS_FAKE_TIME", ctx.source_date_epoch.to_string())
         .run()
-        .context("mkfs.ext4 could not make the root file system")
+        .context("mkfs.ext4 could not make the root file system")?;
+    crate::normalize::fix_inode_times(image, ctx.source_date_epoch, &ctx.work)
 }
 
 /// The raw disk: an empty sparse file of the configured size with the GPT and the root file system.

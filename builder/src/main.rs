@@ -51,7 +51,7 @@ struct BuildArgs {
     /// Build the package layer afresh and do not cache it
     #[arg(long)]
     no_cache: bool,
-    /// Timestamp for everything in the image [default: $SOURCE_DATE_EPOCH, else a fixed date]
+    /// Timestamp for everything in the image [default: $SOURCE_DATE_EPOCH, else the last commit's time]
     #[arg(long, value_name = "SECONDS")]
     source_date_epoch: Option<u64>,
 }
@@ -86,6 +86,14 @@ enum Command {
     },
     /// Run the smoke checks against a running instance over HTTP and HTTPS
     Smoke(SmokeArgs),
+    /// Check that an image is byte for byte what its build's manifest recorded
+    Verify {
+        /// The image to check
+        image: PathBuf,
+        /// The manifest to check against [default: IMAGE.manifest.json]
+        #[arg(long, value_name = "FILE")]
+        manifest: Option<PathBuf>,
+    },
 }
 
 #[derive(clap::Args)]
@@ -165,6 +173,14 @@ const BUILD_TOOLS: &[Tool] = &[
     },
     Tool {
         program: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "debugfs",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "dumpe2fs",
         package: "e2fsprogs",
     },
     Tool {
@@ -260,6 +276,18 @@ fn main() -> ExitCode {
                 forwards: forward,
             })
         }),
+        Some(Command::Verify { image, manifest }) => {
+            foobar_builder::verify::verify(&image, manifest.as_deref()).map(|v| {
+                println!(
+                    "{}: ok, sha256 {} matches {} ({}, seed {})",
+                    image.display(),
+                    v.sha256,
+                    v.manifest.display(),
+                    v.format,
+                    v.seed
+                );
+            })
+        }
         Some(Command::Smoke(args)) => match smoke(args) {
             Ok(true) => Ok(()),
             Ok(false) => return ExitCode::FAILURE,

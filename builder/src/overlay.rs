@@ -147,6 +147,20 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     )?;
     // Nothing here needs the network to be "online"; waiting for it only delays boot.
     mask(root, "systemd-networkd-wait-online.service")?;
+    // Work a server boot does not need, which under emulation competes with what it does: e2scrub checks LVM
+    // snapshots (there are none), and these modprobe units load drivers for graphics, FUSE, loop and device-mapper
+    // devices and EFI pstore, which nothing here uses.
+    for unit in [
+        "e2scrub_reap.service",
+        "e2scrub_all.timer",
+        "modprobe@drm.service",
+        "modprobe@fuse.service",
+        "modprobe@loop.service",
+        "modprobe@dm_mod.service",
+        "modprobe@efi_pstore.service",
+    ] {
+        mask(root, unit)?;
+    }
     write(
         root,
         "etc/systemd/network/80-dhcp.network",
@@ -226,6 +240,12 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         include_str!("../../image/files/mariadb.cnf"),
         0o644,
     )?;
+    write(
+        root,
+        "etc/systemd/system/mariadb.service",
+        include_str!("../../image/systemd/mariadb.service"),
+        0o644,
+    )?;
 
     // Admin access: keys only.
     let keys: String = ctx.ssh_keys.iter().map(|k| format!("{k}\n")).collect();
@@ -233,7 +253,7 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     write(
         root,
         "etc/ssh/sshd_config.d/foobar.conf",
-        "# foobar: public keys only, no root\nPermitRootLogin no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile /etc/ssh/authorized_keys/%u .ssh/authorized_keys\n",
+        "# foobar: public keys only, no root; the host keys first boot makes\nPermitRootLogin no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nAuthorizedKeysFile /etc/ssh/authorized_keys/%u .ssh/authorized_keys\nHostKey /etc/ssh/ssh_host_ed25519_key\nHostKey /etc/ssh/ssh_host_ecdsa_key\n",
         0o644,
     )?;
     write(

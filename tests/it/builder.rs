@@ -207,3 +207,63 @@ fn missing_host_tools_are_listed_with_their_packages() {
         );
     }
 }
+
+#[test]
+fn verify_accepts_what_the_manifest_recorded_and_names_both_hashes_otherwise() {
+    let dir = support::temp_dir("verify");
+    let image = dir.join("site.qcow2");
+    let extra = dir.join("site.raw");
+    std::fs::write(&image, b"not really an image, but bytes with a hash").unwrap();
+    std::fs::write(&extra, b"the raw twin").unwrap();
+    let sha = |p: &std::path::Path| {
+        let out = Command::new("sha256sum").arg(p).output().unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let manifest = serde_json::json!({
+        "seed": "abc123",
+        "outputs": [
+            { "format": "qcow2", "path": image.display().to_string(), "sha256": sha(&image), "bytes": 42 },
+            { "format": "raw", "path": extra.display().to_string(), "sha256": sha(&extra), "bytes": 12 },
+        ],
+    });
+    std::fs::write(support::sidecar(&image, "manifest.json"), manifest.to_string()).unwrap();
+    let verify = |p: &std::path::Path| {
+        let out = Command::new(binary("imagebuild"))
+            .arg("verify")
+            .arg(p)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+        )
+    };
+
+    let (code, text) = verify(&image);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains(&sha(&image)) && text.contains("seed abc123"), "{text}");
+    let (code, text) = verify(&extra);
+    assert_eq!(
+        code,
+        Some(0),
+        "an extra format is found in the main output's manifest: {text}"
+    );
+
+    let mut bytes = std::fs::read(&image).unwrap();
+    bytes[10] ^= 0x01;
+    std::fs::write(&image, &bytes).unwrap();
+    let (code, text) = verify(&image);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(
+        text.contains("does not match its manifest") && text.contains(&sha(&image)),
+        "both hashes are named: {text}"
+    );
+
+    let (code, text) = verify(&dir.join("elsewhere.qcow2"));
+    assert_eq!(code, Some(1));
+    assert!(text.contains("cannot read the manifest"), "{text}");
+}

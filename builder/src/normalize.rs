@@ -1,0 +1,129 @@
+//! What makes two builds from the same inputs byte-identical beyond the derived identifiers: no logs or caches that
+//! record when or in which order things ran, every timestamp clamped to `SOURCE_DATE_EPOCH`, and the times that
+//! `mkfs.ext4 -d` copies from the host but the host cannot set (inode change times) rewritten in the file system.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt as _;
+use std::path::Path;
+
+use anyhow::{bail, Context as _};
+
+use crate::process::cmd;
+
+/// Left behind by package installation; their contents depend on when and in which order things ran.
+const VOLATILE: &[&str] = &[
+    "var/log/dpkg.log",
+    "var/log/alternatives.log",
+    "var/log/bootstrap.log",
+    "var/log/apt/history.log",
+    "var/log/apt/term.log",
+    "var/log/apt/eipp.log.xz",
+    "var/cache/ldconfig/aux-cache",
+    "var/cache/debconf/config.dat-old",
+    "var/cache/debconf/templates.dat-old",
+    "var/lib/dpkg/status-old",
+    "var/lib/dpkg/diversions-old",
+];
+
+/// Removes the volatile files, then sets every modification time later than `epoch` to `epoch` and every access
+/// time to the modification time. Runs last on the tree: any later change would move a directory's time again.
+pub fn normalize_rootfs(rootfs: &Path, epoch: u64) -> anyhow::Result<usize> {
+    for path in VOLATILE {
+        let full = rootfs.join(path);
+        if full.symlink_metadata().is_ok() {
+            std::fs::remove_file(&full).with_context(|| format!("cannot remove {}", full.display()))?;
+        }
+    }
+    let mut count = 0;
+    clamp_tree(rootfs, epoch as i64, &mut count)?;
+    Ok(count)
+}
+
+fn clamp_tree(dir: &Path, epoch: i64, count: &mut usize) -> anyhow::Result<()> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read {}", dir.display()))?
+        .collect::<Result<_, _>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let path = entry.path();
+        if entry.file_type()?.is_dir() {
+            clamp_tree(&path, epoch, count)?;
+        }
+        clamp(&path, epoch)?;
+        *count += 1;
+    }
+    // The directory itself last: clamping its children does not change it, but be explicit about the order.
+    clamp(dir, epoch)
+}
+
+fn clamp(path: &Path, epoch: i64) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = path.symlink_metadata()?;
+    let (sec, nsec) = if meta.mtime() >= epoch {
+        (epoch, 0)
+    } else {
+        (meta.mtime(), meta.mtime_nsec())
+    };
+    let time = libc::timespec {
+        tv_sec: sec as libc::time_t,
+        tv_nsec: nsec as _,
+    };
+    let c_path = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: a valid C string and two valid timespecs; AT_SYMLINK_NOFOLLOW sets a link's own times.
+    let rc = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c_path.as_ptr(),
+            [time, time].as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if rc != 0 {
+        bail!(
+            "cannot set the times of {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
+/// Sets the change and access times of every inode in a freshly populated ext4 image to `epoch`.
+/// `mkfs.ext4 -d` copies them from the host, where a copy's change time is always "now".
+pub fn fix_inode_times(image: &Path, epoch: u64, work: &Path) -> anyhow::Result<()> {
+    let header = String::from_utf8_lossy(&cmd("dumpe2fs").arg("-h").arg(image).output()?).into_owned();
+    let field = |name: &str| -> anyhow::Result<u64> {
+        header
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim_start()
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("dumpe2fs printed no `{name}`"))
+    };
+    // A freshly populated file system allocates inodes in order, so the used ones are 1..=used.
+    let used = field("Inode count")? - field("Free inodes")?;
+    let mut script = String::new();
+    for inode in std::iter::once(2).chain(11..=used) {
+        script.push_str(&format!(
+            "sif <{inode}> ctime @{epoch}\nsif <{inode}> ctime_extra 0\nsif <{inode}> atime @{epoch}\nsif <{inode}> atime_extra 0\n"
+        ));
+    }
+    let script_path = work.join("inode-times.debugfs");
+    std::fs::write(&script_path, script)?;
+    cmd("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(image)
+        // Otherwise debugfs stamps the superblock with the time it wrote.
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .run()
+        .context("debugfs could not set the inode times")?;
+    std::fs::remove_file(&script_path)?;
+    Ok(())
+}

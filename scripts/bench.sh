@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The image benchmark (`just bench`): cold build (empty cache), warm build (agent changed, cached package layer),
+# image sizes, first and second boot-to-ready under QEMU (medians of BOOTS boots each), and requests/s through nginx
+# on a booted guest for GET / (static) and GET /api/posts (dynamic). Prints one table: median, min, max, runs.
+# Needs the release binaries (`just bench` builds them). Takes about 15 minutes under TCG.
+set -euo pipefail
+
+boots=${BOOTS:-5}
+warm_runs=${WARM_RUNS:-3}
+cold_runs=${COLD_RUNS:-1}
+load=${LOAD:-10s}
+root=$(cd "$(dirname "$0")/.." && pwd)
+imagebuild="$root/target/release/imagebuild"
+agent="$root/target/release/foobar-agent"
+work=$(mktemp -d /tmp/foobar-bench.XXXXXX)
+port=$((20000 + RANDOM % 20000))
+site=www.foobar.com
+declare -A results
+qemu_pid=
+
+cleanup() {
+  [ -n "$qemu_pid" ] && kill "$qemu_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+now() { date +%s.%N; }
+since() { echo "$(now) - $1" | bc -l | xargs printf '%.1f'; }
+record() { results[$1]="${results[$1]:-} $2"; }
+log() { echo "bench: $*" >&2; }
+
+# Seconds from QEMU start until /readyz answers 200 through nginx; leaves the guest running ($qemu_pid).
+boot_ready() {
+  local image=$1; shift
+  local start; start=$(now)
+  "$imagebuild" boot "$image" --port "$port" --serial "$work/serial.log" --monitor "$work/monitor.sock" "$@" \
+    >/dev/null 2>"$work/qemu.log" &
+  qemu_pid=$!
+  for _ in $(seq 1200); do
+    code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' -H "Host: $site" "http://127.0.0.1:$port/readyz" || true)
+    if [ "$code" = 200 ]; then since "$start"; return; fi
+    kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited"; tail -20 "$work/serial.log" >&2; exit 1; }
+    sleep 0.2
+  done
+  log "not ready after 240 s"; exit 1
+}
+
+power_off() {
+  echo system_powerdown | socat - "UNIX-CONNECT:$work/monitor.sock" >/dev/null 2>&1 || true
+  for _ in $(seq 300); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
+  kill "$qemu_pid" 2>/dev/null || true
+  wait "$qemu_pid" 2>/dev/null || true
+  qemu_pid=
+}
+
+# Cold: an empty cache directory, so mmdebstrap runs.
+for i in $(seq "$cold_runs"); do
+  log "cold build $i/$cold_runs"
+  rm -rf "$work/cache"
+  start=$(now)
+  "$imagebuild" --out "$work/cold.qcow2" --cache-dir "$work/cache" --agent-bin "$agent" 2>"$work/build.log" \
+    || { tail -20 "$work/build.log"; exit 1; }
+  record "cold build (s)" "$(since "$start")"
+done
+[ -d "$work/cache" ] || { log "no cache after the cold build"; exit 1; }
+
+# Warm: the agent changes (a different binary each time), the package layer comes from the cache.
+for i in $(seq "$warm_runs"); do
+  log "warm build $i/$warm_runs"
+  cp "$agent" "$work/agent"
+  printf 'bench %s' "$i" >> "$work/agent"
+  start=$(now)
+  "$imagebuild" --out "$work/warm.qcow2" --cache-dir "$work/cache" \
+    --agent-bin "$work/agent" 2>"$work/build.log" || { tail -20 "$work/build.log"; exit 1; }
+  record "warm build (s)" "$(since "$start")"
+done
+record "qcow2 (MB)" "$(stat -c %s "$work/warm.qcow2" | awk '{printf "%.1f", $1/1e6}')"
+image="$work/warm.qcow2"
+
+for i in $(seq "$boots"); do
+  log "first boot $i/$boots"
+  record "first boot to ready (s)" "$(boot_ready "$image")"
+  power_off
+done
+
+# Second boots: one first boot written to a copy, then each later boot on a throwaway overlay of it.
+cp "$image" "$work/booted.qcow2"
+boot_ready "$work/booted.qcow2" --write >/dev/null
+power_off
+for i in $(seq "$boots"); do
+  log "second boot $i/$boots"
+  record "second boot to ready (s)" "$(boot_ready "$work/booted.qcow2")"
+  if [ "$i" -lt "$boots" ]; then power_off; fi
+done
+
+# Load through nginx on the last guest: 2 threads, 16 connections, $load each.
+for path in / /api/posts; do
+  log "wrk $path"
+  out=$(wrk -t2 -c16 -d"$load" -H "Host: $site" "http://127.0.0.1:$port$path")
+  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+  [ -z "$non2xx" ] || { log "$path: $non2xx non-2xx answers"; echo "$out" >&2; exit 1; }
+  record "GET $path through nginx (req/s)" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+done
+power_off
+
+printf '\n%-36s %10s %10s %10s %5s\n' metric median min max runs
+for metric in "cold build (s)" "warm build (s)" "qcow2 (MB)" "first boot to ready (s)" \
+  "second boot to ready (s)" "GET / through nginx (req/s)" "GET /api/posts through nginx (req/s)"; do
+  read -r -a values <<<"${results[$metric]}"
+  sorted=$(printf '%s\n' "${values[@]}" | sort -g)
+  n=${#values[@]}
+  median=$(echo "$sorted" | sed -n "$(( (n + 1) / 2 ))p")
+  printf '%-36s %10s %10s %10s %5s\n' "$metric" "$median" "$(echo "$sorted" | head -1)" "$(echo "$sorted" | tail -1)" "$n"
+done
+echo "(machine: $(nproc) cores, QEMU accel as imagebuild boot chose it; time is noisy here, compare min and max)"
