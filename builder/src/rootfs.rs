@@ -135,10 +135,88 @@ fn layer_paths(ctx: &Context, cache: &Path) -> (PathBuf, PathBuf, PathBuf) {
     )
 }
 
-/// The cached package layer for this build, if a complete one exists.
+/// A digest of a tree's shape: every entry's path, type, mode, owner, size, modification time and link target.
+/// A layer whose fingerprint no longer matches its completion marker was changed or damaged after it was cached.
+pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
+    use sha2::{Digest as _, Sha256};
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot read {}", dir.display()))?
+            .collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let path = entry.path();
+            let meta = path.symlink_metadata()?;
+            let link = if meta.file_type().is_symlink() {
+                std::fs::read_link(&path)?.display().to_string()
+            } else {
+                String::new()
+            };
+            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            hasher.update(
+                format!(
+                    "{rel}\0{:o}\0{}:{}\0{}\0{}\0{link}\n",
+                    meta.mode(),
+                    meta.uid(),
+                    meta.gid(),
+                    if meta.is_dir() { 0 } else { meta.size() },
+                    meta.mtime()
+                )
+                .as_bytes(),
+            );
+            if meta.is_dir() {
+                walk(root, &path, hasher)?;
+            }
+        }
+        Ok(())
+    }
+    let mut hasher = Sha256::new();
+    walk(dir, dir, &mut hasher)?;
+    Ok(crate::context::hex(&hasher.finalize()))
+}
+
+/// Whether a cached layer is whole: its completion marker exists and records the layer's current fingerprint.
+pub fn check_layer(dir: &Path, marker: &Path) -> Result<(), String> {
+    if !dir.is_dir() {
+        return Err("no layer".to_string());
+    }
+    let recorded =
+        std::fs::read_to_string(marker).map_err(|_| "no completion marker (an interrupted build)".to_string())?;
+    let actual = fingerprint(dir).map_err(|err| format!("unreadable: {err:#}"))?;
+    if recorded.trim() != actual {
+        return Err("its files changed after it was cached".to_string());
+    }
+    Ok(())
+}
+
+/// The cached package layer for this build, if a complete and intact one exists; a damaged one is reported and
+/// left for `begin_layer` to replace.
 pub fn lookup_layer(ctx: &Context, cache: &Path) -> Option<PathBuf> {
     let (dir, complete, _) = layer_paths(ctx, cache);
-    (dir.is_dir() && complete.is_file()).then_some(dir)
+    if !dir.exists() && !complete.exists() {
+        return None;
+    }
+    match check_layer(&dir, &complete) {
+        Ok(()) => Some(dir),
+        Err(why) => {
+            tracing::warn!(
+                "the cached package layer {} is not usable ({why}); building it again",
+                dir.display()
+            );
+            None
+        }
+    }
+}
+
+/// Records a finished layer's fingerprint in its completion marker, written last (through a temporary name).
+pub fn seal_layer(dir: &Path, marker: &Path) -> anyhow::Result<()> {
+    let print = fingerprint(dir)?;
+    let mut temp = marker.as_os_str().to_owned();
+    temp.push(".tmp");
+    std::fs::write(&temp, format!("{print}\n"))?;
+    std::fs::rename(&temp, marker)?;
+    Ok(())
 }
 
 /// Clears leftovers of an interrupted build and returns where to bootstrap the new layer.
@@ -156,6 +234,6 @@ pub fn begin_layer(ctx: &Context, cache: &Path) -> anyhow::Result<PathBuf> {
 pub fn commit_layer(ctx: &Context, cache: &Path, partial: &Path) -> anyhow::Result<PathBuf> {
     let (dir, complete, _) = layer_paths(ctx, cache);
     std::fs::rename(partial, &dir)?;
-    std::fs::write(&complete, b"")?;
+    seal_layer(&dir, &complete)?;
     Ok(dir)
 }

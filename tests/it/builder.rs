@@ -267,3 +267,30 @@ fn verify_accepts_what_the_manifest_recorded_and_names_both_hashes_otherwise() {
     assert_eq!(code, Some(1));
     assert!(text.contains("cannot read the manifest"), "{text}");
 }
+
+#[test]
+fn a_cached_layer_that_changed_after_it_was_sealed_is_not_used() {
+    use foobar_builder::rootfs::{check_layer, seal_layer};
+    let dir = support::temp_dir("layer");
+    let layer = dir.join("rootfs-key");
+    let marker = dir.join("rootfs-key.complete");
+    std::fs::create_dir_all(layer.join("var/lib/dpkg")).unwrap();
+    std::fs::write(layer.join("var/lib/dpkg/status"), "Package: base-files\n").unwrap();
+    std::fs::write(layer.join("etc-file"), "x").unwrap();
+
+    assert!(check_layer(&layer, &marker)
+        .unwrap_err()
+        .contains("no completion marker"));
+    seal_layer(&layer, &marker).unwrap();
+    assert_eq!(check_layer(&layer, &marker), Ok(()));
+
+    // A file lost (a cache directory cleaned by hand, a disk error): the layer is rebuilt, not used.
+    std::fs::remove_file(layer.join("etc-file")).unwrap();
+    assert!(check_layer(&layer, &marker)
+        .unwrap_err()
+        .contains("changed after it was cached"));
+    std::fs::write(layer.join("etc-file"), "x").unwrap();
+    // A file truncated.
+    std::fs::write(layer.join("var/lib/dpkg/status"), "").unwrap();
+    assert!(check_layer(&layer, &marker).is_err());
+}
