@@ -29,16 +29,18 @@ since() { echo "$(now) - $1" | bc -l | xargs printf '%.1f'; }
 record() { results[$1]="${results[$1]:-} $2"; }
 log() { echo "bench: $*" >&2; }
 
-# Seconds from QEMU start until /readyz answers 200 through nginx; leaves the guest running ($qemu_pid).
+# Sets $ready to the seconds from QEMU start until /readyz answers 200 through nginx; leaves the guest running
+# ($qemu_pid). Not to be called in a subshell: the caller must see $qemu_pid to power the guest off.
 boot_ready() {
   local image=$1; shift
   local start; start=$(now)
+  ready=
   "$imagebuild" boot "$image" --port "$port" --serial "$work/serial.log" --monitor "$work/monitor.sock" "$@" \
     >/dev/null 2>"$work/qemu.log" &
   qemu_pid=$!
   for _ in $(seq 1200); do
     code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' -H "Host: $site" "http://127.0.0.1:$port/readyz" || true)
-    if [ "$code" = 200 ]; then since "$start"; return; fi
+    if [ "$code" = 200 ]; then ready=$(since "$start"); return; fi
     kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited"; tail -20 "$work/serial.log" >&2; exit 1; }
     sleep 0.2
   done
@@ -46,11 +48,13 @@ boot_ready() {
 }
 
 power_off() {
+  [ -n "$qemu_pid" ] || { log "power_off without a guest"; exit 1; }
   echo system_powerdown | socat - "UNIX-CONNECT:$work/monitor.sock" >/dev/null 2>&1 || true
   for _ in $(seq 300); do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.1; done
   kill "$qemu_pid" 2>/dev/null || true
   wait "$qemu_pid" 2>/dev/null || true
   qemu_pid=
+  rm -f "$work/monitor.sock"
 }
 
 # Cold: an empty cache directory, so mmdebstrap runs.
@@ -79,17 +83,19 @@ image="$work/warm.qcow2"
 
 for i in $(seq "$boots"); do
   log "first boot $i/$boots"
-  record "first boot to ready (s)" "$(boot_ready "$image")"
+  boot_ready "$image"
+  record "first boot to ready (s)" "$ready"
   power_off
 done
 
 # Second boots: one first boot written to a copy, then each later boot on a throwaway overlay of it.
 cp "$image" "$work/booted.qcow2"
-boot_ready "$work/booted.qcow2" --write >/dev/null
+boot_ready "$work/booted.qcow2" --write
 power_off
 for i in $(seq "$boots"); do
   log "second boot $i/$boots"
-  record "second boot to ready (s)" "$(boot_ready "$work/booted.qcow2")"
+  boot_ready "$work/booted.qcow2"
+  record "second boot to ready (s)" "$ready"
   if [ "$i" -lt "$boots" ]; then power_off; fi
 done
 

@@ -107,7 +107,28 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
          --skip-networking --log-error=/dev/null < '{}'",
         sql_file.display()
     );
+    // The archive's Release files as this layer saw them, so a later build can tell whether the archive moved on.
+    let releases = format!(
+        "--customize-hook=(cd \"$1/var/lib/apt/lists\" && for f in *Release; do [ -e \"$f\" ] && sha256sum \"$f\"; done; true) > '{}'",
+        releases_record(dest).display()
+    );
+    if let Some(debs) = ctx.cache_dir.as_ref().map(|c| c.join("debs")) {
+        // Downloaded packages are kept beside the layers and offered to the next bootstrap (mmdebstrap's recipe).
+        std::fs::create_dir_all(&debs).with_context(|| format!("cannot create {}", debs.display()))?;
+        c = c
+            .arg("--skip=essential/unlink")
+            .arg("--setup-hook=mkdir -p \"$1\"/var/cache/apt/archives/")
+            .arg(format!(
+                "--setup-hook=sync-in '{}' /var/cache/apt/archives/",
+                debs.display()
+            ))
+            .arg(format!(
+                "--customize-hook=sync-out /var/cache/apt/archives '{}'",
+                debs.display()
+            ));
+    }
     c = c
+        .arg(releases)
         .arg(initramfs)
         .arg(database)
         .arg("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
@@ -197,16 +218,71 @@ pub fn lookup_layer(ctx: &Context, cache: &Path) -> Option<PathBuf> {
     if !dir.exists() && !complete.exists() {
         return None;
     }
-    match check_layer(&dir, &complete) {
-        Ok(()) => Some(dir),
-        Err(why) => {
-            tracing::warn!(
-                "the cached package layer {} is not usable ({why}); building it again",
-                dir.display()
-            );
+    if let Err(why) = check_layer(&dir, &complete) {
+        tracing::warn!(
+            "the cached package layer {} is not usable ({why}); building it again",
+            dir.display()
+        );
+        return None;
+    }
+    match archive_changed(&dir) {
+        Ok(Some(which)) => {
+            tracing::info!("the Debian archive changed since the cached layer was built ({which}); building it again");
             None
         }
+        Ok(None) => Some(dir),
+        Err(why) => {
+            tracing::warn!("cannot tell whether the Debian archive changed ({why:#}); using the cached layer");
+            Some(dir)
+        }
     }
+}
+
+/// Where a layer's record of the archive's Release files is kept: beside it, outside the image.
+fn releases_record(layer: &Path) -> PathBuf {
+    let name = layer
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    layer.with_file_name(format!("{}.releases", name.trim_end_matches(".partial")))
+}
+
+/// apt's name for a downloaded index: the URL without its scheme, `/` turned into `_`.
+fn apt_list_name(url: &str) -> String {
+    url.split_once("://").map_or(url, |(_, rest)| rest).replace('/', "_")
+}
+
+/// Compares the Release files recorded when the layer was built with what the archive serves now, for every
+/// `deb` line of the layer's own sources. `Some(url)` names the first that changed.
+fn archive_changed(layer: &Path) -> anyhow::Result<Option<String>> {
+    let Ok(text) = std::fs::read_to_string(releases_record(layer)) else {
+        return Ok(None); // built before Release files were recorded
+    };
+    let recorded: std::collections::HashMap<&str, &str> = text
+        .lines()
+        .filter_map(|l| l.split_once("  ").map(|(h, f)| (f.trim(), h)))
+        .collect();
+    let sources = std::fs::read_to_string(layer.join("etc/apt/sources.list")).unwrap_or_default();
+    let agent = ureq::AgentBuilder::new()
+        .timeout(std::time::Duration::from_secs(15))
+        .build();
+    for line in sources.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (Some(&"deb"), Some(uri), Some(suite)) = (fields.first(), fields.get(1), fields.get(2)) else {
+            continue;
+        };
+        let url = format!("{}/dists/{suite}/InRelease", uri.trim_end_matches('/'));
+        let Some(old) = recorded.get(apt_list_name(&url).as_str()) else {
+            continue;
+        };
+        let mut body = Vec::new();
+        let response = agent.get(&url).call().with_context(|| format!("GET {url}"))?;
+        std::io::Read::read_to_end(&mut response.into_reader(), &mut body).with_context(|| format!("reading {url}"))?;
+        if sha256_hex(&body) != *old {
+            return Ok(Some(url));
+        }
+    }
+    Ok(None)
 }
 
 /// Records a finished layer's fingerprint in its completion marker, written last (through a temporary name).
@@ -226,6 +302,7 @@ pub fn begin_layer(ctx: &Context, cache: &Path) -> anyhow::Result<PathBuf> {
     let _ = std::fs::remove_file(&complete);
     let _ = std::fs::remove_dir_all(&dir);
     let _ = std::fs::remove_dir_all(&partial);
+    let _ = std::fs::remove_file(releases_record(&dir));
     std::fs::create_dir_all(cache).with_context(|| format!("cannot create cache directory {}", cache.display()))?;
     Ok(partial)
 }
