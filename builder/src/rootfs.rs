@@ -34,7 +34,7 @@ const EXCLUDES: &[&str] = &[
     "path-include=/usr/share/locale/locale.alias",
     "path-exclude=/usr/share/lintian/*",
     // udev's hardware database names devices for people; a server boots and serves without it (2.4 MB compressed).
-    "path-exclude=/usr/lib/udev/hwdb.d/*",
+    "path-exclude=/lib/udev/hwdb.d/*",
     // MariaDB's offline table tools, benchmarks and converters (about 24 MB compressed). The server, the client,
     // mariadb-admin, mariadb-dump, mariadb-check and mariadb-upgrade stay.
     "path-exclude=/usr/bin/aria_*",
@@ -50,7 +50,21 @@ const EXCLUDES: &[&str] = &[
     "path-exclude=/usr/bin/perror",
     "path-exclude=/usr/bin/replace",
     "path-exclude=/usr/bin/resolve_stack_dump",
+    // glibc's character set converters for iconv; nothing in the stack converts between legacy charsets.
+    "path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*",
+    "path-include=/usr/lib/x86_64-linux-gnu/gconv/gconv-modules*",
+    // Kernel drivers a web server guest does not use: InfiniBand, lab data acquisition (comedi), SCSI target and NFS
+    // server support. (Packages still name these paths without the /usr prefix, so the rules do too.)
+    "path-exclude=/lib/modules/*/kernel/drivers/infiniband/*",
+    "path-exclude=/lib/modules/*/kernel/drivers/comedi/*",
+    "path-exclude=/lib/modules/*/kernel/drivers/target/*",
+    "path-exclude=/lib/modules/*/kernel/fs/nfsd/*",
 ];
+
+/// Removed after installation (the bootstrap itself runs them) and kept out by dpkg from then on: Perl beyond
+/// perl-base (about 13 MB compressed). MariaDB depends on it only for optional admin scripts (mariadb-report,
+/// mariadb-dumpslow, mariadb-hotcopy and the like); perl-base, which dpkg and debconf use, stays whole.
+const LATE_EXCLUDES: &[&str] = &["/usr/share/perl/*", "/usr/lib/x86_64-linux-gnu/perl/*"];
 
 /// An initramfs-tools hook that copies in the drivers for the root disk on every cloud (see the file).
 /// With it, `MODULES=list` makes the initramfs about a third of `most`'s size and quicker to unpack.
@@ -73,7 +87,7 @@ pub fn cache_key(ctx: &Context) -> String {
         ctx.config.debian.suite,
         ctx.config.debian.mirror,
         packages(ctx).join(","),
-        EXCLUDES.join(","),
+        format!("{}|{}", EXCLUDES.join(","), LATE_EXCLUDES.join(",")),
         sha256_hex(INITRAMFS_HOOK.as_bytes()),
         sha256_hex(DATABASE_SQL.as_bytes()),
         env!("CARGO_PKG_VERSION")
@@ -127,7 +141,24 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
                 debs.display()
             ));
     }
+    // The image keeps the same rules for later package installs and upgrades (`/etc/dpkg/dpkg.cfg.d`).
+    let dpkg_rules: String = EXCLUDES
+        .iter()
+        .map(|e| e.to_string())
+        .chain(LATE_EXCLUDES.iter().map(|p| format!("path-exclude={p}")))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let slim = format!(
+        "--customize-hook=rm -rf {} && printf '%s\\n' '# foobar: what the image leaves out; see imagebuild (rootfs.rs)' '{}' > \"$1/etc/dpkg/dpkg.cfg.d/foobar-excludes\"",
+        LATE_EXCLUDES
+            .iter()
+            .map(|p| format!("\"$1\"{p}"))
+            .collect::<Vec<_>>()
+            .join(" "),
+        dpkg_rules.replace('\n', "' '")
+    );
     c = c
+        .arg(slim)
         .arg(releases)
         .arg(initramfs)
         .arg(database)
