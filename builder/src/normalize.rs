@@ -39,12 +39,17 @@ pub fn normalize_rootfs(rootfs: &Path, epoch: u64) -> anyhow::Result<usize> {
     Ok(count)
 }
 
-fn clamp_tree(dir: &Path, epoch: i64, count: &mut usize) -> anyhow::Result<()> {
+/// A directory's entries sorted by name, so walks over a tree do the same in every build.
+pub fn sorted_entries(dir: &Path) -> anyhow::Result<Vec<std::fs::DirEntry>> {
     let mut entries: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("cannot read {}", dir.display()))?
         .collect::<Result<_, _>>()?;
     entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
+    Ok(entries)
+}
+
+fn clamp_tree(dir: &Path, epoch: i64, count: &mut usize) -> anyhow::Result<()> {
+    for entry in sorted_entries(dir)? {
         let path = entry.path();
         if entry.file_type()?.is_dir() {
             clamp_tree(&path, epoch, count)?;

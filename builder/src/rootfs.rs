@@ -80,14 +80,16 @@ pub fn packages(ctx: &Context) -> Vec<String> {
     all
 }
 
-/// The cache key: suite, mirror, package list, exclusions and this builder's version.
+/// The cache key: suite, mirror, package list, exclusions, the initramfs hook, the database script and this builder's
+/// version.
 pub fn cache_key(ctx: &Context) -> String {
     let text = format!(
-        "suite={}\nmirror={}\npackages={}\nexcludes={}\ninitramfs={}\ndatabase={}\nbuilder={}",
+        "suite={}\nmirror={}\npackages={}\nexcludes={}|{}\ninitramfs={}\ndatabase={}\nbuilder={}",
         ctx.config.debian.suite,
         ctx.config.debian.mirror,
         packages(ctx).join(","),
-        format!("{}|{}", EXCLUDES.join(","), LATE_EXCLUDES.join(",")),
+        EXCLUDES.join(","),
+        LATE_EXCLUDES.join(","),
         sha256_hex(INITRAMFS_HOOK.as_bytes()),
         sha256_hex(DATABASE_SQL.as_bytes()),
         env!("CARGO_PKG_VERSION")
@@ -193,11 +195,7 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
     use sha2::{Digest as _, Sha256};
     use std::os::unix::fs::MetadataExt as _;
     fn walk(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
-        let mut entries: Vec<_> = std::fs::read_dir(dir)
-            .with_context(|| format!("cannot read {}", dir.display()))?
-            .collect::<Result<_, _>>()?;
-        entries.sort_by_key(|e| e.file_name());
-        for entry in entries {
+        for entry in crate::normalize::sorted_entries(dir)? {
             let path = entry.path();
             let meta = path.symlink_metadata()?;
             let link = if meta.file_type().is_symlink() {

@@ -36,31 +36,9 @@ fn rendered_nginx_configuration_passes_nginx_t() {
     let mut vars = SiteVars::for_site("example.org", "www.example.org");
     vars.proxy_conf = dir.join("foobar-proxy.conf").display().to_string();
     // nginx -t loads the certificate, as first boot would have made it.
-    vars.tls_certificate = dir.join("cert.pem").display().to_string();
-    vars.tls_key = dir.join("key.pem").display().to_string();
-    let openssl = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-days",
-            "1",
-        ])
-        .args([
-            "-subj",
-            "/CN=www.example.org",
-            "-keyout",
-            &vars.tls_key,
-            "-out",
-            &vars.tls_certificate,
-        ])
-        .output()
-        .unwrap();
-    assert!(openssl.status.success(), "{}", String::from_utf8_lossy(&openssl.stderr));
+    let (cert, key) = support::self_signed_certificate(&dir, &["www.example.org", "example.org"]);
+    vars.tls_certificate = cert.display().to_string();
+    vars.tls_key = key.display().to_string();
     std::fs::write(dir.join("site.conf"), render::site(&vars).unwrap()).unwrap();
     std::fs::write(
         dir.join("foobar-proxy.conf"),

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use foobar_builder::smoke::{self, Options, Outcome};
 use serde_json::{json, Value};
 
-use crate::support::{binary, temp_dir};
+use crate::support::{binary, self_signed_certificate, temp_dir};
 
 const SITE: &str = "www.foobar.com";
 const BARE: &str = "foobar.com";
@@ -67,33 +67,8 @@ fn certificate(names: &'static str) -> (PathBuf, PathBuf) {
     if let Some((_, cert, key)) = made.iter().find(|(n, _, _)| *n == names) {
         return (cert.clone(), key.clone());
     }
-    let dir = temp_dir("smoke-cert");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let san = names
-        .split(',')
-        .map(|n| format!("DNS:{n}"))
-        .collect::<Vec<_>>()
-        .join(",");
-    let status = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .args(["-days", "2", "-subj", "/CN=smoke test", "-addext"])
-        .arg(format!("subjectAltName={san}"))
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs (scripts/deps.sh installs it)");
-    assert!(status.success(), "openssl could not make a test certificate");
+    let list: Vec<&str> = names.split(',').collect();
+    let (cert, key) = self_signed_certificate(&temp_dir("smoke-cert"), &list);
     made.push((names, cert.clone(), key.clone()));
     (cert, key)
 }

@@ -274,3 +274,36 @@ pub fn sidecar(path: &std::path::Path, suffix: &str) -> PathBuf {
     name.push(format!(".{suffix}"));
     PathBuf::from(name)
 }
+
+/// A self-signed EC certificate and key in `dir` (`cert.pem`, `key.pem`) naming `names`, made by openssl as first boot
+/// makes the image's.
+pub fn self_signed_certificate(dir: &std::path::Path, names: &[&str]) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+            "-nodes",
+            "-days",
+            "2",
+        ])
+        .args(["-subj", &format!("/CN={}", names[0]), "-addext"])
+        .arg(format!("subjectAltName={}", san.join(",")))
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs (scripts/deps.sh installs it)");
+    assert!(
+        out.status.success(),
+        "openssl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
