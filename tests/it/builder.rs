@@ -193,14 +193,7 @@ fn verify_accepts_what_the_manifest_recorded_and_names_both_hashes_otherwise() {
     let extra = dir.join("site.raw");
     std::fs::write(&image, b"not really an image, but bytes with a hash").unwrap();
     std::fs::write(&extra, b"the raw twin").unwrap();
-    let sha = |p: &std::path::Path| {
-        let out = Command::new("sha256sum").arg(p).output().unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .to_string()
-    };
+    let sha = support::sha256sum;
     let manifest = serde_json::json!({
         "seed": "abc123",
         "outputs": [
@@ -209,17 +202,7 @@ fn verify_accepts_what_the_manifest_recorded_and_names_both_hashes_otherwise() {
         ],
     });
     std::fs::write(support::sidecar(&image, "manifest.json"), manifest.to_string()).unwrap();
-    let verify = |p: &std::path::Path| {
-        let out = Command::new(binary("imagebuild"))
-            .arg("verify")
-            .arg(p)
-            .output()
-            .unwrap();
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-        )
-    };
+    let verify = support::imagebuild_verify;
 
     let (code, text) = verify(&image);
     assert_eq!(code, Some(0), "{text}");

@@ -745,25 +745,9 @@ fn a_first_boot_cut_off_completes_on_the_next_boot_and_the_root_grows_to_the_dis
     ));
 }
 
-fn sha256(path: &Path) -> String {
-    let out = Command::new("sha256sum").arg(path).output().unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .to_string()
-}
-
 fn verify(image: &Path) -> (bool, String) {
-    let out = Command::new(binary("imagebuild"))
-        .arg("verify")
-        .arg(image)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
+    let (code, text) = support::imagebuild_verify(image);
+    (code == Some(0), text)
 }
 
 #[test]
@@ -786,13 +770,13 @@ fn two_builds_from_the_same_inputs_are_byte_identical_and_verify_catches_a_chang
         (built.image.clone(), built.raw.clone())
     };
     assert_eq!(
-        sha256(&again),
-        sha256(&reference),
+        support::sha256sum(&again),
+        support::sha256sum(&reference),
         "the qcow2 differs between two builds"
     );
     assert_eq!(
-        sha256(&dir.join("again.raw")),
-        sha256(&reference_raw),
+        support::sha256sum(&dir.join("again.raw")),
+        support::sha256sum(&reference_raw),
         "the raw image differs between two builds"
     );
 

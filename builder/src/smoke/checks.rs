@@ -16,12 +16,14 @@ pub struct Check {
     pub run: fn(&mut Suite) -> Outcome,
 }
 
+/// Runs first, and only with `--wait`.
+pub const WAIT_READY: Check = Check {
+    name: "wait-ready",
+    writes: false,
+    run: wait_ready,
+};
+
 pub const CHECKS: &[Check] = &[
-    Check {
-        name: "wait-ready",
-        writes: false,
-        run: wait_ready,
-    },
     Check {
         name: "connect",
         writes: false,

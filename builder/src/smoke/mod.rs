@@ -207,14 +207,13 @@ pub fn run(options: &Options, mut progress: impl FnMut(&CheckResult)) -> anyhow:
     let started = Instant::now();
     let mut suite = checks::Suite::new(&client, &target, options);
     let mut results = Vec::new();
-    for check in checks::CHECKS {
+    let wait = options.wait.map(|_| &checks::WAIT_READY);
+    for check in wait.into_iter().chain(checks::CHECKS) {
         let begun = Instant::now();
         let outcome = if suite.unreachable {
             Outcome::Skip(format!("nothing answers at {}", options.url))
         } else if check.writes && options.read_only {
             Outcome::Skip("read-only".to_string())
-        } else if check.name == "wait-ready" && options.wait.is_none() {
-            continue;
         } else {
             (check.run)(&mut suite)
         };

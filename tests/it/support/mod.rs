@@ -307,3 +307,26 @@ pub fn self_signed_certificate(dir: &std::path::Path, names: &[&str]) -> (PathBu
     );
     (cert, key)
 }
+
+/// The sha256 of a file by coreutils' `sha256sum`: a reader independent of imagebuild's own hashing.
+pub fn sha256sum(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum").arg(path).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// `imagebuild verify PATH`: its exit code and everything it printed.
+pub fn imagebuild_verify(path: &std::path::Path) -> (Option<i32>, String) {
+    let out = Command::new(binary("imagebuild"))
+        .arg("verify")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
