@@ -71,6 +71,90 @@ pub struct Config {
     pub first_boot_marker: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout: u64,
+    /// The site's own application server, which the agent runs and watches; absent: the built-in posts app only.
+    pub app: Option<AppConfig>,
+}
+
+/// The `[app]` table: the site's own application server.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AppConfig {
+    /// The name its output carries in the journal and its component in `/healthz`.
+    #[serde(default = "default_app_name")]
+    pub name: String,
+    /// The command line (argv); `{socket}` and `{port}` are replaced with where `listen` says it must listen.
+    pub command: Vec<String>,
+    /// Where the app listens: `unix:/path` or `127.0.0.1:PORT`.
+    pub listen: Listen,
+    /// Its working directory (the application files).
+    pub directory: PathBuf,
+    /// A path the agent GETs to ask whether the app is healthy (2xx or 3xx); absent: a connect is enough.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// Extra environment, on top of `DATABASE_URL`, `DATABASE_SOCKET`, `DATABASE_NAME` and `DATABASE_USER`.
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+fn default_app_name() -> String {
+    "app".to_string()
+}
+
+/// The placeholders an app's command line may use.
+pub const PLACEHOLDERS: &[&str] = &["{socket}", "{port}"];
+
+impl AppConfig {
+    /// The command line with its placeholders filled in from `listen`.
+    pub fn argv(&self) -> Vec<String> {
+        let (socket, port) = match &self.listen {
+            Listen::Unix(path) => (path.display().to_string(), String::new()),
+            Listen::Tcp(addr) => (
+                String::new(),
+                addr.rsplit_once(':').map(|(_, p)| p.to_string()).unwrap_or_default(),
+            ),
+        };
+        self.command
+            .iter()
+            .map(|arg| arg.replace("{socket}", &socket).replace("{port}", &port))
+            .collect()
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.command.first().map_or(true, |c| c.trim().is_empty()) {
+            bail!("key `app.command`: expected the app server's command line, like [\"gunicorn\", \"--bind\", \"unix:{{socket}}\", \"app:app\"]");
+        }
+        for arg in &self.command {
+            let mut rest = arg.as_str();
+            while let Some(start) = rest.find('{') {
+                let end = rest[start..].find('}').map(|e| start + e + 1).unwrap_or(rest.len());
+                let placeholder = &rest[start..end];
+                if !PLACEHOLDERS.contains(&placeholder) {
+                    bail!(
+                        "key `app.command`: unknown placeholder `{placeholder}` in `{arg}`; expected {}",
+                        PLACEHOLDERS.join(" or ")
+                    );
+                }
+                rest = &rest[end..];
+            }
+        }
+        let joined = self.command.join(" ");
+        let needs = match &self.listen {
+            Listen::Unix(_) => "{socket}",
+            Listen::Tcp(_) => "{port}",
+        };
+        if !joined.contains(needs) {
+            bail!("key `app.command`: expected `{needs}` somewhere, to tell the app where to listen ({})", self.listen);
+        }
+        if let Some(health) = &self.health {
+            if !health.starts_with('/') || health.chars().any(|c| c.is_whitespace()) {
+                bail!("key `app.health`: expected a path like /health, got `{health}`");
+            }
+        }
+        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            bail!("key `app.name`: expected letters, digits, `-`, `_` or `.`, got `{}`", self.name);
+        }
+        Ok(())
+    }
 }
 
 impl Default for Config {
@@ -83,6 +167,7 @@ impl Default for Config {
             migrate_lock_timeout: 60,
             first_boot_marker: None,
             shutdown_timeout: 10,
+            app: None,
         }
     }
 }
@@ -122,6 +207,9 @@ impl Config {
         }
         if self.migrate_lock_timeout == 0 {
             bail!("key `migrate-lock-timeout`: expected at least 1 second");
+        }
+        if let Some(app) = &self.app {
+            app.validate()?;
         }
         Ok(())
     }

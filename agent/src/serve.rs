@@ -10,6 +10,7 @@ use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
 use sqlx::{ConnectOptions as _, MySqlPool};
 use tokio::net::{TcpListener, UnixListener};
 
+use crate::app::{App, DatabaseEnv};
 use crate::config::{Config, Listen};
 use crate::state::{AppState, MigrationStatus};
 use crate::{migrate, systemd};
@@ -27,14 +28,15 @@ pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
 }
 
 /// Applies migrations until they are applied or fail for good, retrying while the database is unreachable.
-async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout: Duration) {
+/// Returns whether they were applied.
+async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout: Duration) -> bool {
     let mut delay = Duration::from_millis(250);
     loop {
         match migrate::apply(&state.pool, &migrator, lock_timeout).await {
             Ok(migrate::Applied { version, newly_applied }) => {
                 tracing::info!(version, newly_applied, "schema is current");
                 state.set_migration_status(MigrationStatus::Applied { version, newly_applied });
-                return;
+                return true;
             }
             Err(err) if err.is_retryable() => {
                 tracing::warn!(error = %err, retry_in = ?delay, "migrations not applied yet");
@@ -43,7 +45,7 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
             Err(err) => {
                 tracing::error!(error = %err, "migrations failed; the agent stays up but not ready");
                 state.set_migration_status(MigrationStatus::Failed(err.to_string()));
-                return;
+                return false;
             }
         }
         tokio::time::sleep(delay).await;
@@ -130,16 +132,28 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
 /// `foobar-agent serve`.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
-    let state = AppState::new(pool(&config)?, config.first_boot_marker.clone());
+    let app = config.app.clone().map(App::new);
+    let state = AppState::with_app(pool(&config)?, config.first_boot_marker.clone(), app.clone());
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
 
-    tokio::spawn(migrate_in_background(
+    // The site's own app starts once its schema is in place, and is stopped (gracefully) when the agent stops.
+    let (app_stop_tx, app_stop_rx) = tokio::sync::watch::channel(false);
+    let migrated = tokio::spawn(migrate_in_background(
         state.clone(),
         migrator,
         config.migrate_lock_timeout(),
     ));
+    let supervisor = app.map(|app| {
+        let database = DatabaseEnv::from_url(&config.database_url);
+        let grace = config.shutdown_timeout();
+        tokio::spawn(async move {
+            if migrated.await.unwrap_or(false) {
+                app.supervise(database, app_stop_rx, grace).await;
+            }
+        })
+    });
     tokio::spawn(notify_when_ready(state.clone()));
     if let Some(interval) = systemd::watchdog_interval() {
         tokio::spawn(async move {
@@ -171,6 +185,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         result = server => result.context("server failed")?,
         _ = deadline => tracing::warn!(timeout = ?config.shutdown_timeout(), "in-flight requests cut off at the shutdown timeout"),
+    }
+    // Stop taking requests first, then stop the app, so nginx does not send it work while it goes down.
+    let _ = app_stop_tx.send(true);
+    if let Some(supervisor) = supervisor {
+        let _ = supervisor.await;
     }
     state.pool.close().await;
     // A socket we bound ourselves is ours to remove; systemd's stays for the next start.

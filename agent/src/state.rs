@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use sqlx::MySqlPool;
 
+use crate::app::App;
 use crate::metrics::Metrics;
 
 /// Where the schema stands, as the background migration task last saw it.
@@ -24,11 +25,16 @@ pub struct Readiness {
     pub database: Result<(), String>,
     pub migrations: Result<i64, String>,
     pub first_boot: Result<(), String>,
+    /// The site's own app server, when there is one.
+    pub app: Option<Result<(), String>>,
 }
 
 impl Readiness {
     pub fn is_ready(&self) -> bool {
-        self.database.is_ok() && self.migrations.is_ok() && self.first_boot.is_ok()
+        self.database.is_ok()
+            && self.migrations.is_ok()
+            && self.first_boot.is_ok()
+            && self.app.as_ref().map_or(true, Result::is_ok)
     }
 }
 
@@ -41,6 +47,8 @@ pub struct Inner {
     pub first_boot_marker: Option<PathBuf>,
     pub metrics: Metrics,
     pub templates: tera::Tera,
+    /// The site's own app server, which the agent supervises; `None` for the built-in app alone.
+    pub app: Option<App>,
 }
 
 impl std::ops::Deref for AppState {
@@ -61,12 +69,17 @@ fn templates() -> tera::Tera {
 
 impl AppState {
     pub fn new(pool: MySqlPool, first_boot_marker: Option<PathBuf>) -> AppState {
+        Self::with_app(pool, first_boot_marker, None)
+    }
+
+    pub fn with_app(pool: MySqlPool, first_boot_marker: Option<PathBuf>, app: Option<App>) -> AppState {
         AppState(Arc::new(Inner {
             pool,
             migrations: RwLock::new(MigrationStatus::Pending(None)),
             first_boot_marker,
             metrics: Metrics::default(),
             templates: templates(),
+            app,
         }))
     }
 
@@ -100,10 +113,17 @@ impl AppState {
             Some(marker) if marker.exists() => Ok(()),
             Some(marker) => Err(format!("first boot not complete ({} missing)", marker.display())),
         };
+        let app = match &self.app {
+            None => None,
+            // The app starts only after the migrations; before that, its absence is not news.
+            Some(_) if migrations.is_err() => Some(Err("app not started: waiting for migrations".to_string())),
+            Some(app) => Some(app.check().await),
+        };
         Readiness {
             database,
             migrations,
             first_boot,
+            app,
         }
     }
 }

@@ -4,6 +4,7 @@
 //!
 //! Fast tiers always run. The QEMU tier runs only when `FOOBAR_E2E=1` (CI sets it); see `e2e.rs`.
 
+mod agent_app;
 mod agent_http;
 mod agent_process;
 mod builder;

@@ -17,8 +17,13 @@ pub async fn livez() -> Json<Value> {
 /// 200 only when the database answers, migrations are applied and first boot is complete.
 pub async fn readyz(State(state): State<AppState>) -> Response {
     let r = state.readiness().await;
-    let problems: Vec<String> = [r.database.err(), r.migrations.err(), r.first_boot.err()]
-        .into_iter()
+    let problems: Vec<String> = [
+        r.database.err(),
+        r.migrations.err(),
+        r.first_boot.err(),
+        r.app.and_then(Result::err),
+    ]
+    .into_iter()
         .flatten()
         .collect();
     if problems.is_empty() {
@@ -62,6 +67,19 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
             "first-boot:marker": check(&r.first_boot, None),
         },
     });
+    if let (Some(app), Some(result)) = (&state.app, &r.app) {
+        // The site's own app server: whether it answers, how often it was restarted, how its last run ended and
+        // what it printed last (an app that dies at start says why here).
+        let status = app.status();
+        let mut entry = check(result, None);
+        entry[0]["componentId"] = json!(app.config.name);
+        entry[0]["componentType"] = json!("app");
+        entry[0]["pid"] = json!(status.pid);
+        entry[0]["restarts"] = json!(status.restarts);
+        entry[0]["lastExit"] = json!(status.last_exit);
+        entry[0]["lastOutput"] = json!(status.last_output);
+        body["checks"]["app:process"] = entry;
+    }
     if let Some(n) = newly_applied {
         // How many migrations this start applied: 0 on every boot after the one that brought them.
         body["checks"]["migrations:version"][0]["appliedThisStart"] = json!(n);

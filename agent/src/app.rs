@@ -1,0 +1,368 @@
+//! The site's own application server: started after migrations, restarted with backoff when it dies, stopped
+//! gracefully, its output sent to the journal under its own name, and asked whether it answers.
+
+use std::collections::VecDeque;
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader};
+use tokio::net::{TcpStream, UnixStream};
+use tokio::process::{Child, Command};
+use tokio::sync::watch;
+
+use crate::config::{AppConfig, Listen};
+
+/// How many of the app's last output lines `/healthz` shows.
+const KEPT_LINES: usize = 20;
+/// A longer line is cut here (in the buffer; the journal gets it whole).
+const KEPT_LINE_CHARS: usize = 300;
+/// The first restart waits this long; each quick death doubles it, up to `MAX_BACKOFF`.
+const FIRST_BACKOFF: Duration = Duration::from_millis(500);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A run at least this long counts as healthy: the next death restarts after `FIRST_BACKOFF` again.
+const STABLE_RUN: Duration = Duration::from_secs(30);
+/// How long a health probe may take.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What `/healthz` shows about the app.
+#[derive(Debug, Clone, Default)]
+pub struct AppStatus {
+    pub pid: Option<u32>,
+    pub restarts: u64,
+    /// `exit status 3` or `killed by signal 9`, for the last run that ended.
+    pub last_exit: Option<String>,
+    pub last_output: VecDeque<String>,
+    /// Set while waiting to restart after a death.
+    pub next_start_in: Option<Duration>,
+}
+
+/// The running app and what is known about it; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    pub config: Arc<AppConfig>,
+    status: Arc<Mutex<AppStatus>>,
+}
+
+impl App {
+    pub fn new(config: AppConfig) -> App {
+        App {
+            config: Arc::new(config),
+            status: Arc::new(Mutex::new(AppStatus::default())),
+        }
+    }
+
+    pub fn status(&self) -> AppStatus {
+        self.status.lock().expect("app status lock").clone()
+    }
+
+    fn update(&self, f: impl FnOnce(&mut AppStatus)) {
+        f(&mut self.status.lock().expect("app status lock"));
+    }
+
+    /// `Ok` when the app runs and answers: its health path with 2xx/3xx, or a connect when it has none.
+    pub async fn check(&self) -> Result<(), String> {
+        let status = self.status();
+        let name = &self.config.name;
+        if status.pid.is_none() {
+            let why = match (&status.last_exit, status.next_start_in) {
+                (Some(exit), Some(wait)) => format!(", restarting in {:.1} s after {exit}", wait.as_secs_f64()),
+                (Some(exit), None) => format!(", last {exit}"),
+                _ => String::new(),
+            };
+            return Err(format!("app `{name}` is not running{why}"));
+        }
+        match tokio::time::timeout(PROBE_TIMEOUT, probe(&self.config.listen, self.config.health.as_deref())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(err)) => Err(format!("app `{name}` does not answer on {}: {err}", self.config.listen)),
+            Err(_) => Err(format!(
+                "app `{name}` did not answer on {} within {} s",
+                self.config.listen,
+                PROBE_TIMEOUT.as_secs()
+            )),
+        }
+    }
+
+    /// Runs the app until `stop` turns true, restarting it whenever it dies; then stops it gracefully.
+    pub async fn supervise(self, database: DatabaseEnv, mut stop: watch::Receiver<bool>, grace: Duration) {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            if *stop.borrow() {
+                return;
+            }
+            let started = Instant::now();
+            let mut child = match self.spawn(&database) {
+                Ok(child) => child,
+                Err(err) => {
+                    tracing::error!(app = %self.config.name, error = %err, "cannot start the app");
+                    self.update(|s| {
+                        s.last_exit = Some(format!("failed to start: {err}"));
+                        s.restarts += 1;
+                    });
+                    if self.wait_before_restart(&mut backoff, started, &mut stop).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let pid = child.id();
+            tracing::info!(app = %self.config.name, pid, argv = ?self.config.argv(), "app started");
+            self.update(|s| {
+                s.pid = pid;
+                s.next_start_in = None;
+            });
+            let exit = tokio::select! {
+                status = child.wait() => status,
+                _ = stopped(&mut stop) => {
+                    self.stop_gracefully(&mut child, grace).await;
+                    self.update(|s| s.pid = None);
+                    return;
+                }
+            };
+            // Whatever it left behind (workers of a killed master) would hold the socket; end them too.
+            if let Some(pid) = pid {
+                signal_group(pid, libc::SIGKILL);
+            }
+            let exit = match exit {
+                Ok(status) => describe(status),
+                Err(err) => format!("lost: {err}"),
+            };
+            tracing::warn!(app = %self.config.name, %exit, ran = ?started.elapsed(), "app exited");
+            self.update(|s| {
+                s.pid = None;
+                s.restarts += 1;
+                s.last_exit = Some(exit);
+            });
+            if self.wait_before_restart(&mut backoff, started, &mut stop).await {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps the backoff (reset after a stable run, doubled after a quick death); true when told to stop meanwhile.
+    async fn wait_before_restart(&self, backoff: &mut Duration, started: Instant, stop: &mut watch::Receiver<bool>) -> bool {
+        if started.elapsed() >= STABLE_RUN {
+            *backoff = FIRST_BACKOFF;
+        }
+        let wait = *backoff;
+        *backoff = (*backoff * 2).min(MAX_BACKOFF);
+        self.update(|s| s.next_start_in = Some(wait));
+        tracing::info!(app = %self.config.name, wait = ?wait, "restarting the app after a pause");
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => false,
+            _ = stopped(stop) => true,
+        }
+    }
+
+    fn spawn(&self, database: &DatabaseEnv) -> std::io::Result<Child> {
+        let argv = self.config.argv();
+        if let Listen::Unix(path) = &self.config.listen {
+            // A socket file left by the last run makes most servers fail with "address in use".
+            remove_stale_socket(path);
+        }
+        let mut command = Command::new(&argv[0]);
+        command
+            .args(&argv[1..])
+            .current_dir(&self.config.directory)
+            .env("DATABASE_URL", &database.url)
+            .env("DATABASE_SOCKET", &database.socket)
+            .env("DATABASE_NAME", &database.name)
+            .env("DATABASE_USER", &database.user)
+            .envs(&self.config.env)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a death or a stop can reach the workers it forked.
+            .process_group(0)
+            .kill_on_drop(true);
+        if let Listen::Tcp(addr) = &self.config.listen {
+            if let Some((_, port)) = addr.rsplit_once(':') {
+                command.env("PORT", port);
+            }
+        }
+        let mut child = command.spawn()?;
+        let journal = Journal::open(&self.config.name);
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(self.clone().forward(out, journal.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(self.clone().forward(err, journal));
+        }
+        Ok(child)
+    }
+
+    /// Copies the app's output, line by line, to the journal and into the kept lines.
+    async fn forward(self, stream: impl AsyncRead + Unpin, journal: Journal) {
+        let mut lines = BufReader::new(stream).lines();
+        while let Ok(Some(line)) = lines.next_line().await {
+            journal.send(&line);
+            let kept: String = line.chars().take(KEPT_LINE_CHARS).collect();
+            self.update(|s| {
+                if s.last_output.len() == KEPT_LINES {
+                    s.last_output.pop_front();
+                }
+                s.last_output.push_back(kept);
+            });
+        }
+    }
+
+    /// SIGTERM, then SIGKILL to the whole group if it has not exited within `grace`.
+    async fn stop_gracefully(&self, child: &mut Child, grace: Duration) {
+        let Some(pid) = child.id() else { return };
+        tracing::info!(app = %self.config.name, pid, "stopping the app");
+        signal_pid(pid, libc::SIGTERM);
+        match tokio::time::timeout(grace, child.wait()).await {
+            Ok(status) => {
+                let exit = status.map(describe).unwrap_or_default();
+                tracing::info!(app = %self.config.name, %exit, "app stopped");
+            }
+            Err(_) => tracing::warn!(app = %self.config.name, ?grace, "app did not stop in time; killing it"),
+        }
+        signal_group(pid, libc::SIGKILL);
+    }
+}
+
+/// Resolves once `stop` is true (the `Ref` that `wait_for` returns must not live across the caller's awaits).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// What the app is told about its database.
+#[derive(Debug, Clone)]
+pub struct DatabaseEnv {
+    pub url: String,
+    pub socket: String,
+    pub name: String,
+    pub user: String,
+}
+
+impl DatabaseEnv {
+    /// Takes the parts from the agent's own `mysql://user@host/name?socket=/path` URL.
+    pub fn from_url(url: &str) -> DatabaseEnv {
+        let rest = url.split_once("://").map_or(url, |(_, r)| r);
+        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let (authority, name) = before_query.split_once('/').unwrap_or((before_query, ""));
+        let user = authority
+            .rsplit_once('@')
+            .map(|(u, _)| u.split(':').next().unwrap_or(""))
+            .unwrap_or("");
+        let socket = query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("socket="))
+            .unwrap_or("");
+        DatabaseEnv {
+            url: url.to_string(),
+            socket: socket.to_string(),
+            name: name.to_string(),
+            user: user.to_string(),
+        }
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt as _;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(signal)) => format!("killed by signal {signal}"),
+        _ => status.to_string(),
+    }
+}
+
+fn signal_pid(pid: u32, signal: i32) {
+    // SAFETY: kill(2) has no memory effects; a pid that is gone gives ESRCH, which is fine.
+    unsafe {
+        libc::kill(pid as i32, signal);
+    }
+}
+
+fn signal_group(pid: u32, signal: i32) {
+    // SAFETY: as above; the app leads its own process group (`process_group(0)`), so -pid is that group.
+    unsafe {
+        libc::kill(-(pid as i32), signal);
+    }
+}
+
+fn remove_stale_socket(path: &Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// One connect (and, with a health path, one HTTP GET) to the app.
+async fn probe(listen: &Listen, health: Option<&str>) -> Result<(), String> {
+    match listen {
+        Listen::Unix(path) => {
+            let stream = UnixStream::connect(path).await.map_err(|e| e.to_string())?;
+            ask(stream, health).await
+        }
+        Listen::Tcp(addr) => {
+            let stream = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
+            ask(stream, health).await
+        }
+    }
+}
+
+async fn ask(mut stream: impl AsyncRead + tokio::io::AsyncWrite + Unpin, health: Option<&str>) -> Result<(), String> {
+    let Some(path) = health else { return Ok(()) };
+    let request =
+        format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nUser-Agent: foobar-agent\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.map_err(|e| e.to_string())?;
+    let mut head = [0u8; 64];
+    let mut read = 0;
+    while read < 12 {
+        let n = stream.read(&mut head[read..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        read += n;
+    }
+    let line = String::from_utf8_lossy(&head[..read]);
+    let code: Option<u16> = line
+        .strip_prefix("HTTP/1.")
+        .and_then(|r| r.get(2..5))
+        .and_then(|c| c.parse().ok());
+    match code {
+        Some(code) if (200..400).contains(&code) => Ok(()),
+        Some(code) => Err(format!("GET {path} answered {code}")),
+        None => Err(format!("GET {path} did not answer HTTP")),
+    }
+}
+
+/// The journal's native socket, where each line is sent under the app's name; without one (outside an image),
+/// lines go to the agent's own stderr with the name in front.
+#[derive(Clone)]
+struct Journal {
+    name: Arc<str>,
+    socket: Option<Arc<std::os::unix::net::UnixDatagram>>,
+}
+
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+impl Journal {
+    fn open(name: &str) -> Journal {
+        let socket = std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.connect(JOURNAL_SOCKET).map(|()| s))
+            .ok()
+            .map(Arc::new);
+        Journal {
+            name: name.into(),
+            socket,
+        }
+    }
+
+    fn send(&self, line: &str) {
+        let sent = self.socket.as_ref().is_some_and(|socket| {
+            let message = format!(
+                "SYSLOG_IDENTIFIER={}\nPRIORITY=6\nMESSAGE={}\n",
+                self.name,
+                line.replace('\n', " ")
+            );
+            socket.send(message.as_bytes()).is_ok()
+        });
+        if !sent {
+            eprintln!("{}: {line}", self.name);
+        }
+    }
+}

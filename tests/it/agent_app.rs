@@ -1,0 +1,245 @@
+//! The agent running a site's own app server (`[app]` in its config): the app starts after migrations with the
+//! database in its environment, `/readyz` follows whether it answers, a killed app comes back, an app that dies at
+//! start is retried with growing pauses and `/healthz` says why, and stopping the agent stops the app gracefully.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::mariadb;
+use crate::support::{self, get, wait_for_status, AgentProcess};
+
+const TINY_APP: &str = include_str!("fixtures/tiny_app.py");
+
+/// An agent config whose `[app]` runs `command` (TOML array text) listening on `listen`.
+fn app_config(dir: &Path, listen: &str, command: &str, extra: &str) -> PathBuf {
+    std::fs::write(dir.join("tiny_app.py"), TINY_APP).unwrap();
+    let migrations = dir.join("migrations");
+    std::fs::create_dir_all(&migrations).unwrap();
+    std::fs::write(
+        migrations.join("0001_tiny.sql"),
+        "CREATE TABLE tiny_notes (id BIGINT PRIMARY KEY AUTO_INCREMENT, body TEXT NOT NULL);\n",
+    )
+    .unwrap();
+    let config = dir.join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "migrations = \"{}\"\n\n[app]\nname = \"tiny\"\ncommand = {command}\nlisten = \"{listen}\"\ndirectory = \"{}\"\n{extra}\n",
+            migrations.display(),
+            dir.display()
+        ),
+    )
+    .unwrap();
+    config
+}
+
+fn health(agent: &AgentProcess) -> Value {
+    get(&agent.url("/healthz")).unwrap().json()
+}
+
+fn app_check(agent: &AgentProcess) -> Value {
+    health(agent)["checks"]["app:process"][0].clone()
+}
+
+fn kill(pid: i64, signal: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(ok.success(), "kill -{signal} {pid}");
+}
+
+fn process_exists(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn the_app_starts_after_migrations_with_the_database_in_its_environment() {
+    let dir = support::temp_dir("app-env");
+    let port = support::free_port();
+    let config = app_config(
+        &dir,
+        &format!("127.0.0.1:{port}"),
+        r#"["python3", "tiny_app.py", "--port", "{port}"]"#,
+        "health = \"/health\"\nenv = { GREETING = \"hello\" }",
+    );
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    let agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+
+    // Its migration ran before it started.
+    let database = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+    let tables = db.sql(&format!("SHOW TABLES FROM `{database}`"));
+    assert!(tables.contains("tiny_notes"), "{tables}");
+
+    let env = get(&format!("http://127.0.0.1:{port}/env")).unwrap().json();
+    assert_eq!(env["DATABASE_URL"], url.as_str());
+    assert_eq!(env["DATABASE_NAME"], database);
+    assert_eq!(env["DATABASE_SOCKET"], db.socket().display().to_string());
+    assert_eq!(env["PORT"], port.to_string());
+    assert_eq!(env["GREETING"], "hello");
+    assert_eq!(env["cwd"], dir.display().to_string());
+
+    let check = app_check(&agent);
+    assert_eq!(check["status"], "pass", "{check}");
+    assert_eq!(check["componentId"], "tiny");
+    assert_eq!(check["restarts"], 0);
+    assert_eq!(check["pid"], env["pid"]);
+    // Its output reaches the agent's log under its name (the journal, in the image).
+    assert!(
+        agent.log().contains("tiny: tiny app listening on"),
+        "{}",
+        agent.log()
+    );
+}
+
+#[test]
+fn readiness_follows_the_apps_own_health_path() {
+    let dir = support::temp_dir("app-health");
+    let socket = dir.join("app.sock");
+    let unhealthy = dir.join("unhealthy");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        &format!(
+            "health = \"/health\"\nenv = {{ UNHEALTHY_FILE = \"{}\" }}",
+            unhealthy.display()
+        ),
+    );
+    let agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    std::fs::write(&unhealthy, "").unwrap();
+    let r = get(&agent.url("/readyz")).unwrap();
+    assert_eq!(r.status, 503, "{}", r.body);
+    assert!(r.body.contains("GET /health answered 500"), "{}", r.body);
+    std::fs::remove_file(&unhealthy).unwrap();
+    assert_eq!(get(&agent.url("/readyz")).unwrap().status, 200);
+}
+
+#[test]
+fn a_killed_app_is_restarted_and_ready_again_within_seconds() {
+    let dir = support::temp_dir("app-kill");
+    let socket = dir.join("app.sock");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        "",
+    );
+    let agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let pid = app_check(&agent)["pid"].as_i64().expect("the app's pid");
+
+    kill(pid, "KILL");
+    // The kernel tears the process down a moment after the signal; until the restart, nothing answers.
+    wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(2));
+    let back = wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(10));
+    let check = app_check(&agent);
+    assert_eq!(check["restarts"], 1, "{check}");
+    assert_eq!(check["lastExit"], "killed by signal 9");
+    assert_ne!(check["pid"].as_i64(), Some(pid));
+    assert!(!process_exists(pid));
+    eprintln!("app back {back:?} after SIGKILL");
+}
+
+#[test]
+fn an_app_that_dies_at_start_is_retried_with_growing_pauses_and_health_says_why() {
+    let dir = support::temp_dir("app-crash");
+    let config = app_config(
+        &dir,
+        "127.0.0.1:9",
+        r#"["sh", "-c", "echo starting on $0; echo 'fatal: settings.ini is missing' >&2; exit 3", "{port}"]"#,
+        "",
+    );
+    let agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    let started = Instant::now();
+    // Wait for the first death to be reported.
+    let mut check = Value::Null;
+    while started.elapsed() < Duration::from_secs(15) {
+        check = app_check(&agent);
+        if check["lastExit"].is_string() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(check["lastExit"], "exit status 3", "{check}");
+    assert_eq!(check["status"], "fail");
+    let output: Vec<String> = serde_json::from_value(check["lastOutput"].clone()).unwrap();
+    assert!(
+        output.iter().any(|l| l == "fatal: settings.ini is missing"),
+        "{output:?}"
+    );
+    assert!(output.iter().any(|l| l == "starting on 9"), "{output:?}");
+
+    std::thread::sleep(Duration::from_secs(6));
+    let restarts = app_check(&agent)["restarts"].as_u64().unwrap();
+    // 0.5 + 1 + 2 + 4 s of pauses fit in about 7 s: a tight loop would have restarted hundreds of times.
+    assert!((2..=6).contains(&restarts), "{restarts} restarts in ~7 s");
+    assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
+    let ready = get(&agent.url("/readyz")).unwrap();
+    assert_eq!(ready.status, 503);
+    assert!(ready.body.contains("app `tiny` is not running"), "{}", ready.body);
+    assert_eq!(health(&agent)["status"], "fail");
+}
+
+#[test]
+fn stopping_the_agent_stops_the_app_gracefully() {
+    let dir = support::temp_dir("app-stop");
+    let socket = dir.join("app.sock");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        "",
+    );
+    let mut agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let pid = app_check(&agent)["pid"].as_i64().unwrap();
+    agent.signal("TERM");
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    let log = agent.log();
+    assert!(log.contains("tiny: got SIGTERM, stopping"), "{log}");
+    assert!(log.contains("exit status 0"), "{log}");
+    assert!(!process_exists(pid), "the app outlived the agent");
+}
+
+#[test]
+fn bad_app_settings_are_refused_naming_the_key() {
+    let dir = support::temp_dir("app-bad");
+    for (command, listen, expected) in [
+        ("[]", "127.0.0.1:9", "key `app.command`: expected the app server's command line"),
+        (
+            r#"["app", "--listen", "{host}"]"#,
+            "127.0.0.1:9",
+            "unknown placeholder `{host}`",
+        ),
+        (
+            r#"["app", "--bind", "127.0.0.1:8000"]"#,
+            "127.0.0.1:9",
+            "expected `{port}` somewhere",
+        ),
+    ] {
+        let config = app_config(&dir, listen, command, "");
+        let (code, _, stderr) = support::agent_command(&["serve", "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(stderr.contains(expected), "{command}: {stderr}");
+        assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+    }
+}
