@@ -120,7 +120,7 @@ impl AppConfig {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.command.first().map_or(true, |c| c.trim().is_empty()) {
+        if self.command.first().is_none_or(|c| c.trim().is_empty()) {
             bail!("key `app.command`: expected the app server's command line, like [\"gunicorn\", \"--bind\", \"unix:{{socket}}\", \"app:app\"]");
         }
         for arg in &self.command {

@@ -34,7 +34,7 @@ impl Readiness {
         self.database.is_ok()
             && self.migrations.is_ok()
             && self.first_boot.is_ok()
-            && self.app.as_ref().map_or(true, Result::is_ok)
+            && self.app.as_ref().is_none_or(Result::is_ok)
     }
 }
 
