@@ -170,6 +170,11 @@ impl App {
             .env("DATABASE_NAME", &database.name)
             .env("DATABASE_USER", &database.user)
             .envs(&self.config.env)
+            // systemd's notification socket is the agent's: a server that speaks sd_notify (gunicorn does) would
+            // otherwise report to a unit that does not listen to it.
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("WATCHDOG_USEC")
+            .env_remove("WATCHDOG_PID")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -182,7 +187,7 @@ impl App {
             }
         }
         let mut child = command.spawn()?;
-        let journal = Journal::open(&self.config.name);
+        let journal = Journal::open(&self.config.name, child.id());
         if let Some(out) = child.stdout.take() {
             tokio::spawn(self.clone().forward(out, journal.clone()));
         }
@@ -335,28 +340,32 @@ async fn ask(mut stream: impl AsyncRead + tokio::io::AsyncWrite + Unpin, health:
 #[derive(Clone)]
 struct Journal {
     name: Arc<str>,
+    pid: Option<u32>,
     socket: Option<Arc<std::os::unix::net::UnixDatagram>>,
 }
 
 const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
 
 impl Journal {
-    fn open(name: &str) -> Journal {
+    fn open(name: &str, pid: Option<u32>) -> Journal {
         let socket = std::os::unix::net::UnixDatagram::unbound()
             .and_then(|s| s.connect(JOURNAL_SOCKET).map(|()| s))
             .ok()
             .map(Arc::new);
         Journal {
             name: name.into(),
+            pid,
             socket,
         }
     }
 
     fn send(&self, line: &str) {
         let sent = self.socket.as_ref().is_some_and(|socket| {
+            // The journal stamps the sender (the agent); SYSLOG_PID names the app's own process.
             let message = format!(
-                "SYSLOG_IDENTIFIER={}\nPRIORITY=6\nMESSAGE={}\n",
+                "SYSLOG_IDENTIFIER={}\nSYSLOG_PID={}\nPRIORITY=6\nMESSAGE={}\n",
                 self.name,
+                self.pid.unwrap_or_default(),
                 line.replace('\n', " ")
             );
             socket.send(message.as_bytes()).is_ok()

@@ -53,10 +53,10 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
     }
 }
 
-/// Sends `READY=1` the first time `/readyz` would answer 200.
+/// Sends `READY=1` the first time the agent's own parts are ready (with the built-in app: when `/readyz` is 200).
 async fn notify_when_ready(state: AppState) {
     loop {
-        if state.readiness().await.is_ready() {
+        if state.readiness().await.agent_ready() {
             tracing::info!("ready");
             systemd::notify("READY=1");
             return;

@@ -30,6 +30,13 @@ pub struct Readiness {
 }
 
 impl Readiness {
+    /// The agent's own parts: what systemd is told with `READY=1`. A failing app server does not hold the unit in
+    /// "activating" (where systemd would time out and restart the agent, and its backoff, every 90 s); it shows in
+    /// `/readyz` and `/healthz`.
+    pub fn agent_ready(&self) -> bool {
+        self.database.is_ok() && self.migrations.is_ok() && self.first_boot.is_ok()
+    }
+
     pub fn is_ready(&self) -> bool {
         self.database.is_ok()
             && self.migrations.is_ok()

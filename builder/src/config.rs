@@ -1,6 +1,7 @@
 //! The image configuration (`image/foobar.toml` by default): parsed once, validated, and never read again by stages.
 
-use std::path::Path;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,8 @@ pub struct ImageConfig {
     pub site: Site,
     pub disk: Disk,
     pub access: Access,
+    /// The site's own application server; absent: the built-in posts app.
+    pub app: Option<App>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -82,6 +85,193 @@ pub struct Access {
     pub ssh_authorized_keys: Vec<String>,
 }
 
+/// `[app]`: the site's own application server, which the agent runs behind nginx.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct App {
+    /// Its name in the journal and in `/healthz`.
+    #[serde(default = "default_app_name")]
+    pub name: String,
+    /// The directory of application files copied into the image (relative paths: from the config file's directory).
+    pub files: PathBuf,
+    /// The app server's command line (argv), run in the files' directory, with `{socket}` or `{port}` for where it
+    /// must listen.
+    pub command: Vec<String>,
+    /// Debian packages it needs, installed in the image.
+    #[serde(default)]
+    pub packages: Vec<String>,
+    /// Its own health path, which the agent GETs for `/readyz`; absent: a connect is enough.
+    #[serde(default)]
+    pub health: Option<String>,
+    /// A directory of `NNNN_name.sql` migrations the agent applies before starting it.
+    #[serde(default)]
+    pub migrations: Option<PathBuf>,
+    /// Extra environment variables.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Path prefixes nginx sends to the app; `/` means every path that is not a static file.
+    #[serde(default = "default_routes")]
+    pub routes: Vec<String>,
+}
+
+fn default_app_name() -> String {
+    "app".to_string()
+}
+
+fn default_routes() -> Vec<String> {
+    vec!["/".to_string()]
+}
+
+/// The placeholders `app.command` may use: where the agent tells the app to listen.
+pub const APP_PLACEHOLDERS: &[&str] = &["{socket}", "{port}"];
+
+/// Variables the agent sets for the app itself; `app.env` may not override them.
+pub const APP_RESERVED_ENV: &[&str] = &["DATABASE_URL", "DATABASE_SOCKET", "DATABASE_NAME", "DATABASE_USER", "PORT"];
+
+/// Paths that stay with nginx and the agent whatever the app's routes say.
+const RESERVED_PATHS: &[&str] = &["/static/", "/livez", "/readyz", "/healthz", "/metrics"];
+
+/// Where an app listens, as decided by its command's placeholder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppListen {
+    Socket,
+    Port,
+}
+
+impl App {
+    /// Which placeholder the command uses; validation made sure it is exactly one kind.
+    pub fn listen(&self) -> AppListen {
+        if self.command.iter().any(|a| a.contains("{socket}")) {
+            AppListen::Socket
+        } else {
+            AppListen::Port
+        }
+    }
+
+    /// Makes relative paths relative to the config file's directory.
+    fn resolve(&mut self, base: &Path) {
+        if self.files.is_relative() {
+            self.files = base.join(&self.files);
+        }
+        if let Some(m) = self.migrations.as_mut().filter(|m| m.is_relative()) {
+            *m = base.join(&*m);
+        }
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        if self.name.is_empty()
+            || self.name.len() > 32
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        {
+            bail!(
+                "key `app.name`: expected up to 32 lowercase letters, digits and `-`, like notes, got `{}`",
+                self.name
+            );
+        }
+        if !self.files.is_dir() {
+            bail!(
+                "key `app.files`: expected a directory of application files, but {} is not one \
+                 (a relative path is taken from the config file's directory)",
+                self.files.display()
+            );
+        }
+        if self.command.first().is_none_or(|c| c.trim().is_empty()) {
+            bail!("key `app.command`: expected the app server's command line as a list, like [\"gunicorn\", \"--bind\", \"unix:{{socket}}\", \"app:app\"]");
+        }
+        for arg in &self.command {
+            let mut rest = arg.as_str();
+            while let Some(start) = rest.find('{') {
+                let end = rest[start..].find('}').map_or(rest.len(), |e| start + e + 1);
+                let placeholder = &rest[start..end];
+                if !APP_PLACEHOLDERS.contains(&placeholder) {
+                    bail!(
+                        "key `app.command`: unknown placeholder `{placeholder}` in `{arg}`; expected {}",
+                        APP_PLACEHOLDERS.join(" or ")
+                    );
+                }
+                rest = &rest[end..];
+            }
+        }
+        let joined = self.command.join(" ");
+        match (joined.contains("{socket}"), joined.contains("{port}")) {
+            (true, true) => bail!("key `app.command`: expected one of `{{socket}}` or `{{port}}`, not both"),
+            (false, false) => bail!(
+                "key `app.command`: expected `{{socket}}` (a unix socket path) or `{{port}}` (a TCP port on 127.0.0.1) \
+                 where the app is told to listen"
+            ),
+            _ => {}
+        }
+        check_package_names("app.packages", &self.packages)?;
+        if let Some(health) = &self.health {
+            if !health.starts_with('/') || !health.chars().all(is_path_char) {
+                bail!("key `app.health`: expected a path like /health, got `{health}`");
+            }
+        }
+        if let Some(dir) = &self.migrations {
+            let entries = std::fs::read_dir(dir).with_context(|| {
+                format!(
+                    "key `app.migrations`: expected a directory of NNNN_name.sql files, but cannot read {}",
+                    dir.display()
+                )
+            })?;
+            for entry in entries {
+                let name = entry?.file_name().to_string_lossy().into_owned();
+                let (number, rest) = name.split_once('_').unwrap_or(("", ""));
+                if number.is_empty() || !number.chars().all(|c| c.is_ascii_digit()) || !rest.ends_with(".sql") {
+                    bail!(
+                        "key `app.migrations`: expected only NNNN_name.sql files in {}, found `{name}`",
+                        dir.display()
+                    );
+                }
+            }
+        }
+        for key in self.env.keys() {
+            let valid = key.chars().next().is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !valid {
+                bail!("key `app.env`: expected variable names like LOG_LEVEL, got `{key}`");
+            }
+            if APP_RESERVED_ENV.contains(&key.as_str()) {
+                bail!("key `app.env`: `{key}` is set by the agent for every app and cannot be overridden");
+            }
+        }
+        if self.routes.is_empty() {
+            bail!("key `app.routes`: expected at least one path prefix, like [\"/\"] (everything that is not static)");
+        }
+        for route in &self.routes {
+            if !route.starts_with('/') || !route.chars().all(is_path_char) {
+                bail!("key `app.routes`: expected path prefixes like /app/, got `{route}`");
+            }
+            if route != "/" && RESERVED_PATHS.iter().any(|r| r.starts_with(route.as_str()) || route.starts_with(r)) {
+                bail!(
+                    "key `app.routes`: `{route}` overlaps {}, which stay with nginx and the agent",
+                    RESERVED_PATHS.join(", ")
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+fn is_path_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "/-._~".contains(c)
+}
+
+fn check_package_names(key: &str, packages: &[String]) -> anyhow::Result<()> {
+    if let Some(bad) = packages.iter().find(|p| {
+        p.is_empty()
+            || !p
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
+    }) {
+        bail!("key `{key}`: expected Debian package names, got `{bad}`");
+    }
+    Ok(())
+}
+
 fn is_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
@@ -96,8 +286,12 @@ fn is_hostname(name: &str) -> bool {
 
 impl ImageConfig {
     /// Parses `text`; `origin` names the file in every error.
-    pub fn parse(text: &str, origin: &str) -> anyhow::Result<ImageConfig> {
-        let config: ImageConfig = toml::from_str(text).with_context(|| format!("invalid config file {origin}"))?;
+    /// Relative paths in it (`app.files`, `app.migrations`) are taken from `base`.
+    pub fn parse(text: &str, origin: &str, base: &Path) -> anyhow::Result<ImageConfig> {
+        let mut config: ImageConfig = toml::from_str(text).with_context(|| format!("invalid config file {origin}"))?;
+        if let Some(app) = config.app.as_mut() {
+            app.resolve(base);
+        }
         config
             .validate()
             .with_context(|| format!("invalid config file {origin}"))?;
@@ -106,11 +300,12 @@ impl ImageConfig {
 
     pub fn load(path: Option<&Path>) -> anyhow::Result<ImageConfig> {
         match path {
-            None => Self::parse(DEFAULT_CONFIG, "image/foobar.toml (built in)"),
+            None => Self::parse(DEFAULT_CONFIG, "image/foobar.toml (built in)", Path::new(".")),
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                Self::parse(&text, &path.display().to_string())
+                let base = path.parent().unwrap_or(Path::new("."));
+                Self::parse(&text, &path.display().to_string(), base)
             }
         }
     }
@@ -145,13 +340,9 @@ impl ImageConfig {
                 self.debian.suite
             );
         }
-        if let Some(bad) = self.debian.packages.iter().find(|p| {
-            p.is_empty()
-                || !p
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
-        }) {
-            bail!("key `debian.packages`: expected Debian package names, got `{bad}`");
+        check_package_names("debian.packages", &self.debian.packages)?;
+        if let Some(app) = &self.app {
+            app.validate()?;
         }
         if self.disk.size_mib < 1024 {
             bail!(

@@ -174,9 +174,18 @@ impl Context {
                 .or_else(last_commit_time)
                 .unwrap_or(FALLBACK_EPOCH),
         };
+        // The app's files and migrations decide the image as much as the config text that names them.
+        let mut app_sha256 = String::new();
+        if let Some(app) = &config.app {
+            let mut text = tree_digest(&app.files)?;
+            if let Some(dir) = &app.migrations {
+                text.push_str(&tree_digest(dir)?);
+            }
+            app_sha256 = sha256_hex(text.as_bytes());
+        }
         let seed = sha256_hex(
             format!(
-                "foobar-image-v1\nconfig:{}\nagent:{agent_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
+                "foobar-image-v1\nconfig:{}\napp:{app_sha256}\nagent:{agent_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
                 sha256_hex(&config_text),
                 ssh_keys.join(","),
                 env!("CARGO_PKG_VERSION")
@@ -218,6 +227,31 @@ impl Context {
             source_date_epoch,
         })
     }
+}
+
+/// One line per entry of a tree, in name order: relative path, kind, executable or not, and content hash.
+fn tree_digest(dir: &Path) -> anyhow::Result<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    fn walk(root: &Path, dir: &Path, out: &mut String) -> anyhow::Result<()> {
+        for entry in crate::normalize::sorted_entries(dir)? {
+            let path = entry.path();
+            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
+            let meta = path.symlink_metadata()?;
+            if meta.is_dir() {
+                out.push_str(&format!("{rel}/\n"));
+                walk(root, &path, out)?;
+            } else if meta.file_type().is_symlink() {
+                out.push_str(&format!("{rel} -> {}\n", std::fs::read_link(&path)?.display()));
+            } else {
+                let exec = meta.mode() & 0o111 != 0;
+                out.push_str(&format!("{rel} {exec} {}\n", sha256_file(&path)?));
+            }
+        }
+        Ok(())
+    }
+    let mut out = String::new();
+    walk(dir, dir, &mut out)?;
+    Ok(out)
 }
 
 fn absolute(path: &Path) -> anyhow::Result<PathBuf> {

@@ -6,8 +6,16 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
+use crate::config::{App, AppListen};
 use crate::context::Context;
 use crate::render;
+
+/// Where an `[app]`'s files and migrations go in the image, and where it listens.
+pub const APP_DIR: &str = "/srv/foobar/app";
+pub const APP_MIGRATIONS: &str = "/srv/foobar/migrations";
+pub const APP_SOCKET_DIR: &str = "/run/foobar-app";
+pub const APP_SOCKET: &str = "/run/foobar-app/app.sock";
+pub const APP_PORT: u16 = 8080;
 
 /// Files that must never ship in an image: each instance makes its own at first boot.
 pub const INSTANCE_FILES: &[&str] = &[
@@ -74,16 +82,89 @@ pub fn grub_cfg(root_uuid: &str, kernel: &str) -> String {
     )
 }
 
+/// The agent's view of an `[app]`: the command as written, where it listens, where its files are.
+pub fn agent_app(app: &App) -> render::AgentApp {
+    render::AgentApp {
+        name: app.name.clone(),
+        command: app.command.clone(),
+        listen: match app.listen() {
+            AppListen::Socket => format!("unix:{APP_SOCKET}"),
+            AppListen::Port => format!("127.0.0.1:{APP_PORT}"),
+        },
+        directory: APP_DIR.to_string(),
+        health: app.health.clone(),
+        env: app.env.clone(),
+    }
+}
+
+/// Where nginx reaches an `[app]`, in nginx's syntax.
+pub fn nginx_upstream(app: &App) -> String {
+    match app.listen() {
+        AppListen::Socket => format!("unix:{APP_SOCKET}"),
+        AppListen::Port => format!("127.0.0.1:{APP_PORT}"),
+    }
+}
+
+/// The app's files (root's, read-only to the app), its migrations (or none), its socket directory and the agent
+/// unit's exceptions for it.
+fn install_app(root: &Path, app: &App) -> anyhow::Result<()> {
+    copy_tree(&app.files, &root.join(APP_DIR.trim_start_matches('/')))
+        .with_context(|| format!("key `app.files`: cannot copy {}", app.files.display()))?;
+    let migrations = root.join(APP_MIGRATIONS.trim_start_matches('/'));
+    std::fs::create_dir_all(&migrations)?;
+    if let Some(dir) = &app.migrations {
+        copy_tree(dir, &migrations).with_context(|| format!("key `app.migrations`: cannot copy {}", dir.display()))?;
+    }
+    write(
+        root,
+        "etc/systemd/system/foobar-agent.service.d/app.conf",
+        include_str!("../../image/systemd/foobar-agent-app.conf"),
+        0o644,
+    )?;
+    write(
+        root,
+        "usr/lib/tmpfiles.d/foobar-app.conf",
+        format!("# The socket directory of the site's own app: the agent's user writes, nginx connects.\nd {APP_SOCKET_DIR} 0750 foobar www-data -\n"),
+        0o644,
+    )?;
+    Ok(())
+}
+
+/// Copies a tree: directories 0755, files 0644 (0755 when executable), symbolic links as they are.
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    std::fs::create_dir_all(to).with_context(|| format!("cannot create {}", to.display()))?;
+    std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o755))?;
+    for entry in crate::normalize::sorted_entries(from)? {
+        let (src, dest) = (entry.path(), to.join(entry.file_name()));
+        let meta = src.symlink_metadata()?;
+        if meta.is_dir() {
+            copy_tree(&src, &dest)?;
+        } else if meta.file_type().is_symlink() {
+            symlink(std::fs::read_link(&src)?, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+        } else if meta.is_file() {
+            std::fs::copy(&src, &dest).with_context(|| format!("cannot copy {}", src.display()))?;
+            let mode = if meta.mode() & 0o111 != 0 { 0o755 } else { 0o644 };
+            std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(mode))?;
+        }
+    }
+    Ok(())
+}
+
 pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     // The agent and its configuration.
     let agent = std::fs::read(&ctx.agent_bin).with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
     write(root, "usr/local/bin/foobar-agent", agent, 0o755)?;
+    let app = ctx.config.app.as_ref().map(|app| (app, agent_app(app)));
     write(
         root,
         "etc/foobar/agent.toml",
-        include_str!("../../image/files/agent.toml"),
+        render::agent_config(app.as_ref().map(|(_, agent)| (agent, APP_MIGRATIONS)))?,
         0o644,
     )?;
+    if let Some((app, _)) = &app {
+        install_app(root, app)?;
+    }
     write(
         root,
         "usr/lib/foobar/firstboot",
@@ -170,6 +251,9 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
 
     // nginx: our site only, on 80 and 443.
     let mut site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
+    if let Some((app, _)) = &app {
+        site = site.with_app(&nginx_upstream(app), &app.routes);
+    }
     let self_signed = ctx.config.site.tls_certificate.is_empty();
     if !self_signed {
         site.tls_certificate = ctx.config.site.tls_certificate.clone();

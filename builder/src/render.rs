@@ -1,4 +1,5 @@
-//! Rendering the nginx templates in `nginx/` from typed structs; an unknown variable is an error.
+//! Rendering the nginx templates in `nginx/` from typed structs (an unknown variable is an error), and the agent's
+//! configuration file.
 
 use anyhow::Context as _;
 use serde::Serialize;
@@ -33,6 +34,12 @@ pub struct SiteVars {
     /// `Name "value"` pairs added to every answer of the canonical site.
     pub security_headers: Vec<String>,
     pub posts_csp: String,
+    /// The built-in posts app's routes (`/posts`, `/api/`) are served; false when the site runs its own app.
+    pub builtin_app: bool,
+    /// The site's own app server (`unix:/path` or `127.0.0.1:PORT`, nginx syntax); empty: none.
+    pub app_upstream: String,
+    /// Path prefixes proxied to the app; `/` is every path that is not a file in the web root.
+    pub app_routes: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -61,8 +68,59 @@ impl SiteVars {
                 "X-Frame-Options \"DENY\"".to_string(),
             ],
             posts_csp: "default-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'".to_string(),
+            builtin_app: true,
+            app_upstream: String::new(),
+            app_routes: Vec::new(),
         }
     }
+
+    /// The site with its own app server at `upstream` (nginx syntax) for `routes`, instead of the built-in app.
+    pub fn with_app(mut self, upstream: &str, routes: &[String]) -> SiteVars {
+        self.builtin_app = false;
+        self.agent_prefixes.clear();
+        self.app_upstream = upstream.to_string();
+        self.app_routes = routes.to_vec();
+        self
+    }
+}
+
+/// The agent's `[app]` table as the image's `agent.toml` carries it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentApp {
+    pub name: String,
+    pub command: Vec<String>,
+    pub listen: String,
+    pub directory: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct AgentConfig<'a> {
+    listen: &'a str,
+    database_url: &'a str,
+    first_boot_marker: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrations: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a AgentApp>,
+}
+
+/// `/etc/foobar/agent.toml`: socket-activated, MariaDB over its socket with unix_socket auth, ready after first boot;
+/// with an app, its migrations replace the built-in ones and the agent runs it.
+pub fn agent_config(app: Option<(&AgentApp, &str)>) -> anyhow::Result<String> {
+    let config = AgentConfig {
+        listen: "unix:/run/foobar/agent.sock",
+        database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock",
+        first_boot_marker: "/var/lib/foobar/first-boot.done",
+        migrations: app.map(|(_, migrations)| migrations),
+        app: app.map(|(app, _)| app),
+    };
+    let text = toml::to_string(&config).context("cannot write the agent's configuration")?;
+    Ok(format!("# foobar-agent in the image (written by imagebuild; see README.md, \"The agent\").\n{text}"))
 }
 
 fn render(name: &str, template: &str, vars: &impl Serialize) -> anyhow::Result<String> {

@@ -75,6 +75,9 @@ const DATABASE_SQL: &str = include_str!("../../image/files/database.sql");
 pub fn packages(ctx: &Context) -> Vec<String> {
     let mut all: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
     all.extend(ctx.config.debian.packages.iter().cloned());
+    if let Some(app) = &ctx.config.app {
+        all.extend(app.packages.iter().cloned());
+    }
     all.sort();
     all.dedup();
     all
@@ -171,13 +174,39 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
     if !ctx.config.debian.mirror.is_empty() {
         c = c.arg(&ctx.config.debian.mirror);
     }
-    let result = c
-        .progress()
-        .run()
-        .context("mmdebstrap could not build the root file system");
+    let result = c.progress().run();
     let _ = std::fs::remove_file(&hook_file);
     let _ = std::fs::remove_file(&sql_file);
-    result
+    result.map_err(|err| match missing_package(ctx, &format!("{err:#}")) {
+        Some(named) => err.context(named),
+        None => err.context("mmdebstrap could not build the root file system"),
+    })
+}
+
+/// When apt did not find a package the config asked for, says which key named it.
+fn missing_package(ctx: &Context, output: &str) -> Option<String> {
+    let name = output.lines().find_map(|line| {
+        let rest = line
+            .split_once("Unable to locate package ")
+            .map(|(_, r)| r.trim())
+            .or_else(|| {
+                line.split_once("Package '")
+                    .filter(|(_, r)| r.contains("has no installation candidate"))
+                    .and_then(|(_, r)| r.split_once('\'').map(|(n, _)| n))
+            })?;
+        Some(rest.split_whitespace().next()?.to_string())
+    })?;
+    let named_by = if ctx.config.app.as_ref().is_some_and(|a| a.packages.contains(&name)) {
+        "key `app.packages`"
+    } else if ctx.config.debian.packages.contains(&name) {
+        "key `debian.packages`"
+    } else {
+        "the base package set"
+    };
+    Some(format!(
+        "{named_by}: the Debian archive ({}) has no package `{name}`; check the name (apt-cache search on a Debian {} machine)",
+        ctx.config.debian.suite, ctx.config.debian.suite
+    ))
 }
 
 fn layer_paths(ctx: &Context, cache: &Path) -> (PathBuf, PathBuf, PathBuf) {

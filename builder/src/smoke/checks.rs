@@ -121,6 +121,8 @@ pub struct Suite<'a> {
     page: Option<Reply>,
     post_id: Option<u64>,
     page_written: Option<String>,
+    /// The name of the site's own app server when `/healthz` reports one: the built-in posts app is not there.
+    own_app: Option<String>,
     /// Set when nothing listens at the URL: the remaining checks are skipped, not failed one by one.
     pub unreachable: bool,
 }
@@ -141,6 +143,7 @@ impl<'a> Suite<'a> {
             page: None,
             post_id: None,
             page_written: None,
+            own_app: None,
             unreachable: false,
         }
     }
@@ -336,6 +339,8 @@ fn readyz(s: &mut Suite) -> Outcome {
 fn healthz(s: &mut Suite) -> Outcome {
     outcome((|| {
         let (url, reply) = s.get("/healthz")?;
+        // Even a failing document says whether the site runs its own app.
+        s.own_app = serde_json::from_str(&reply.body).ok().and_then(|doc| own_app(&doc));
         expect_status(&url, &reply, 200)?;
         expect_type(&url, &reply, "application/health+json")?;
         let doc = json_body(&url, &reply)?;
@@ -371,7 +376,27 @@ fn healthz(s: &mut Suite) -> Outcome {
     })())
 }
 
+/// The `componentId` of a check with `"componentType": "app"`: the agent runs the site's own app server.
+fn own_app(health: &Value) -> Option<String> {
+    health.get("checks")?.as_object()?.values().find_map(|entries| {
+        let entry = entries.get(0)?;
+        (entry.get("componentType")? == "app").then(|| entry.get("componentId")?.as_str().map(String::from))?
+    })
+}
+
+/// The posts checks exercise the built-in app; a site that runs its own app (seen by `healthz`) skips them.
+fn skip_without_builtin_app(s: &Suite) -> Option<Outcome> {
+    s.own_app.as_ref().map(|app| {
+        Outcome::Skip(format!(
+            "the site runs its own app `{app}` (per /healthz); this check is for the built-in posts app"
+        ))
+    })
+}
+
 fn api_write(s: &mut Suite) -> Outcome {
+    if let Some(skip) = skip_without_builtin_app(s) {
+        return skip;
+    }
     outcome((|| {
         let url = s.site("/api/posts");
         let body = format!("{} via the API", s.marker);
@@ -399,6 +424,9 @@ fn api_write(s: &mut Suite) -> Outcome {
 }
 
 fn api_read(s: &mut Suite) -> Outcome {
+    if let Some(skip) = skip_without_builtin_app(s) {
+        return skip;
+    }
     outcome((|| {
         let (url, reply) = s.get("/api/posts?limit=20")?;
         expect_status(&url, &reply, 200)?;
@@ -429,6 +457,9 @@ fn api_read(s: &mut Suite) -> Outcome {
 }
 
 fn page_write(s: &mut Suite) -> Outcome {
+    if let Some(skip) = skip_without_builtin_app(s) {
+        return skip;
+    }
     outcome((|| {
         let url = s.site("/posts");
         let body = format!("{} via the page", s.marker);
@@ -445,6 +476,9 @@ fn page_write(s: &mut Suite) -> Outcome {
 }
 
 fn page_read(s: &mut Suite) -> Outcome {
+    if let Some(skip) = skip_without_builtin_app(s) {
+        return skip;
+    }
     outcome((|| {
         let (url, reply) = s.get("/posts")?;
         expect_status(&url, &reply, 200)?;
