@@ -30,10 +30,9 @@ fn grub_menu_snapshot() {
     expect_file!["snapshots/grub.cfg"].assert_eq(&cfg);
 }
 
-#[test]
-fn rendered_nginx_configuration_passes_nginx_t() {
-    let dir = support::temp_dir("nginx");
-    let mut vars = SiteVars::for_site("example.org", "www.example.org");
+/// The site rendered with `vars` (its paths moved into a scratch directory), checked by the real `nginx -t`.
+fn nginx_t(tag: &str, mut vars: SiteVars) -> (bool, String, std::path::PathBuf) {
+    let dir = support::temp_dir(tag);
     vars.proxy_conf = dir.join("foobar-proxy.conf").display().to_string();
     // nginx -t loads the certificate, as first boot would have made it.
     let (cert, key) = support::self_signed_certificate(&dir, &["www.example.org", "example.org"]);
@@ -54,24 +53,121 @@ fn rendered_nginx_configuration_passes_nginx_t() {
         ),
     )
     .unwrap();
-    let nginx_t = || {
-        Command::new("nginx")
-            .args(["-t", "-p"])
-            .arg(&dir)
-            .arg("-c")
-            .arg(dir.join("nginx.conf"))
-            .output()
-            .expect("nginx is installed (`just deps`)")
-    };
-    let out = nginx_t();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "nginx -t failed:\n{stderr}");
-    assert!(stderr.contains("test is successful"), "{stderr}");
+    let out = Command::new("nginx")
+        .args(["-t", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .output()
+        .expect("nginx is installed (`just deps`)");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out.status.success() && stderr.contains("test is successful"), stderr, dir)
+}
+
+#[test]
+fn rendered_nginx_configuration_passes_nginx_t() {
+    let (ok, stderr, dir) = nginx_t("nginx", SiteVars::for_site("example.org", "www.example.org"));
+    assert!(ok, "nginx -t failed:\n{stderr}");
 
     // And a broken one fails, so this check can fail.
     std::fs::write(dir.join("site.conf"), "server { listen 80; bogus_directive on; }\n").unwrap();
-    let out = nginx_t();
+    let out = Command::new("nginx")
+        .args(["-t", "-p"])
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .output()
+        .unwrap();
     assert!(!out.status.success());
+}
+
+fn app_site(upstream: &str, routes: &[&str]) -> SiteVars {
+    let routes: Vec<String> = routes.iter().map(|r| r.to_string()).collect();
+    SiteVars::for_site("foobar.com", "www.foobar.com").with_app(upstream, &routes)
+}
+
+#[test]
+fn an_app_site_sends_everything_but_static_files_and_the_agents_endpoints_to_the_app() {
+    let site = render::site(&app_site("unix:/run/foobar-app/app.sock", &["/"])).unwrap();
+    expect_file!["snapshots/nginx-site-app.conf"].assert_eq(&site);
+    // The built-in app's routes are gone; the agent's endpoints stay.
+    assert!(!site.contains("location = /posts") && !site.contains("location /api/"));
+    assert!(site.contains("location = /readyz"));
+    for (tag, vars) in [
+        ("nginx-app-socket", app_site("unix:/run/foobar-app/app.sock", &["/"])),
+        ("nginx-app-port", app_site("127.0.0.1:8080", &["/notes", "/api/"])),
+    ] {
+        let (ok, stderr, _) = nginx_t(tag, vars);
+        assert!(ok, "{tag}: nginx -t failed:\n{stderr}");
+    }
+    // Only the named prefixes go to the app when routes are given; `/` then stays static.
+    let some = render::site(&app_site("127.0.0.1:8080", &["/notes"])).unwrap();
+    assert!(some.contains("location /notes {") && !some.contains("location / {"));
+    assert!(some.contains("try_files /index.html =404;"));
+}
+
+#[test]
+fn an_app_images_agent_configuration_snapshot() {
+    let config = foobar_builder::config::ImageConfig::load(Some(&examples().join("flask/foobar.toml"))).unwrap();
+    let app = config.app.as_ref().expect("the Flask example has an [app]");
+    let agent = foobar_builder::overlay::agent_app(app);
+    let text = render::agent_config(Some((&agent, foobar_builder::overlay::APP_MIGRATIONS))).unwrap();
+    expect_file!["snapshots/agent-flask.toml"].assert_eq(&text);
+    expect_file!["snapshots/agent-default.toml"].assert_eq(&render::agent_config(None).unwrap());
+    let node = foobar_builder::config::ImageConfig::load(Some(&examples().join("node/foobar.toml"))).unwrap();
+    let text = render::agent_config(Some((
+        &foobar_builder::overlay::agent_app(node.app.as_ref().unwrap()),
+        foobar_builder::overlay::APP_MIGRATIONS,
+    )))
+    .unwrap();
+    assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
+}
+
+fn examples() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+#[test]
+fn bad_app_settings_name_the_key() {
+    let dir = support::temp_dir("appcfg");
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    std::fs::create_dir_all(dir.join("sql")).unwrap();
+    std::fs::write(dir.join("sql/notes.sql"), "SELECT 1;\n").unwrap();
+    let out = dir.join("never.qcow2");
+    let good = "files = \"app\"\ncommand = [\"server\", \"{port}\"]\n";
+    let cases = [
+        ("files = \"nowhere\"\ncommand = [\"server\", \"{port}\"]\n", "app.files", "is not one"),
+        ("command = [\"server\", \"{port}\"]\n", "files", "missing field"),
+        ("files = \"app\"\ncommand = []\n", "app.command", "command line"),
+        ("files = \"app\"\ncommand = [\"server\", \"{addr}\"]\n", "app.command", "unknown placeholder `{addr}`"),
+        ("files = \"app\"\ncommand = [\"server\", \"--port\", \"8000\"]\n", "app.command", "where the app is told to listen"),
+        ("files = \"app\"\ncommand = [\"server\", \"{port}\", \"{socket}\"]\n", "app.command", "not both"),
+        (&format!("{good}packages = [\"Flask!\"]\n"), "app.packages", "package names"),
+        (&format!("{good}health = \"health\"\n"), "app.health", "a path like /health"),
+        (&format!("{good}migrations = \"sql\"\n"), "app.migrations", "found `notes.sql`"),
+        (&format!("{good}migrations = \"nope\"\n"), "app.migrations", "cannot read"),
+        (&format!("{good}env = {{ DATABASE_URL = \"x\" }}\n"), "app.env", "set by the agent"),
+        (&format!("{good}env = {{ \"1X\" = \"x\" }}\n"), "app.env", "variable names"),
+        (&format!("{good}routes = [\"/static/app\"]\n"), "app.routes", "overlaps"),
+        (&format!("{good}routes = []\n"), "app.routes", "at least one"),
+        (&format!("{good}name = \"My App\"\n"), "app.name", "lowercase"),
+        (&format!("{good}colour = \"blue\"\n"), "colour", "unknown field"),
+    ];
+    for (body, key, expected) in cases {
+        let file = dir.join("app.toml");
+        std::fs::write(&file, format!("[app]\n{body}")).unwrap();
+        let (code, stderr) = imagebuild(&["--out", out.to_str().unwrap(), "--config", file.to_str().unwrap()]);
+        assert_eq!(code, 1, "{body}: {stderr}");
+        assert!(stderr.contains(file.to_str().unwrap()), "{body}: file not named: {stderr}");
+        assert!(stderr.contains(key), "{body}: key `{key}` not named: {stderr}");
+        assert!(stderr.contains(expected), "{body}: `{expected}` missing: {stderr}");
+    }
+    assert!(!out.exists());
+    // The good one and both examples are accepted.
+    std::fs::write(dir.join("app.toml"), format!("[app]\n{good}")).unwrap();
+    for file in [dir.join("app.toml"), examples().join("flask/foobar.toml"), examples().join("node/foobar.toml")] {
+        foobar_builder::config::ImageConfig::load(Some(&file)).unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
+    }
 }
 
 #[test]

@@ -35,6 +35,8 @@ enum Fault {
     PageDropsPosts,
     NoBodyLimit,
     CertificateForOtherName,
+    /// Not a fault: the site runs its own app server (`/healthz` says so) and has no posts app.
+    OwnApp,
 }
 
 struct Request {
@@ -144,6 +146,9 @@ impl FakeSite {
             (_, "/api/posts") if req.body.len() > 64 * 1024 && f != Fault::NoBodyLimit => {
                 answer(413, "text/html", "<html>413 Request Entity Too Large</html>")?
             }
+            (_, p) if f == Fault::OwnApp && (p.starts_with("/api/") || p.starts_with("/posts")) => {
+                answer(404, json_type, r#"{"error":"not found"}"#)?
+            }
             ("GET", "/") => answer(
                 200,
                 "text/html",
@@ -171,6 +176,10 @@ impl FakeSite {
                 });
                 if f == Fault::HealthWithoutVersion {
                     doc.as_object_mut().unwrap().remove("version");
+                }
+                if f == Fault::OwnApp {
+                    doc["checks"]["app:process"] =
+                        json!([{"status": "pass", "componentType": "app", "componentId": "notes", "restarts": 0}]);
                 }
                 answer(200, "application/health+json", doc.to_string())?
             }
@@ -437,6 +446,27 @@ fn read_only_runs_write_nothing_and_skip_the_write_checks() {
         .collect();
     assert_eq!(skipped, ["api-write", "page-write"]);
     assert_eq!(*site.site.writes.lock().unwrap(), 0, "a read-only run stored something");
+}
+
+#[test]
+fn a_site_that_runs_its_own_app_skips_the_posts_checks_and_passes() {
+    let site = start(Fault::OwnApp);
+    let report = smoke::run(&site.options(), |_| {}).unwrap();
+    assert!(report.ok(), "{report:?}");
+    let skipped: Vec<_> = report
+        .results
+        .iter()
+        .filter_map(|r| match &r.outcome {
+            Outcome::Skip(why) => Some((r.name, why.clone())),
+            _ => None,
+        })
+        .collect();
+    let names: Vec<_> = skipped.iter().map(|(n, _)| *n).collect();
+    assert_eq!(names, ["api-write", "api-read", "page-write", "page-read"]);
+    assert!(skipped[0].1.contains("its own app `notes`"), "{skipped:?}");
+    // The same site without the app component fails those checks: the skip comes from /healthz, nothing else.
+    let (failed, _) = failed_checks(&start(Fault::None).options());
+    assert!(failed.is_empty());
 }
 
 #[test]
