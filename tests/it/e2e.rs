@@ -818,3 +818,110 @@ fn two_builds_from_the_same_inputs_are_byte_identical_and_verify_catches_a_chang
         "e2e rebuild figures: second build {secs:.0} s, byte-identical qcow2 and raw"
     ));
 }
+
+/// Builds an example site (`examples/NAME/foobar.toml`) as qcow2 with the test key; returns the image and seconds.
+fn build_example(name: &str) -> (PathBuf, f64) {
+    let dir = support::temp_dir(&format!("e2e-{name}"));
+    let image = dir.join(format!("{name}.qcow2"));
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}/foobar.toml"));
+    let (out, secs) = timed(|| {
+        Command::new(binary("imagebuild"))
+            .arg("--config")
+            .arg(&config)
+            .arg("--out")
+            .arg(&image)
+            .arg("--agent-bin")
+            .arg(release_binary("foobar-agent"))
+            .arg("--ssh-key")
+            .arg(built().key.with_extension("pub"))
+            .output()
+            .unwrap()
+    });
+    assert!(
+        out.status.success(),
+        "imagebuild --config {} failed:\n{}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (image, secs)
+}
+
+/// The app's entry in `/healthz` (`app:process`).
+fn app_health(guest: &Guest) -> serde_json::Value {
+    let (health, _) = get_host(&guest.url("/healthz"), SITE).unwrap();
+    serde_json::from_str::<serde_json::Value>(&health.body).unwrap()["checks"]["app:process"][0].clone()
+}
+
+/// An example site boots to ready, passes the read-only smoke checks (the posts checks are skipped: the site runs its
+/// own app), writes and reads a note through nginx, logs to the journal under the app's name, and comes back ready
+/// within 10 s after its app process is killed.
+fn example_site_works(name: &str, app: &str) {
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let key = built().key.clone();
+    let (image, build_secs) = build_example(name);
+    let mut guest = Guest::boot(&image, false, false);
+    let ready = guest.wait_ready();
+
+    let (statuses, text) = smoke(&guest, &["--read-only"]);
+    let skipped: Vec<&str> = statuses
+        .iter()
+        .filter(|(_, s)| *s == "skip")
+        .map(|(n, _)| n.as_str())
+        .collect();
+    assert_eq!(skipped, ["api-read", "api-write", "page-read", "page-write"], "{text}");
+    assert!(statuses.values().all(|s| s == "pass" || s == "skip"), "{text}");
+    assert!(text.contains(&format!("its own app `{app}`")), "{text}");
+
+    // The app's page writes and reads a row of its own table (made by its migration) through nginx.
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let marker = format!("e2e-{nanos} <b>bold</b>");
+    let (posted, location) = support::post_form_host(&guest.url("/notes"), SITE, &[("body", &marker)]).unwrap();
+    assert_eq!(posted.status, 303, "{}", posted.body);
+    assert_eq!(location.as_deref(), Some("/notes"));
+    let (page, headers) = get_host(&guest.url("/notes"), SITE).unwrap();
+    assert_eq!(page.status, 200, "{}", page.body);
+    let escaped = marker.replace('<', "&lt;").replace('>', "&gt;");
+    assert!(page.body.contains(&escaped), "the note is on the page, escaped: {}", page.body);
+    assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"), "nginx's headers on app pages");
+    let (bad, _) = support::post_form_host(&guest.url("/notes"), SITE, &[("body", "")]).unwrap();
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    let health = app_health(&guest);
+    assert_eq!(health["status"], "pass", "{health}");
+    assert_eq!(health["componentId"], app);
+
+    let (code, journal, err) = ssh(&guest, &key, "admin", &[], &format!("sudo journalctl -b -o cat -t {app}"));
+    assert_eq!(code, 0, "{err}");
+    assert!(journal.to_lowercase().contains("listening"), "the app's output is in the journal as {app}: {journal}");
+
+    // Killed: /readyz says so, then the agent has it back within 10 s.
+    let pid = health["pid"].as_u64().expect("the app's pid");
+    let (code, _, err) = ssh(&guest, &key, "admin", &[], &format!("sudo kill -9 {pid}"));
+    assert_eq!(code, 0, "{err}");
+    support::wait_for_status_host(&guest.url("/readyz"), SITE, 503, Duration::from_secs(5));
+    let back = support::wait_for_status_host(&guest.url("/readyz"), SITE, 200, Duration::from_secs(10));
+    let health = app_health(&guest);
+    assert_eq!(health["restarts"], 1, "{health}");
+    assert_eq!(health["lastExit"], "killed by signal 9", "{health}");
+    let (page, _) = get_host(&guest.url("/notes"), SITE).unwrap();
+    assert!(page.body.contains(&escaped), "the note survived the restart");
+    report(format!(
+        "{name} example: build {build_secs:.0} s, ready {ready:.1} s, back {:.1} s after SIGKILL of the app",
+        back.as_secs_f64()
+    ));
+}
+
+#[test]
+fn the_flask_example_runs_under_the_agent_behind_nginx() {
+    if !enabled() {
+        return;
+    }
+    example_site_works("flask", "notes-flask");
+}
+
+#[test]
+fn the_node_example_runs_under_the_agent_behind_nginx() {
+    if !enabled() {
+        return;
+    }
+    example_site_works("node", "notes-node");
+}

@@ -142,15 +142,40 @@ pub fn get_host(url: &str, host: &str) -> Result<(Reply, Vec<(String, String)>),
     ))
 }
 
+/// A form POST (`application/x-www-form-urlencoded`) with `Host: host`; also returns the `Location` header.
+pub fn post_form_host(url: &str, host: &str, fields: &[(&str, &str)]) -> Result<(Reply, Option<String>), String> {
+    let response = match agent().post(url).set("Host", host).send_form(fields) {
+        Ok(r) | Err(ureq::Error::Status(_, r)) => r,
+        Err(e) => return Err(e.to_string()),
+    };
+    let location = response.header("location").map(String::from);
+    Ok((
+        Reply {
+            status: response.status(),
+            body: response.into_string().unwrap_or_default(),
+        },
+        location,
+    ))
+}
+
 pub fn post_json_host(url: &str, host: &str, body: &serde_json::Value) -> Result<Reply, String> {
     reply(agent().post(url).set("Host", host).send_json(body.clone()))
 }
 
 /// Polls `url` until it answers `status`, or panics after `limit`.
 pub fn wait_for_status(url: &str, status: u16, limit: Duration) -> Duration {
+    wait_until_status(url, status, limit, get)
+}
+
+/// Like `wait_for_status`, with `Host: host` (through nginx).
+pub fn wait_for_status_host(url: &str, host: &str, status: u16, limit: Duration) -> Duration {
+    wait_until_status(url, status, limit, |u| get_host(u, host).map(|(r, _)| r))
+}
+
+fn wait_until_status(url: &str, status: u16, limit: Duration, fetch: impl Fn(&str) -> Result<Reply, String>) -> Duration {
     let start = Instant::now();
     loop {
-        let last = get(url);
+        let last = fetch(url);
         if matches!(&last, Ok(r) if r.status == status) {
             return start.elapsed();
         }
