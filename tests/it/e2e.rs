@@ -925,3 +925,35 @@ fn the_node_example_runs_under_the_agent_behind_nginx() {
     }
     example_site_works("node", "notes-node");
 }
+
+#[test]
+fn a_package_the_archive_does_not_have_fails_the_build_naming_the_key() {
+    if !enabled() {
+        return;
+    }
+    let dir = support::temp_dir("e2e-badpkg");
+    std::fs::create_dir_all(dir.join("app")).unwrap();
+    let config = dir.join("foobar.toml");
+    std::fs::write(
+        &config,
+        "[app]\nfiles = \"app\"\ncommand = [\"server\", \"{port}\"]\npackages = [\"no-such-package-foobar\"]\n",
+    )
+    .unwrap();
+    let image = dir.join("never.qcow2");
+    let out = Command::new(binary("imagebuild"))
+        .arg("--config")
+        .arg(&config)
+        .arg("--out")
+        .arg(&image)
+        .arg("--agent-bin")
+        .arg(release_binary("foobar-agent"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("key `app.packages`: the Debian archive (bookworm) has no package `no-such-package-foobar`"),
+        "{stderr}"
+    );
+    assert!(!image.exists(), "a failed build leaves no image");
+}
