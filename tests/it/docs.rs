@@ -58,6 +58,21 @@ fn every_agent_config_key_is_in_the_readme() {
             "README does not document agent config key `{key}`"
         );
     }
+    // And the keys of the `[app]` table.
+    std::fs::write(&file, "[app]\nno-such-key = 1\n").unwrap();
+    let (_, _, stderr) = agent_command(&["migrate", "--config", file.to_str().unwrap()]);
+    let expected = stderr
+        .split("expected one of")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no key list in: {stderr}"));
+    let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+    assert!(keys.len() >= 5, "{stderr}");
+    for key in keys {
+        assert!(
+            readme.contains(&format!("`app.{key}`")),
+            "README does not document agent config key `app.{key}`"
+        );
+    }
 }
 
 #[test]
