@@ -15,6 +15,7 @@ packages=(
   qemu-system-x86 qemu-utils ovmf
   fdisk                   # sfdisk, the independent GPT reader of the QEMU tier
   openssh-client openssl  # SSH into guests and read their TLS certificates
+  python3                 # the stand-in app server of the agent's [app] tests
 )
 
 missing=()

@@ -141,7 +141,12 @@ impl App {
     }
 
     /// Sleeps the backoff (reset after a stable run, doubled after a quick death); true when told to stop meanwhile.
-    async fn wait_before_restart(&self, backoff: &mut Duration, started: Instant, stop: &mut watch::Receiver<bool>) -> bool {
+    async fn wait_before_restart(
+        &self,
+        backoff: &mut Duration,
+        started: Instant,
+        stop: &mut watch::Receiver<bool>,
+    ) -> bool {
         if started.elapsed() >= STABLE_RUN {
             *backoff = FIRST_BACKOFF;
         }
@@ -252,10 +257,7 @@ impl DatabaseEnv {
             .rsplit_once('@')
             .map(|(u, _)| u.split(':').next().unwrap_or(""))
             .unwrap_or("");
-        let socket = query
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("socket="))
-            .unwrap_or("");
+        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket=")).unwrap_or("");
         DatabaseEnv {
             url: url.to_string(),
             socket: socket.to_string(),

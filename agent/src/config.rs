@@ -143,15 +143,26 @@ impl AppConfig {
             Listen::Tcp(_) => "{port}",
         };
         if !joined.contains(needs) {
-            bail!("key `app.command`: expected `{needs}` somewhere, to tell the app where to listen ({})", self.listen);
+            bail!(
+                "key `app.command`: expected `{needs}` somewhere, to tell the app where to listen ({})",
+                self.listen
+            );
         }
         if let Some(health) = &self.health {
             if !health.starts_with('/') || health.chars().any(|c| c.is_whitespace()) {
                 bail!("key `app.health`: expected a path like /health, got `{health}`");
             }
         }
-        if self.name.is_empty() || !self.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-            bail!("key `app.name`: expected letters, digits, `-`, `_` or `.`, got `{}`", self.name);
+        if self.name.is_empty()
+            || !self
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        {
+            bail!(
+                "key `app.name`: expected letters, digits, `-`, `_` or `.`, got `{}`",
+                self.name
+            );
         }
         Ok(())
     }

@@ -126,7 +126,13 @@ fn default_routes() -> Vec<String> {
 pub const APP_PLACEHOLDERS: &[&str] = &["{socket}", "{port}"];
 
 /// Variables the agent sets for the app itself; `app.env` may not override them.
-pub const APP_RESERVED_ENV: &[&str] = &["DATABASE_URL", "DATABASE_SOCKET", "DATABASE_NAME", "DATABASE_USER", "PORT"];
+pub const APP_RESERVED_ENV: &[&str] = &[
+    "DATABASE_URL",
+    "DATABASE_SOCKET",
+    "DATABASE_NAME",
+    "DATABASE_USER",
+    "PORT",
+];
 
 /// Paths that stay with nginx and the agent whatever the app's routes say.
 const RESERVED_PATHS: &[&str] = &["/static/", "/livez", "/readyz", "/healthz", "/metrics"];
@@ -245,7 +251,11 @@ impl App {
             if !route.starts_with('/') || !route.chars().all(is_path_char) {
                 bail!("key `app.routes`: expected path prefixes like /app/, got `{route}`");
             }
-            if route != "/" && RESERVED_PATHS.iter().any(|r| r.starts_with(route.as_str()) || route.starts_with(r)) {
+            if route != "/"
+                && RESERVED_PATHS
+                    .iter()
+                    .any(|r| r.starts_with(route.as_str()) || route.starts_with(r))
+            {
                 bail!(
                     "key `app.routes`: `{route}` overlaps {}, which stay with nginx and the agent",
                     RESERVED_PATHS.join(", ")

@@ -120,7 +120,9 @@ pub fn agent_config(app: Option<(&AgentApp, &str)>) -> anyhow::Result<String> {
         app: app.map(|(app, _)| app),
     };
     let text = toml::to_string(&config).context("cannot write the agent's configuration")?;
-    Ok(format!("# foobar-agent in the image (written by imagebuild; see README.md, \"The agent\").\n{text}"))
+    Ok(format!(
+        "# foobar-agent in the image (written by imagebuild; see README.md, \"The agent\").\n{text}"
+    ))
 }
 
 fn render(name: &str, template: &str, vars: &impl Serialize) -> anyhow::Result<String> {

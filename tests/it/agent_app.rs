@@ -90,11 +90,7 @@ fn the_app_starts_after_migrations_with_the_database_in_its_environment() {
     assert_eq!(check["restarts"], 0);
     assert_eq!(check["pid"], env["pid"]);
     // Its output reaches the agent's log under its name (the journal, in the image).
-    assert!(
-        agent.log().contains("tiny: tiny app listening on"),
-        "{}",
-        agent.log()
-    );
+    assert!(agent.log().contains("tiny: tiny app listening on"), "{}", agent.log());
 }
 
 #[test]
@@ -224,7 +220,11 @@ fn stopping_the_agent_stops_the_app_gracefully() {
 fn bad_app_settings_are_refused_naming_the_key() {
     let dir = support::temp_dir("app-bad");
     for (command, listen, expected) in [
-        ("[]", "127.0.0.1:9", "key `app.command`: expected the app server's command line"),
+        (
+            "[]",
+            "127.0.0.1:9",
+            "key `app.command`: expected the app server's command line",
+        ),
         (
             r#"["app", "--listen", "{host}"]"#,
             "127.0.0.1:9",

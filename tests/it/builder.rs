@@ -61,7 +61,11 @@ fn nginx_t(tag: &str, mut vars: SiteVars) -> (bool, String, std::path::PathBuf) 
         .output()
         .expect("nginx is installed (`just deps`)");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (out.status.success() && stderr.contains("test is successful"), stderr, dir)
+    (
+        out.status.success() && stderr.contains("test is successful"),
+        stderr,
+        dir,
+    )
 }
 
 #[test]
@@ -136,18 +140,58 @@ fn bad_app_settings_name_the_key() {
     let out = dir.join("never.qcow2");
     let good = "files = \"app\"\ncommand = [\"server\", \"{port}\"]\n";
     let cases = [
-        ("files = \"nowhere\"\ncommand = [\"server\", \"{port}\"]\n", "app.files", "is not one"),
+        (
+            "files = \"nowhere\"\ncommand = [\"server\", \"{port}\"]\n",
+            "app.files",
+            "is not one",
+        ),
         ("command = [\"server\", \"{port}\"]\n", "files", "missing field"),
         ("files = \"app\"\ncommand = []\n", "app.command", "command line"),
-        ("files = \"app\"\ncommand = [\"server\", \"{addr}\"]\n", "app.command", "unknown placeholder `{addr}`"),
-        ("files = \"app\"\ncommand = [\"server\", \"--port\", \"8000\"]\n", "app.command", "where the app is told to listen"),
-        ("files = \"app\"\ncommand = [\"server\", \"{port}\", \"{socket}\"]\n", "app.command", "not both"),
-        (&format!("{good}packages = [\"Flask!\"]\n"), "app.packages", "package names"),
-        (&format!("{good}health = \"health\"\n"), "app.health", "a path like /health"),
-        (&format!("{good}migrations = \"sql\"\n"), "app.migrations", "found `notes.sql`"),
-        (&format!("{good}migrations = \"nope\"\n"), "app.migrations", "cannot read"),
-        (&format!("{good}env = {{ DATABASE_URL = \"x\" }}\n"), "app.env", "set by the agent"),
-        (&format!("{good}env = {{ \"1X\" = \"x\" }}\n"), "app.env", "variable names"),
+        (
+            "files = \"app\"\ncommand = [\"server\", \"{addr}\"]\n",
+            "app.command",
+            "unknown placeholder `{addr}`",
+        ),
+        (
+            "files = \"app\"\ncommand = [\"server\", \"--port\", \"8000\"]\n",
+            "app.command",
+            "where the app is told to listen",
+        ),
+        (
+            "files = \"app\"\ncommand = [\"server\", \"{port}\", \"{socket}\"]\n",
+            "app.command",
+            "not both",
+        ),
+        (
+            &format!("{good}packages = [\"Flask!\"]\n"),
+            "app.packages",
+            "package names",
+        ),
+        (
+            &format!("{good}health = \"health\"\n"),
+            "app.health",
+            "a path like /health",
+        ),
+        (
+            &format!("{good}migrations = \"sql\"\n"),
+            "app.migrations",
+            "found `notes.sql`",
+        ),
+        (
+            &format!("{good}migrations = \"nope\"\n"),
+            "app.migrations",
+            "cannot read",
+        ),
+        (
+            &format!("{good}env = {{ DATABASE_URL = \"x\" }}\n"),
+            "app.env",
+            "set by the agent",
+        ),
+        (
+            &format!("{good}env = {{ \"1X\" = \"x\" }}\n"),
+            "app.env",
+            "variable names",
+        ),
         (&format!("{good}routes = [\"/static/app\"]\n"), "app.routes", "overlaps"),
         (&format!("{good}routes = []\n"), "app.routes", "at least one"),
         (&format!("{good}name = \"My App\"\n"), "app.name", "lowercase"),
@@ -158,14 +202,21 @@ fn bad_app_settings_name_the_key() {
         std::fs::write(&file, format!("[app]\n{body}")).unwrap();
         let (code, stderr) = imagebuild(&["--out", out.to_str().unwrap(), "--config", file.to_str().unwrap()]);
         assert_eq!(code, 1, "{body}: {stderr}");
-        assert!(stderr.contains(file.to_str().unwrap()), "{body}: file not named: {stderr}");
+        assert!(
+            stderr.contains(file.to_str().unwrap()),
+            "{body}: file not named: {stderr}"
+        );
         assert!(stderr.contains(key), "{body}: key `{key}` not named: {stderr}");
         assert!(stderr.contains(expected), "{body}: `{expected}` missing: {stderr}");
     }
     assert!(!out.exists());
     // The good one and both examples are accepted.
     std::fs::write(dir.join("app.toml"), format!("[app]\n{good}")).unwrap();
-    for file in [dir.join("app.toml"), examples().join("flask/foobar.toml"), examples().join("node/foobar.toml")] {
+    for file in [
+        dir.join("app.toml"),
+        examples().join("flask/foobar.toml"),
+        examples().join("node/foobar.toml"),
+    ] {
         foobar_builder::config::ImageConfig::load(Some(&file)).unwrap_or_else(|e| panic!("{}: {e:#}", file.display()));
     }
 }

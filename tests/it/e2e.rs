@@ -873,7 +873,10 @@ fn example_site_works(name: &str, app: &str) {
     assert!(text.contains(&format!("its own app `{app}`")), "{text}");
 
     // The app's page writes and reads a row of its own table (made by its migration) through nginx.
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
     let marker = format!("e2e-{nanos} <b>bold</b>");
     let (posted, location) = support::post_form_host(&guest.url("/notes"), SITE, &[("body", &marker)]).unwrap();
     assert_eq!(posted.status, 303, "{}", posted.body);
@@ -881,17 +884,34 @@ fn example_site_works(name: &str, app: &str) {
     let (page, headers) = get_host(&guest.url("/notes"), SITE).unwrap();
     assert_eq!(page.status, 200, "{}", page.body);
     let escaped = marker.replace('<', "&lt;").replace('>', "&gt;");
-    assert!(page.body.contains(&escaped), "the note is on the page, escaped: {}", page.body);
-    assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"), "nginx's headers on app pages");
+    assert!(
+        page.body.contains(&escaped),
+        "the note is on the page, escaped: {}",
+        page.body
+    );
+    assert_eq!(
+        header(&headers, "x-content-type-options"),
+        Some("nosniff"),
+        "nginx's headers on app pages"
+    );
     let (bad, _) = support::post_form_host(&guest.url("/notes"), SITE, &[("body", "")]).unwrap();
     assert_eq!(bad.status, 400, "{}", bad.body);
     let health = app_health(&guest);
     assert_eq!(health["status"], "pass", "{health}");
     assert_eq!(health["componentId"], app);
 
-    let (code, journal, err) = ssh(&guest, &key, "admin", &[], &format!("sudo journalctl -b -o cat -t {app}"));
+    let (code, journal, err) = ssh(
+        &guest,
+        &key,
+        "admin",
+        &[],
+        &format!("sudo journalctl -b -o cat -t {app}"),
+    );
     assert_eq!(code, 0, "{err}");
-    assert!(journal.to_lowercase().contains("listening"), "the app's output is in the journal as {app}: {journal}");
+    assert!(
+        journal.to_lowercase().contains("listening"),
+        "the app's output is in the journal as {app}: {journal}"
+    );
 
     // Killed: /readyz says so, then the agent has it back within 10 s.
     let pid = health["pid"].as_u64().expect("the app's pid");

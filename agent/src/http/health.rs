@@ -24,8 +24,8 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         r.app.and_then(Result::err),
     ]
     .into_iter()
-        .flatten()
-        .collect();
+    .flatten()
+    .collect();
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
     } else {

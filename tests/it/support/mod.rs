@@ -172,7 +172,12 @@ pub fn wait_for_status_host(url: &str, host: &str, status: u16, limit: Duration)
     wait_until_status(url, status, limit, |u| get_host(u, host).map(|(r, _)| r))
 }
 
-fn wait_until_status(url: &str, status: u16, limit: Duration, fetch: impl Fn(&str) -> Result<Reply, String>) -> Duration {
+fn wait_until_status(
+    url: &str,
+    status: u16,
+    limit: Duration,
+    fetch: impl Fn(&str) -> Result<Reply, String>,
+) -> Duration {
     let start = Instant::now();
     loop {
         let last = fetch(url);
