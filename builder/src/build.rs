@@ -152,8 +152,14 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     for (format, dest) in &ctx.formats {
         let partial = partial_name(dest);
         cleanup.paths.push(partial.clone());
+        let stamp = formats::Stamp {
+            epoch: ctx.source_date_epoch,
+            seed: &ctx.seed,
+            name: output_stem(&ctx.out),
+            scratch: ctx.work.join("formats"),
+        };
         stages.run(&format!("write_formats ({})", format.name()), || {
-            formats::write(*format, &raw, &partial)
+            formats::write(*format, &raw, &partial, &stamp)
         })?;
         outputs.push(Output {
             format: format.name(),
@@ -211,6 +217,23 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     }
     tracing::info!("build finished in {:.1} s", started.elapsed().as_secs_f64());
     Ok(())
+}
+
+/// `foobar` for `--out foobar.qcow2` (and for `foobar.tar.gz`): the machine's name in an OVA.
+fn output_stem(out: &Path) -> String {
+    let name = out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let stem = name
+        .strip_suffix(".tar.gz")
+        .or_else(|| name.rsplit_once('.').map(|(s, _)| s))
+        .unwrap_or(&name);
+    if stem.is_empty() {
+        "foobar".to_string()
+    } else {
+        stem.to_string()
+    }
 }
 
 fn sidecar(path: &Path, suffix: &str) -> PathBuf {

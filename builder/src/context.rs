@@ -69,7 +69,7 @@ pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// 16 bytes for `label`, derived from the seed, marked as a version-4-style UUID.
-fn derive(seed: &str, label: &str) -> [u8; 16] {
+pub fn derive(seed: &str, label: &str) -> [u8; 16] {
     let digest = Sha256::digest(format!("{seed}:{label}").as_bytes());
     let mut b = [0u8; 16];
     b.copy_from_slice(&digest[..16]);

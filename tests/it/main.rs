@@ -10,5 +10,6 @@ mod agent_process;
 mod builder;
 mod docs;
 mod e2e;
+mod formats;
 mod smoke;
 mod support;
