@@ -977,3 +977,103 @@ fn a_package_the_archive_does_not_have_fails_the_build_naming_the_key() {
     );
     assert!(!image.exists(), "a failed build leaves no image");
 }
+
+/// The cloud formats of the same build: each listed in the manifest with its hash, read by qemu-img or GNU tar.
+fn build_cloud_formats(dir: &Path) -> PathBuf {
+    let vmdk = dir.join("foobar.vmdk");
+    let (out, secs) = timed(|| {
+        Command::new(binary("imagebuild"))
+            .arg("--out")
+            .arg(&vmdk)
+            .args(["--format", "vmdk", "--format", "vhd", "--format", "tar.gz", "--format", "ova"])
+            .arg("--agent-bin")
+            .arg(release_binary("foobar-agent"))
+            .arg("--ssh-key")
+            .arg(built().key.with_extension("pub"))
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(support::sidecar(&vmdk, "manifest.json")).unwrap()).unwrap();
+    let outputs = manifest["outputs"].as_array().expect("outputs in the manifest");
+    let mut formats = Vec::new();
+    for output in outputs {
+        let path = PathBuf::from(output["path"].as_str().unwrap());
+        assert_eq!(output["sha256"], support::sha256sum(&path), "{}", path.display());
+        formats.push(output["format"].as_str().unwrap().to_string());
+    }
+    assert_eq!(formats, ["vmdk", "vhd", "tar.gz", "ova"]);
+    let listing = |archive: &Path| {
+        let out = Command::new("tar").arg("-tf").arg(archive).output().unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect::<Vec<_>>()
+    };
+    assert_eq!(listing(&dir.join("foobar.tar.gz")), ["disk.raw"]);
+    assert_eq!(listing(&dir.join("foobar.ova")), ["foobar.ovf", "foobar.mf", "foobar-disk1.vmdk"]);
+    report(format!("cloud formats (vmdk, vhd, tar.gz, ova) built in {secs:.0} s"));
+    vmdk
+}
+
+#[test]
+fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
+    if !enabled() {
+        return;
+    }
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let built = built();
+    let dir = support::temp_dir("e2e-formats");
+    let vmdk = build_cloud_formats(&dir);
+    let vhd = dir.join("foobar.vhd");
+
+    let mut times = Vec::new();
+    for image in [&built.raw, &vmdk, &vhd] {
+        let mut guest = Guest::boot(image, false, false);
+        let ready = guest.wait_ready();
+        times.push(format!(
+            "{} {ready:.1} s",
+            image.extension().unwrap().to_string_lossy()
+        ));
+        if image != &built.raw {
+            continue;
+        }
+        // The drivers of each platform: virtio (QEMU/KVM, GCE), NVMe and ENA (AWS Nitro), gVNIC (GCE), Hyper-V
+        // storage and network (Azure), VMware's paravirtual SCSI and VMXNET3; the root-disk ones in the initramfs too.
+        let (code, found, err) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "for m in virtio_net virtio_blk virtio_scsi nvme ena gve hv_vmbus hv_storvsc hv_netvsc vmw_pvscsi vmxnet3; \
+             do printf '%s %s\\n' $m \"$(modinfo -n $m 2>&1)\"; done",
+        );
+        assert_eq!(code, 0, "{err}");
+        for line in found.lines() {
+            let (module, path) = line.split_once(' ').unwrap();
+            assert!(
+                path == "(builtin)" || path.ends_with(".ko") || path.ends_with(".ko.xz") || path.ends_with(".ko.zst"),
+                "driver {module} missing: {path}"
+            );
+        }
+        assert_eq!(found.lines().count(), 11, "{found}");
+        let (code, initrd, err) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "sudo lsinitramfs /boot/initrd.img-$(uname -r)",
+        );
+        assert_eq!(code, 0, "{err}");
+        for module in ["virtio_blk", "virtio_scsi", "virtio_pci", "hv_storvsc", "hv_vmbus", "vmw_pvscsi"] {
+            assert!(
+                initrd.lines().any(|l| l.contains(&format!("/{module}.ko"))),
+                "{module} not in the initramfs"
+            );
+        }
+        let (_, cmdline, _) = ssh(&guest, &built.key, "admin", &[], "cat /proc/cmdline");
+        assert!(cmdline.contains("console=ttyS0"), "serial console: {cmdline}");
+        let (_, networks, _) = ssh(&guest, &built.key, "admin", &[], "networkctl list --no-legend");
+        assert!(networks.contains("routable") || networks.contains("configured"), "DHCP on the NIC: {networks}");
+    }
+    report(format!("ready from other formats: {}", times.join(", ")));
+}

@@ -1,5 +1,9 @@
-//! OVA (VMware, VirtualBox): a ustar archive of the OVF descriptor, then the manifest (SHA256 lines), then the
-//! streamOptimized VMDK, in that order (OVF 1.x requires the descriptor first).
+//! OVA (VMware): a ustar archive of the OVF descriptor, then the manifest (SHA256 lines), then the streamOptimized
+//! VMDK, in that order (OVF 1.x requires the descriptor first).
+//!
+//! The virtual hardware is what the image's kernel (Debian's cloud kernel) has drivers for: VMware's paravirtual SCSI
+//! controller and VMXNET3 network adapter. The cloud kernel has no LSI Logic or E1000 drivers, which other hypervisors
+//! default to; see README.md for VirtualBox.
 
 use std::fs::File;
 use std::io::Write as _;
@@ -80,7 +84,7 @@ pub fn descriptor(machine: &Machine, disk_file: &str, disk_bytes: u64, capacity:
         <rasd:Description>SCSI controller</rasd:Description>
         <rasd:ElementName>SCSI controller 0</rasd:ElementName>
         <rasd:InstanceID>3</rasd:InstanceID>
-        <rasd:ResourceSubType>lsilogic</rasd:ResourceSubType>
+        <rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType>
         <rasd:ResourceType>6</rasd:ResourceType>
       </Item>
       <Item>
@@ -95,10 +99,10 @@ pub fn descriptor(machine: &Machine, disk_file: &str, disk_bytes: u64, capacity:
         <rasd:AddressOnParent>7</rasd:AddressOnParent>
         <rasd:AutomaticAllocation>true</rasd:AutomaticAllocation>
         <rasd:Connection>VM Network</rasd:Connection>
-        <rasd:Description>E1000 ethernet adapter on "VM Network"</rasd:Description>
+        <rasd:Description>VmxNet3 ethernet adapter on "VM Network"</rasd:Description>
         <rasd:ElementName>Network adapter 1</rasd:ElementName>
         <rasd:InstanceID>5</rasd:InstanceID>
-        <rasd:ResourceSubType>E1000</rasd:ResourceSubType>
+        <rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>
         <rasd:ResourceType>10</rasd:ResourceType>
       </Item>
       <vmw:Config ovf:required="false" vmw:key="firmware" vmw:value="{firmware}"/>
