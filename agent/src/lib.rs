@@ -4,6 +4,7 @@
 pub mod app;
 pub mod config;
 pub mod http;
+pub mod instance;
 pub mod metrics;
 pub mod migrate;
 pub mod serve;

@@ -39,6 +39,23 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// Read this instance's hostname, SSH keys and site names from the platform's metadata and apply them (first
+    /// boot, as root); the platform is told by DMI, so elsewhere it returns at once
+    InstanceConfig {
+        /// Apply under this directory instead of / (the files it changes: /etc/hostname, /etc/hosts, the admin's
+        /// authorized keys, the nginx site and /etc/foobar/site.env)
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Send every metadata request to URL instead of the platform's own address
+        #[arg(long, value_name = "URL")]
+        metadata_url: Option<String>,
+        /// Read the DMI strings from DIR
+        #[arg(long, value_name = "DIR", default_value = "/sys/class/dmi/id")]
+        dmi_dir: PathBuf,
+        /// Read a NoCloud seed (meta-data, user-data) from DIR instead of mounting the `cidata` volume
+        #[arg(long, value_name = "DIR")]
+        seed_dir: Option<PathBuf>,
+    },
 }
 
 fn load(common: &Common) -> anyhow::Result<Config> {
@@ -57,6 +74,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = listen;
             }
             foobar_agent::serve::run(config).await
+        }
+        Command::InstanceConfig {
+            root,
+            metadata_url,
+            dmi_dir,
+            seed_dir,
+        } => {
+            let sources = foobar_agent::instance::Sources {
+                root: root.clone(),
+                dmi_dir,
+                seed_dir,
+                metadata_url,
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            let config = tokio::task::spawn_blocking(move || foobar_agent::instance::fetch(&sources)).await??;
+            foobar_agent::instance::apply(&config, &root)?;
+            println!(
+                "platform {}: hostname {}, {} SSH key(s), site {} ({:.2} s)",
+                serde_json::to_value(config.platform)?.as_str().unwrap_or("?"),
+                config.hostname.as_deref().unwrap_or("unchanged"),
+                config.ssh_keys.len(),
+                match &config.site {
+                    Some(site) => format!(
+                        "renamed to {} / {}",
+                        site.canonical.as_deref().unwrap_or("(same)"),
+                        site.domain.as_deref().unwrap_or("(same)")
+                    ),
+                    None => "unchanged".to_string(),
+                },
+                started.elapsed().as_secs_f64()
+            );
+            Ok(())
         }
         Command::Migrate { common } => {
             let applied = foobar_agent::serve::migrate_once(load(&common)?).await?;

@@ -59,9 +59,29 @@ async fn notify_when_ready(state: AppState) {
         if state.readiness().await.agent_ready() {
             tracing::info!("ready");
             systemd::notify("READY=1");
+            report_ready_to_azure().await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// On Azure, the platform waits for a `Ready` health report; it is sent once the agent is ready and nginx accepts
+/// connections, at most once per start. Elsewhere (no Azure goal state recorded at first boot) nothing is sent.
+async fn report_ready_to_azure() {
+    let Some(goal) = crate::instance::recorded_azure_goal(std::path::Path::new("/")) else {
+        return;
+    };
+    for _ in 0..50 {
+        if tokio::net::TcpStream::connect("127.0.0.1:80").await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    match tokio::task::spawn_blocking(move || crate::instance::azure_report_ready(&goal)).await {
+        Ok(Ok(())) => tracing::info!("reported Ready to the Azure wire server"),
+        Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "cannot report Ready to Azure"),
+        Err(err) => tracing::warn!(error = %err, "cannot report Ready to Azure"),
     }
 }
 

@@ -21,7 +21,38 @@ pub struct BootPlan {
     pub monitor: Option<PathBuf>,
     /// Extra (host port, guest port) forwards.
     pub forwards: Vec<(u16, u16)>,
+    /// SMBIOS strings that make the guest look like this cloud.
+    pub platform: Option<Platform>,
+    /// A metadata service on the host (`127.0.0.1:PORT`), reached by the guest at `METADATA_ADDRESS`.
+    pub metadata: Option<u16>,
+    /// A NoCloud seed volume (labelled `cidata`) attached read-only as a second disk.
+    pub seed: Option<PathBuf>,
 }
+
+/// The clouds whose SMBIOS strings `--platform` imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Platform {
+    Ec2,
+    Gce,
+    Azure,
+}
+
+impl Platform {
+    /// QEMU `-smbios` values, as each cloud's hypervisor sets them.
+    fn smbios(self) -> &'static [&'static str] {
+        match self {
+            Platform::Ec2 => &["type=1,manufacturer=Amazon EC2,product=t3.small"],
+            Platform::Gce => &["type=1,manufacturer=Google,product=Google Compute Engine"],
+            Platform::Azure => &[
+                "type=1,manufacturer=Microsoft Corporation,product=Virtual Machine",
+                "type=3,asset=7783-7084-3265-9085-8269-3286-77",
+            ],
+        }
+    }
+}
+
+/// Where the guest finds the host's metadata service (QEMU forwards only addresses inside its user network).
+pub const METADATA_ADDRESS: &str = "10.0.2.100";
 
 /// Parses `HOST:GUEST`, as in `--forward 13306:3306`.
 pub fn parse_forward(text: &str) -> Result<(u16, u16), String> {
@@ -68,6 +99,17 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     if plan.port > u16::MAX - 2 {
         bail!("--port {}: N, N+1 and N+2 must all be valid ports", plan.port);
     }
+    if let Some(seed) = &plan.seed {
+        if !seed.is_file() {
+            bail!(
+                "--seed {}: no such file; make one with mkfs.fat -C -n CIDATA and mcopy (see README)",
+                seed.display()
+            );
+        }
+    }
+    if plan.metadata.is_some() && crate::process::find_in_path("socat").is_none() {
+        bail!("--metadata needs socat on this machine: apt-get install socat");
+    }
     if plan.uefi && !Path::new(OVMF).exists() {
         bail!("--uefi needs {OVMF}: apt-get install ovmf");
     }
@@ -86,6 +128,12 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     );
     for (host, guest) in &plan.forwards {
         nic.push_str(&format!(",hostfwd=tcp:127.0.0.1:{host}-:{guest}"));
+    }
+    if let Some(port) = plan.metadata {
+        // Each guest connection to the metadata address runs socat to the host's service.
+        nic.push_str(&format!(
+            ",guestfwd=tcp:{METADATA_ADDRESS}:80-cmd:socat - TCP:127.0.0.1:{port}"
+        ));
     }
     let mut c = cmd("qemu-system-x86_64")
         .args([
@@ -107,6 +155,23 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     }
     if plan.uefi {
         c = c.args(["-bios", OVMF]);
+    }
+    if let Some(platform) = plan.platform {
+        for value in platform.smbios() {
+            c = c.args(["-smbios", value]);
+        }
+    }
+    if plan.metadata.is_some() {
+        // The agent reads this OEM string and sends its metadata requests there instead of 169.254.169.254.
+        c = c.args([
+            "-smbios",
+            &format!("type=11,value=foobar:metadata-url=http://{METADATA_ADDRESS}"),
+        ]);
+    }
+    if let Some(seed) = &plan.seed {
+        c = c
+            .arg("-drive")
+            .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()));
     }
     c = match &plan.serial {
         Some(file) => c.arg("-serial").arg(format!("file:{}", file.display())),

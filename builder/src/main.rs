@@ -83,6 +83,15 @@ enum Command {
         /// Also forward host port HOST to guest port GUEST; repeatable
         #[arg(long, value_name = "HOST:GUEST", value_parser = boot::parse_forward)]
         forward: Vec<(u16, u16)>,
+        /// Give the guest the SMBIOS strings of this cloud (ec2, gce, azure)
+        #[arg(long, value_enum)]
+        platform: Option<boot::Platform>,
+        /// A metadata service on host port PORT, which the guest's agent asks instead of the cloud's
+        #[arg(long, value_name = "PORT")]
+        metadata: Option<u16>,
+        /// Attach IMAGE (a `cidata`-labelled NoCloud seed) read-only as a second disk
+        #[arg(long, value_name = "IMAGE")]
+        seed: Option<PathBuf>,
     },
     /// Run the smoke checks against a running instance over HTTP and HTTPS
     Smoke(SmokeArgs),
@@ -257,6 +266,9 @@ fn main() -> ExitCode {
             serial,
             monitor,
             forward,
+            platform,
+            metadata,
+            seed,
         }) => require(
             &[Tool {
                 program: "qemu-system-x86_64",
@@ -274,6 +286,9 @@ fn main() -> ExitCode {
                 serial,
                 monitor,
                 forwards: forward,
+                platform,
+                metadata,
+                seed,
             })
         }),
         Some(Command::Verify { image, manifest }) => {

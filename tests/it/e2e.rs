@@ -37,6 +37,11 @@ impl Guest {
     }
 
     fn boot_with(image: &Path, uefi: bool, write: bool, forwards: &[(u16, u16)]) -> Guest {
+        Self::boot_full(image, uefi, write, forwards, &[])
+    }
+
+    /// With extra `imagebuild boot` flags (`--platform`, `--metadata`, `--seed`).
+    fn boot_full(image: &Path, uefi: bool, write: bool, forwards: &[(u16, u16)], extra: &[String]) -> Guest {
         let dir = support::temp_dir("guest");
         let port = support::free_port_block(3);
         let serial = dir.join("serial.log");
@@ -57,6 +62,7 @@ impl Guest {
         for (host, guest) in forwards {
             cmd.args(["--forward", &format!("{host}:{guest}")]);
         }
+        cmd.args(extra);
         let stderr = std::fs::File::create(dir.join("qemu.log")).unwrap();
         let child = cmd
             .stdout(Stdio::null())
@@ -985,7 +991,9 @@ fn build_cloud_formats(dir: &Path) -> PathBuf {
         Command::new(binary("imagebuild"))
             .arg("--out")
             .arg(&vmdk)
-            .args(["--format", "vmdk", "--format", "vhd", "--format", "tar.gz", "--format", "ova"])
+            .args([
+                "--format", "vmdk", "--format", "vhd", "--format", "tar.gz", "--format", "ova",
+            ])
             .arg("--agent-bin")
             .arg(release_binary("foobar-agent"))
             .arg("--ssh-key")
@@ -1007,10 +1015,16 @@ fn build_cloud_formats(dir: &Path) -> PathBuf {
     let listing = |archive: &Path| {
         let out = Command::new("tar").arg("-tf").arg(archive).output().unwrap();
         assert!(out.status.success());
-        String::from_utf8_lossy(&out.stdout).lines().map(String::from).collect::<Vec<_>>()
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect::<Vec<_>>()
     };
     assert_eq!(listing(&dir.join("foobar.tar.gz")), ["disk.raw"]);
-    assert_eq!(listing(&dir.join("foobar.ova")), ["foobar.ovf", "foobar.mf", "foobar-disk1.vmdk"]);
+    assert_eq!(
+        listing(&dir.join("foobar.ova")),
+        ["foobar.ovf", "foobar.mf", "foobar-disk1.vmdk"]
+    );
     report(format!("cloud formats (vmdk, vhd, tar.gz, ova) built in {secs:.0} s"));
     vmdk
 }
@@ -1030,10 +1044,7 @@ fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
     for image in [&built.raw, &vmdk, &vhd] {
         let mut guest = Guest::boot(image, false, false);
         let ready = guest.wait_ready();
-        times.push(format!(
-            "{} {ready:.1} s",
-            image.extension().unwrap().to_string_lossy()
-        ));
+        times.push(format!("{} {ready:.1} s", image.extension().unwrap().to_string_lossy()));
         if image != &built.raw {
             continue;
         }
@@ -1064,16 +1075,173 @@ fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
             "sudo lsinitramfs /boot/initrd.img-$(uname -r)",
         );
         assert_eq!(code, 0, "{err}");
-        for module in ["virtio_blk", "virtio_scsi", "virtio_pci", "hv_storvsc", "hv_vmbus", "vmw_pvscsi"] {
+        for module in [
+            "virtio_blk",
+            "virtio_scsi",
+            "virtio_pci",
+            "hv_storvsc",
+            "hv_vmbus",
+            "vmw_pvscsi",
+        ] {
             assert!(
                 initrd.lines().any(|l| l.contains(&format!("/{module}.ko"))),
                 "{module} not in the initramfs"
             );
         }
+        // With no cloud in DMI, first boot asks no metadata service and waits for none.
+        let (_, log, _) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "sudo journalctl -b -o cat -u foobar-firstboot",
+        );
+        let line = log
+            .lines()
+            .find(|l| l.starts_with("platform none"))
+            .unwrap_or_else(|| panic!("{log}"));
+        let secs: f64 = line
+            .rsplit('(')
+            .next()
+            .unwrap()
+            .trim_end_matches(" s)")
+            .parse()
+            .unwrap();
+        assert!(secs < 2.0, "instance-config took {secs} s without metadata: {line}");
         let (_, cmdline, _) = ssh(&guest, &built.key, "admin", &[], "cat /proc/cmdline");
         assert!(cmdline.contains("console=ttyS0"), "serial console: {cmdline}");
         let (_, networks, _) = ssh(&guest, &built.key, "admin", &[], "networkctl list --no-legend");
-        assert!(networks.contains("routable") || networks.contains("configured"), "DHCP on the NIC: {networks}");
+        assert!(
+            networks.contains("routable") || networks.contains("configured"),
+            "DHCP on the NIC: {networks}"
+        );
     }
     report(format!("ready from other formats: {}", times.join(", ")));
+}
+
+/// A key pair that only the metadata service hands out (the image was built with another).
+fn metadata_key() -> (PathBuf, String) {
+    let dir = support::temp_dir("e2e-metakey");
+    let key = dir.join("id_meta");
+    let ok = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-C", "from-metadata", "-f"])
+        .arg(&key)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let public = std::fs::read_to_string(key.with_extension("pub"))
+        .unwrap()
+        .trim()
+        .to_string();
+    (key, public)
+}
+
+/// Boots the image as `platform` with `server` as its metadata service; the guest must take its hostname and the
+/// metadata's SSH key (a login with that key works). Returns the guest and its boot-to-ready seconds.
+fn boot_on_platform(
+    platform: &str,
+    server: &crate::support::fake_http::FakeHttp,
+    key: &Path,
+    hostname: &str,
+) -> (Guest, f64) {
+    let extra = [
+        "--platform".to_string(),
+        platform.to_string(),
+        "--metadata".to_string(),
+        server.port.to_string(),
+    ];
+    let mut guest = Guest::boot_full(&built().image, false, false, &[], &extra);
+    let ready = guest.wait_ready();
+    let (code, name, err) = ssh(&guest, key, "admin", &[], "hostname");
+    assert_eq!(
+        code,
+        0,
+        "{platform}: SSH with the key from the metadata: {err}\n{}",
+        guest.console_tail()
+    );
+    assert_eq!(name, hostname, "{platform}");
+    (guest, ready)
+}
+
+#[test]
+fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
+    if !enabled() {
+        return;
+    }
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    use crate::instance;
+    use crate::support::fake_http::FakeHttp;
+    let (key, public) = metadata_key();
+    let mut times = Vec::new();
+
+    let ec2 = FakeHttp::start(instance::ec2(true, &public, None));
+    let (guest, ready) = boot_on_platform("ec2", &ec2, &key, "ip-10-1-2-3");
+    drop(guest);
+    let requests = ec2.requests();
+    assert_eq!(requests[0].method, "PUT", "IMDSv2 token first: {requests:?}");
+    times.push(format!("ec2 {ready:.1} s"));
+
+    let gce = FakeHttp::start(instance::gce(&public));
+    let (guest, ready) = boot_on_platform("gce", &gce, &key, "www-1");
+    drop(guest);
+    times.push(format!("gce {ready:.1} s"));
+
+    let azure = FakeHttp::start(instance::azure(&public));
+    let (guest, ready) = boot_on_platform("azure", &azure, &key, "www-azure");
+    // Ready is reported once, after the site is ready (the agent waits for nginx too, so allow it a moment).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let reports = || {
+        azure
+            .requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .collect::<Vec<_>>()
+    };
+    while reports().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(2));
+    let posted = reports();
+    assert_eq!(posted.len(), 1, "exactly one health report: {posted:?}");
+    assert!(
+        posted[0].path == "/machine/?comp=health" && posted[0].body.contains("<State>Ready</State>"),
+        "{posted:?}"
+    );
+    drop(guest);
+    times.push(format!("azure {ready:.1} s"));
+
+    // NoCloud: a `cidata` volume made the way cloud-localds makes its vfat variant.
+    let dir = support::temp_dir("e2e-seed");
+    std::fs::write(dir.join("meta-data"), "instance-id: i-7\nlocal-hostname: web-7\n").unwrap();
+    std::fs::write(
+        dir.join("user-data"),
+        format!("#cloud-config\nssh_authorized_keys:\n  - {public}\n"),
+    )
+    .unwrap();
+    let seed = dir.join("seed.img");
+    let made = Command::new("mkfs.fat")
+        .args(["-C", "-n", "CIDATA"])
+        .arg(&seed)
+        .arg("1024")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for file in ["meta-data", "user-data"] {
+        let copied = Command::new("mcopy")
+            .arg("-i")
+            .arg(&seed)
+            .arg(dir.join(file))
+            .arg("::")
+            .status()
+            .unwrap();
+        assert!(copied.success());
+    }
+    let extra = ["--seed".to_string(), seed.display().to_string()];
+    let mut guest = Guest::boot_full(&built().image, false, false, &[], &extra);
+    let ready = guest.wait_ready();
+    let (code, name, err) = ssh(&guest, &key, "admin", &[], "hostname");
+    assert_eq!(code, 0, "nocloud: SSH with the seed's key: {err}");
+    assert_eq!(name, "web-7");
+    times.push(format!("nocloud {ready:.1} s"));
+    report(format!("ready with metadata: {}", times.join(", ")));
 }

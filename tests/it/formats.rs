@@ -248,7 +248,8 @@ fn ova_holds_descriptor_manifest_and_disk_in_order_and_the_manifest_matches() {
         "<rasd:ResourceSubType>VirtualSCSI</rasd:ResourceSubType>\n        <rasd:ResourceType>6</rasd:ResourceType>"
             .to_string(),
         "<rasd:HostResource>ovf:/disk/vmdisk1</rasd:HostResource>".to_string(),
-        "<rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>\n        <rasd:ResourceType>10</rasd:ResourceType>".to_string(),
+        "<rasd:ResourceSubType>VmxNet3</rasd:ResourceSubType>\n        <rasd:ResourceType>10</rasd:ResourceType>"
+            .to_string(),
         "vmw:key=\"firmware\" vmw:value=\"bios\"".to_string(),
     ] {
         assert!(ovf.contains(&needle), "OVF lacks {needle}:\n{ovf}");

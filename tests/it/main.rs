@@ -11,5 +11,6 @@ mod builder;
 mod docs;
 mod e2e;
 mod formats;
+mod instance;
 mod smoke;
 mod support;

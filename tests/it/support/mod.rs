@@ -1,5 +1,6 @@
 //! Helpers shared by the test modules: the real binaries, agent processes and a small HTTP client.
 
+pub mod fake_http;
 pub mod mariadb;
 
 use std::path::PathBuf;
