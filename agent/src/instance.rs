@@ -121,7 +121,8 @@ pub fn oem_strings(raw: &[u8]) -> Vec<String> {
         .collect()
 }
 
-/// The block device of a NoCloud seed: udev's label link, or blkid's own probe when udev has not got to it yet.
+/// The block device of a NoCloud seed: udev's label link, or, when udev has not got to it yet, the first device
+/// whose FAT or ISO 9660 label reads `cidata` (a few sectors read per device; no probing tool to start).
 fn seed_device() -> Option<PathBuf> {
     for label in ["cidata", "CIDATA"] {
         let link = Path::new("/dev/disk/by-label").join(label);
@@ -129,15 +130,34 @@ fn seed_device() -> Option<PathBuf> {
             return Some(link);
         }
     }
-    for label in ["cidata", "CIDATA"] {
-        #[allow(clippy::disallowed_methods)] // a one-shot probe by the agent, not a builder tool
-        let out = std::process::Command::new("blkid").args(["-L", label]).output().ok()?;
-        let device = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        if out.status.success() && !device.is_empty() {
-            return Some(PathBuf::from(device));
+    let mut names: Vec<String> = std::fs::read_dir("/sys/class/block")
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| !n.starts_with("loop") && !n.starts_with("ram") && !n.starts_with("zram"))
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|n| PathBuf::from("/dev").join(n))
+        .find(|device| has_seed_label(device))
+}
+
+fn has_seed_label(device: &Path) -> bool {
+    use std::os::unix::fs::FileExt as _;
+    let Ok(file) = std::fs::File::open(device) else {
+        return false;
+    };
+    let mut boot = [0u8; 512];
+    let mut iso = [0u8; 72];
+    let is_label = |bytes: &[u8]| String::from_utf8_lossy(bytes).trim().eq_ignore_ascii_case("cidata");
+    if file.read_exact_at(&mut boot, 0).is_ok() && boot[510..512] == [0x55, 0xAA] {
+        // FAT12/16 keep the volume label at 0x2B, FAT32 at 0x47.
+        if is_label(&boot[0x2B..0x36]) || is_label(&boot[0x47..0x52]) {
+            return true;
         }
     }
-    None
+    // ISO 9660: the primary volume descriptor in sector 16, its volume id at byte 40.
+    file.read_exact_at(&mut iso, 16 * 2048).is_ok() && &iso[1..6] == b"CD001" && is_label(&iso[40..72])
 }
 
 /// The platform, by DMI alone (and the NoCloud seed's label). Reads files; never touches the network.

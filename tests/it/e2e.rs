@@ -1056,7 +1056,7 @@ fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
             "admin",
             &[],
             "for m in virtio_net virtio_blk virtio_scsi nvme ena gve hv_vmbus hv_storvsc hv_netvsc vmw_pvscsi vmxnet3; \
-             do printf '%s %s\\n' $m \"$(modinfo -n $m 2>&1)\"; done",
+             do printf '%s %s\\n' $m \"$(/sbin/modinfo -n $m 2>&1)\"; done",
         );
         assert_eq!(code, 0, "{err}");
         for line in found.lines() {
@@ -1108,6 +1108,7 @@ fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
             .parse()
             .unwrap();
         assert!(secs < 2.0, "instance-config took {secs} s without metadata: {line}");
+        times.push(format!("(instance-config without metadata {secs:.2} s)"));
         let (_, cmdline, _) = ssh(&guest, &built.key, "admin", &[], "cat /proc/cmdline");
         assert!(cmdline.contains("console=ttyS0"), "serial console: {cmdline}");
         let (_, networks, _) = ssh(&guest, &built.key, "admin", &[], "networkctl list --no-legend");

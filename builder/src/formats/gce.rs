@@ -127,8 +127,9 @@ pub fn write(raw: &Path, dest: &Path, epoch: u64) -> anyhow::Result<()> {
     header.set_cksum();
 
     let out = File::create(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    // No name and time 0 in the gzip header: the bytes depend on the disk alone.
-    let gz = GzBuilder::new().mtime(0).write(out, Compression::default());
+    // No name and time 0 in the gzip header: the bytes depend on the disk alone. Level 1: measured on the 2 GiB
+    // image, 2.2 s and 132 MB against level 6's 15.8 s and 113 MB.
+    let gz = GzBuilder::new().mtime(0).write(out, Compression::fast());
     let mut builder = tar::Builder::new(gz);
     // The extension headers (whole blocks) sit between the header and the data, which is what `append` pads.
     let data = Regions {
