@@ -221,18 +221,11 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
 
 /// `foobar` for `--out foobar.qcow2` (and for `foobar.tar.gz`): the machine's name in an OVA.
 fn output_stem(out: &Path) -> String {
-    let name = out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let stem = name
-        .strip_suffix(".tar.gz")
-        .or_else(|| name.rsplit_once('.').map(|(s, _)| s))
-        .unwrap_or(&name);
+    let stem = formats::stem(out);
     if stem.is_empty() {
         "foobar".to_string()
     } else {
-        stem.to_string()
+        stem
     }
 }
 

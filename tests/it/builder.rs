@@ -75,14 +75,8 @@ fn rendered_nginx_configuration_passes_nginx_t() {
 
     // And a broken one fails, so this check can fail.
     std::fs::write(dir.join("site.conf"), "server { listen 80; bogus_directive on; }\n").unwrap();
-    let out = Command::new("nginx")
-        .args(["-t", "-p"])
-        .arg(&dir)
-        .arg("-c")
-        .arg(dir.join("nginx.conf"))
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
+    let (ok, stderr) = run_nginx_t(&dir);
+    assert!(!ok, "{stderr}");
 }
 
 fn app_site(upstream: &str, routes: &[&str]) -> SiteVars {

@@ -40,38 +40,25 @@ fn every_agent_flag_is_in_the_readme() {
 
 #[test]
 fn every_agent_config_key_is_in_the_readme() {
-    // The agent's own error for an unknown key lists every key it accepts.
+    // The agent's own error for an unknown key lists every key it accepts at that level.
     let dir = crate::support::temp_dir("keys");
     let file = dir.join("agent.toml");
-    std::fs::write(&file, "no-such-key = 1\n").unwrap();
-    let (_, _, stderr) = agent_command(&["migrate", "--config", file.to_str().unwrap()]);
-    let expected = stderr
-        .split("expected one of")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no key list in: {stderr}"));
-    let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-    assert!(keys.len() >= 5, "{stderr}");
     let readme = readme();
-    for key in keys {
-        assert!(
-            readme.contains(&format!("`{key}`")),
-            "README does not document agent config key `{key}`"
-        );
-    }
-    // And the keys of the `[app]` table.
-    std::fs::write(&file, "[app]\nno-such-key = 1\n").unwrap();
-    let (_, _, stderr) = agent_command(&["migrate", "--config", file.to_str().unwrap()]);
-    let expected = stderr
-        .split("expected one of")
-        .nth(1)
-        .unwrap_or_else(|| panic!("no key list in: {stderr}"));
-    let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
-    assert!(keys.len() >= 5, "{stderr}");
-    for key in keys {
-        assert!(
-            readme.contains(&format!("`app.{key}`")),
-            "README does not document agent config key `app.{key}`"
-        );
+    for (text, prefix) in [("no-such-key = 1\n", ""), ("[app]\nno-such-key = 1\n", "app.")] {
+        std::fs::write(&file, text).unwrap();
+        let (_, _, stderr) = agent_command(&["migrate", "--config", file.to_str().unwrap()]);
+        let expected = stderr
+            .split("expected one of")
+            .nth(1)
+            .unwrap_or_else(|| panic!("no key list in: {stderr}"));
+        let keys: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(keys.len() >= 5, "{stderr}");
+        for key in keys {
+            assert!(
+                readme.contains(&format!("`{prefix}{key}`")),
+                "README does not document agent config key `{prefix}{key}`"
+            );
+        }
     }
 }
 

@@ -54,17 +54,21 @@ impl Format {
     }
 }
 
-/// `out` with its extension (`.tar.gz` counted as one) replaced by `ext`.
-fn sibling(out: &Path, ext: &str) -> PathBuf {
+/// The file name of `out` without its extension (`.tar.gz` counted as one): `foobar` for `foobar.tar.gz`.
+pub fn stem(out: &Path) -> String {
     let name = out
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let stem = name
-        .strip_suffix(".tar.gz")
+    name.strip_suffix(".tar.gz")
         .or_else(|| name.rsplit_once('.').map(|(stem, _)| stem))
-        .unwrap_or(&name);
-    out.with_file_name(format!("{stem}.{ext}"))
+        .unwrap_or(&name)
+        .to_string()
+}
+
+/// `out` with its extension replaced by `ext`.
+fn sibling(out: &Path, ext: &str) -> PathBuf {
+    out.with_file_name(format!("{}.{ext}", stem(out)))
 }
 
 /// What the writers derive names, identifiers and times from.
