@@ -53,19 +53,21 @@ fn nginx_t(tag: &str, mut vars: SiteVars) -> (bool, String, std::path::PathBuf) 
         ),
     )
     .unwrap();
+    let (ok, stderr) = run_nginx_t(&dir);
+    (ok, stderr, dir)
+}
+
+/// `nginx -t` on `DIR/nginx.conf`: whether it passed, and what it said.
+fn run_nginx_t(dir: &std::path::Path) -> (bool, String) {
     let out = Command::new("nginx")
         .args(["-t", "-p"])
-        .arg(&dir)
+        .arg(dir)
         .arg("-c")
         .arg(dir.join("nginx.conf"))
         .output()
         .expect("nginx is installed (`just deps`)");
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    (
-        out.status.success() && stderr.contains("test is successful"),
-        stderr,
-        dir,
-    )
+    (out.status.success() && stderr.contains("test is successful"), stderr)
 }
 
 #[test]
