@@ -36,6 +36,22 @@ fn app_config(dir: &Path, listen: &str, command: &str, extra: &str) -> PathBuf {
     config
 }
 
+/// An agent running the tiny app on a unix socket, with no health path.
+fn serve_tiny_app_on_a_socket(tag: &str) -> AgentProcess {
+    let dir = support::temp_dir(tag);
+    let socket = dir.join("app.sock");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        "",
+    );
+    AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    )
+}
+
 fn health(agent: &AgentProcess) -> Value {
     get(&agent.url("/healthz")).unwrap().json()
 }
@@ -122,18 +138,7 @@ fn readiness_follows_the_apps_own_health_path() {
 
 #[test]
 fn a_killed_app_is_restarted_and_ready_again_within_seconds() {
-    let dir = support::temp_dir("app-kill");
-    let socket = dir.join("app.sock");
-    let config = app_config(
-        &dir,
-        &format!("unix:{}", socket.display()),
-        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
-        "",
-    );
-    let agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let agent = serve_tiny_app_on_a_socket("app-kill");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().expect("the app's pid");
 
@@ -194,18 +199,7 @@ fn an_app_that_dies_at_start_is_retried_with_growing_pauses_and_health_says_why(
 
 #[test]
 fn stopping_the_agent_stops_the_app_gracefully() {
-    let dir = support::temp_dir("app-stop");
-    let socket = dir.join("app.sock");
-    let config = app_config(
-        &dir,
-        &format!("unix:{}", socket.display()),
-        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
-        "",
-    );
-    let mut agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let mut agent = serve_tiny_app_on_a_socket("app-stop");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().unwrap();
     agent.signal("TERM");
