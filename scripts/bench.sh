@@ -39,7 +39,7 @@ boot_ready() {
     >/dev/null 2>"$work/qemu.log" &
   qemu_pid=$!
   for _ in $(seq 1200); do
-    code=$(curl -s -o /dev/null -m 2 -w '%{http_code}' -H "Host: $site" "http://127.0.0.1:$port/readyz" || true)
+    code=$(curl -s -o /dev/null -m 1 -w '%{http_code}' -H "Host: $site" "http://127.0.0.1:$port/readyz" || true)
     if [ "$code" = 200 ]; then ready=$(since "$start"); return; fi
     kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited"; tail -20 "$work/serial.log" >&2; exit 1; }
     sleep 0.2

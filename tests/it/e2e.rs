@@ -88,12 +88,15 @@ impl Guest {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
-    /// Seconds from now until `/readyz` answers 200 through nginx.
+    /// Seconds from now until `/readyz` answers 200 through nginx. Each poll is a fresh request that gives up after
+    /// 1 s: a connection made before the guest listens can hang in QEMU's user network, and would otherwise hold the
+    /// measurement until its timeout (it showed as boots of exactly 30.8 s).
     fn wait_ready(&mut self) -> f64 {
         let start = Instant::now();
+        let poll = ureq::AgentBuilder::new().timeout(Duration::from_secs(1)).build();
         loop {
-            if let Ok((r, _)) = get_host(&self.url("/readyz"), SITE) {
-                if r.status == 200 {
+            if let Ok(r) = poll.get(&self.url("/readyz")).set("Host", SITE).call() {
+                if r.status() == 200 {
                     return start.elapsed().as_secs_f64();
                 }
             }

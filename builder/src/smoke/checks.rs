@@ -195,7 +195,7 @@ fn wait_ready(s: &mut Suite) -> Outcome {
     let url = s.site("/readyz");
     let mut last: String;
     loop {
-        match s.client.get(&url) {
+        match s.client.get_within(&url, s.timeout.min(POLL_TIMEOUT)) {
             Ok(reply) if reply.status == 200 => {
                 return Outcome::Pass(format!("ready after {:.1} s", started.elapsed().as_secs_f64()));
             }
@@ -208,9 +208,12 @@ fn wait_ready(s: &mut Suite) -> Outcome {
                 limit.as_secs()
             ));
         }
-        std::thread::sleep(Duration::from_millis(500));
+        std::thread::sleep(Duration::from_millis(250));
     }
 }
+
+/// How long one `/readyz` poll of `--wait` may take before the next one is sent.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A TCP connection to the URL's address, so a wrong address fails at once with one clear message.
 fn connect(s: &mut Suite) -> Outcome {

@@ -172,7 +172,21 @@ impl Client {
 
     /// One request; `Err` only when no answer came back (connection, TLS, timeout), described for a person.
     pub fn send(&self, method: &str, url: &str, content_type: Option<&str>, body: &[u8]) -> Result<Reply, String> {
+        self.send_within(method, url, content_type, body, None)
+    }
+
+    fn send_within(
+        &self,
+        method: &str,
+        url: &str,
+        content_type: Option<&str>,
+        body: &[u8],
+        limit: Option<Duration>,
+    ) -> Result<Reply, String> {
         let mut request = self.agent.request(method, url);
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
+        }
         if let Some(kind) = content_type {
             request = request.set("Content-Type", kind);
         }
@@ -212,6 +226,12 @@ impl Client {
 
     pub fn get(&self, url: &str) -> Result<Reply, String> {
         self.send("GET", url, None, &[])
+    }
+
+    /// A GET that gives up after `limit`: for polling a machine that is still booting, where a connection made too
+    /// early can hang (QEMU's user network accepts it before the guest listens) and must not hold up the next try.
+    pub fn get_within(&self, url: &str, limit: Duration) -> Result<Reply, String> {
+        self.send_within("GET", url, None, &[], Some(limit))
     }
 }
 
