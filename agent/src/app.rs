@@ -248,21 +248,16 @@ pub struct DatabaseEnv {
 }
 
 impl DatabaseEnv {
-    /// Takes the parts from the agent's own `mysql://user@host/name?socket=/path` URL.
-    pub fn from_url(url: &str) -> DatabaseEnv {
-        let rest = url.split_once("://").map_or(url, |(_, r)| r);
-        let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
-        let (authority, name) = before_query.split_once('/').unwrap_or((before_query, ""));
-        let user = authority
-            .rsplit_once('@')
-            .map(|(u, _)| u.split(':').next().unwrap_or(""))
-            .unwrap_or("");
-        let socket = query.split('&').find_map(|kv| kv.strip_prefix("socket=")).unwrap_or("");
+    /// Takes the parts from the agent's own database URL, as sqlx parsed it.
+    pub fn from_options(url: &str, options: &sqlx::mysql::MySqlConnectOptions) -> DatabaseEnv {
         DatabaseEnv {
             url: url.to_string(),
-            socket: socket.to_string(),
-            name: name.to_string(),
-            user: user.to_string(),
+            socket: options
+                .get_socket()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            name: options.get_database().unwrap_or_default().to_string(),
+            user: options.get_username().to_string(),
         }
     }
 }

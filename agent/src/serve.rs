@@ -15,10 +15,15 @@ use crate::config::{Config, Listen};
 use crate::state::{AppState, MigrationStatus};
 use crate::{migrate, systemd};
 
+/// The database URL, parsed once by sqlx for the pool and for what the app is told.
+fn connect_options(config: &Config) -> anyhow::Result<MySqlConnectOptions> {
+    MySqlConnectOptions::from_str(&config.database_url)
+        .with_context(|| format!("invalid database URL `{}`", config.database_url))
+}
+
 /// A pool that connects on first use, so the agent starts (and answers `/livez`) while the database is down.
 pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
-    let options = MySqlConnectOptions::from_str(&config.database_url)
-        .with_context(|| format!("invalid database URL `{}`", config.database_url))?
+    let options = connect_options(config)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
     Ok(MySqlPoolOptions::new()
@@ -165,8 +170,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         migrator,
         config.migrate_lock_timeout(),
     ));
+    let database = DatabaseEnv::from_options(&config.database_url, &connect_options(&config)?);
     let supervisor = app.map(|app| {
-        let database = DatabaseEnv::from_url(&config.database_url);
         let grace = config.shutdown_timeout();
         tokio::spawn(async move {
             if migrated.await.unwrap_or(false) {

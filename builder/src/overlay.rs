@@ -87,18 +87,15 @@ pub fn agent_app(app: &App) -> render::AgentApp {
     render::AgentApp {
         name: app.name.clone(),
         command: app.command.clone(),
-        listen: match app.listen() {
-            AppListen::Socket => format!("unix:{APP_SOCKET}"),
-            AppListen::Port => format!("127.0.0.1:{APP_PORT}"),
-        },
+        listen: app_address(app),
         directory: APP_DIR.to_string(),
         health: app.health.clone(),
         env: app.env.clone(),
     }
 }
 
-/// Where nginx reaches an `[app]`, in nginx's syntax.
-pub fn nginx_upstream(app: &App) -> String {
+/// Where an `[app]` listens: `unix:/path` or `127.0.0.1:PORT`, which is both the agent's and nginx's syntax.
+pub fn app_address(app: &App) -> String {
     match app.listen() {
         AppListen::Socket => format!("unix:{APP_SOCKET}"),
         AppListen::Port => format!("127.0.0.1:{APP_PORT}"),
@@ -252,7 +249,7 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     // nginx: our site only, on 80 and 443.
     let mut site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
     if let Some((app, _)) = &app {
-        site = site.with_app(&nginx_upstream(app), &app.routes);
+        site = site.with_app(&app_address(app), &app.routes);
     }
     let self_signed = ctx.config.site.tls_certificate.is_empty();
     if !self_signed {

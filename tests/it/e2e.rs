@@ -227,20 +227,35 @@ struct Built {
 /// One QEMU test at a time: two cores do not run several guests under TCG well.
 static QEMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
+/// Runs `imagebuild --out OUT --agent-bin <release agent> ARGS...`: its output and the seconds it took.
+fn imagebuild_out<S: AsRef<std::ffi::OsStr>>(out: &Path, args: &[S]) -> (std::process::Output, f64) {
+    timed(|| {
+        Command::new(binary("imagebuild"))
+            .arg("--out")
+            .arg(out)
+            .arg("--agent-bin")
+            .arg(release_binary("foobar-agent"))
+            .args(args)
+            .output()
+            .unwrap()
+    })
+}
+
 /// Builds the image as qcow2 at `image` and raw beside it, with the SSH key `key`; returns the seconds it took and
 /// imagebuild's log.
 fn build(image: &Path, key: &Path) -> (f64, String) {
-    let (out, secs) = timed(|| {
-        Command::new(binary("imagebuild"))
-            .args(["--out"])
-            .arg(image)
-            .args(["--format", "qcow2", "--format", "raw", "--agent-bin"])
-            .arg(release_binary("foobar-agent"))
-            .arg("--ssh-key")
-            .arg(key.with_extension("pub"))
-            .output()
-            .unwrap()
-    });
+    let pubkey = key.with_extension("pub");
+    let (out, secs) = imagebuild_out(
+        image,
+        &[
+            "--format".as_ref(),
+            "qcow2".as_ref(),
+            "--format".as_ref(),
+            "raw".as_ref(),
+            "--ssh-key".as_ref(),
+            pubkey.as_os_str(),
+        ],
+    );
     assert!(
         out.status.success(),
         "imagebuild failed:\n{}",
@@ -833,19 +848,16 @@ fn build_example(name: &str) -> (PathBuf, f64) {
     let dir = support::temp_dir(&format!("e2e-{name}"));
     let image = dir.join(format!("{name}.qcow2"));
     let config = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("../examples/{name}/foobar.toml"));
-    let (out, secs) = timed(|| {
-        Command::new(binary("imagebuild"))
-            .arg("--config")
-            .arg(&config)
-            .arg("--out")
-            .arg(&image)
-            .arg("--agent-bin")
-            .arg(release_binary("foobar-agent"))
-            .arg("--ssh-key")
-            .arg(built().key.with_extension("pub"))
-            .output()
-            .unwrap()
-    });
+    let pubkey = built().key.with_extension("pub");
+    let (out, secs) = imagebuild_out(
+        &image,
+        &[
+            "--config".as_ref(),
+            config.as_os_str(),
+            "--ssh-key".as_ref(),
+            pubkey.as_os_str(),
+        ],
+    );
     assert!(
         out.status.success(),
         "imagebuild --config {} failed:\n{}",
@@ -969,15 +981,7 @@ fn a_package_the_archive_does_not_have_fails_the_build_naming_the_key() {
     )
     .unwrap();
     let image = dir.join("never.qcow2");
-    let out = Command::new(binary("imagebuild"))
-        .arg("--config")
-        .arg(&config)
-        .arg("--out")
-        .arg(&image)
-        .arg("--agent-bin")
-        .arg(release_binary("foobar-agent"))
-        .output()
-        .unwrap();
+    let (out, _) = imagebuild_out(&image, &["--config".as_ref(), config.as_os_str()]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
@@ -990,20 +994,15 @@ fn a_package_the_archive_does_not_have_fails_the_build_naming_the_key() {
 /// The cloud formats of the same build: each listed in the manifest with its hash, read by qemu-img or GNU tar.
 fn build_cloud_formats(dir: &Path) -> PathBuf {
     let vmdk = dir.join("foobar.vmdk");
-    let (out, secs) = timed(|| {
-        Command::new(binary("imagebuild"))
-            .arg("--out")
-            .arg(&vmdk)
-            .args([
-                "--format", "vmdk", "--format", "vhd", "--format", "tar.gz", "--format", "ova",
-            ])
-            .arg("--agent-bin")
-            .arg(release_binary("foobar-agent"))
-            .arg("--ssh-key")
-            .arg(built().key.with_extension("pub"))
-            .output()
-            .unwrap()
-    });
+    let pubkey = built().key.with_extension("pub");
+    let mut args: Vec<&std::ffi::OsStr> = [
+        "--format", "vmdk", "--format", "vhd", "--format", "tar.gz", "--format", "ova",
+    ]
+    .iter()
+    .map(|a| a.as_ref())
+    .collect();
+    args.extend(["--ssh-key".as_ref(), pubkey.as_os_str()]);
+    let (out, secs) = imagebuild_out(&vmdk, &args);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(support::sidecar(&vmdk, "manifest.json")).unwrap()).unwrap();
