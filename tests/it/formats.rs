@@ -287,3 +287,24 @@ fn each_format_is_chosen_by_extension_or_flag() {
         "{err}"
     );
 }
+
+#[test]
+fn the_vmdk_content_id_is_rewritten_whole_even_when_qemu_img_wrote_it_short() {
+    // qemu-img prints the random id without leading zeros: 7 digits one time in 16. The descriptor must stay intact.
+    let dir = support::temp_dir("fmt-cid");
+    let path = dir.join("d.vmdk");
+    let text =
+        "KDMV\n# Disk DescriptorFile\nversion=1\nCID=abc1234\nparentCID=ffffffff\ncreateType=\"streamOptimized\"\n";
+    let mut bytes = text.as_bytes().to_vec();
+    bytes.resize(4096, 0);
+    std::fs::write(&path, &bytes).unwrap();
+    formats::vmdk::set_cid(&path, 0xabcd).unwrap();
+    let after = std::fs::read(&path).unwrap();
+    assert_eq!(after.len(), 4096);
+    let end = after.iter().position(|b| *b == 0).unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&after[..end]),
+        text.replace("CID=abc1234\n", "CID=0000abcd\n")
+    );
+    assert!(after[end..].iter().all(|b| *b == 0));
+}
