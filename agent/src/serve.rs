@@ -54,7 +54,8 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
             }
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        // At boot the agent starts beside MariaDB: retry at least every second so it notices soon after.
+        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 

@@ -139,6 +139,7 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     }
     let packages = manifest::packages(&rootfs)?;
     stages.run("install_overlay", || install_overlay(ctx, &rootfs))?;
+    stages.run("make_initrd", || crate::initrd::make_initrd(ctx, &rootfs))?;
     stages.run("check_secrets", || check_no_instance_files(&rootfs))?;
     stages.run("normalize_rootfs", || normalize_rootfs(&rootfs, ctx.source_date_epoch))?;
     let raw = ctx.work.join("disk.raw");

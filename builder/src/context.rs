@@ -31,6 +31,8 @@ pub struct Context {
     pub ssh_keys: Vec<String>,
     pub agent_bin: PathBuf,
     pub agent_sha256: String,
+    /// The initramfs's `/init` (`foobar-init`), built beside imagebuild.
+    pub init_bin: PathBuf,
     pub cache_dir: Option<PathBuf>,
     pub work: PathBuf,
     pub seed: String,
@@ -165,6 +167,17 @@ impl Context {
             );
         }
         let agent_sha256 = sha256_file(&agent_bin)?;
+        let init_bin = std::env::current_exe()?
+            .parent()
+            .map(|dir| dir.join("foobar-init"))
+            .context("cannot locate imagebuild's own directory")?;
+        if !init_bin.is_file() {
+            bail!(
+                "the initramfs program {} does not exist: build it with `cargo build --release -p foobar-builder`",
+                init_bin.display()
+            );
+        }
+        let init_sha256 = sha256_file(&init_bin)?;
 
         let source_date_epoch = match flags.source_date_epoch {
             Some(t) => t,
@@ -185,7 +198,7 @@ impl Context {
         }
         let seed = sha256_hex(
             format!(
-                "foobar-image-v1\nconfig:{}\napp:{app_sha256}\nagent:{agent_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
+                "foobar-image-v1\nconfig:{}\napp:{app_sha256}\nagent:{agent_sha256}\ninit:{init_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
                 sha256_hex(&config_text),
                 ssh_keys.join(","),
                 env!("CARGO_PKG_VERSION")
@@ -221,6 +234,7 @@ impl Context {
             ssh_keys,
             agent_bin,
             agent_sha256,
+            init_bin,
             cache_dir,
             work,
             seed,

@@ -8,6 +8,7 @@ pub mod config;
 pub mod context;
 pub mod disk;
 pub mod formats;
+pub mod initrd;
 pub mod manifest;
 pub mod normalize;
 pub mod overlay;

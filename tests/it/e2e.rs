@@ -285,8 +285,29 @@ fn built() -> &'static Built {
     })
 }
 
-/// Runs a command in the guest over SSH as `user` with the test key: (exit code, stdout, stderr).
+/// Runs a command in the guest over SSH as `user` with the test key: (exit code, stdout, stderr). sshd and logins
+/// open just after nginx starts, so a connection refused or reset in the first seconds after readiness is retried.
 fn ssh(guest: &Guest, key: &Path, user: &str, extra: &[&str], command: &str) -> (i32, String, String) {
+    let start = Instant::now();
+    loop {
+        let (code, out, err) = ssh_once(guest, key, user, extra, command);
+        let not_yet = code == 255
+            && [
+                "Connection reset",
+                "Connection refused",
+                "kex_exchange_identification",
+                "not permitted to log in yet",
+            ]
+            .iter()
+            .any(|s| err.contains(s));
+        if !not_yet || start.elapsed() > Duration::from_secs(30) {
+            return (code, out, err);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn ssh_once(guest: &Guest, key: &Path, user: &str, extra: &[&str], command: &str) -> (i32, String, String) {
     let out = Command::new("ssh")
         .args(["-p", &(guest.port + 2).to_string(), "-i"])
         .arg(key)
