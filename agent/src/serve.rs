@@ -33,10 +33,20 @@ pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
 }
 
 /// Applies migrations until they are applied or fail for good, retrying while the database is unreachable.
-/// Returns whether they were applied.
+/// Returns whether they were applied. At boot the agent starts beside MariaDB, so for its first 30 s it retries
+/// every 200 ms (a refused unix-socket connect costs nothing) and notices the database soon after it opens; then
+/// every 5 s. The warning is logged when the error changes and every 5 s, not on every try.
 async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout: Duration) -> bool {
-    let mut delay = Duration::from_millis(250);
+    const FAST: Duration = Duration::from_millis(200);
+    const SLOW: Duration = Duration::from_secs(5);
+    let started = tokio::time::Instant::now();
+    let mut last_logged: Option<(String, tokio::time::Instant)> = None;
     loop {
+        let delay = if started.elapsed() < Duration::from_secs(30) {
+            FAST
+        } else {
+            SLOW
+        };
         match migrate::apply(&state.pool, &migrator, lock_timeout).await {
             Ok(migrate::Applied { version, newly_applied }) => {
                 tracing::info!(version, newly_applied, "schema is current");
@@ -44,8 +54,16 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
                 return true;
             }
             Err(err) if err.is_retryable() => {
-                tracing::warn!(error = %err, retry_in = ?delay, "migrations not applied yet");
-                state.set_migration_status(MigrationStatus::Pending(Some(err.to_string())));
+                let text = err.to_string();
+                let due = match &last_logged {
+                    Some((previous, at)) => *previous != text || at.elapsed() >= SLOW,
+                    None => true,
+                };
+                if due {
+                    tracing::warn!(error = %err, retry_in = ?delay, "migrations not applied yet");
+                    last_logged = Some((text.clone(), tokio::time::Instant::now()));
+                }
+                state.set_migration_status(MigrationStatus::Pending(Some(text)));
             }
             Err(err) => {
                 tracing::error!(error = %err, "migrations failed; the agent stays up but not ready");
@@ -54,8 +72,6 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
             }
         }
         tokio::time::sleep(delay).await;
-        // At boot the agent starts beside MariaDB: retry at least every second so it notices soon after.
-        delay = (delay * 2).min(Duration::from_secs(1));
     }
 }
 
