@@ -155,10 +155,7 @@ impl Context {
 
         let agent_bin = match flags.agent_bin {
             Some(path) => path,
-            None => std::env::current_exe()?
-                .parent()
-                .map(|dir| dir.join("foobar-agent"))
-                .context("cannot locate imagebuild's own directory")?,
+            None => beside_imagebuild("foobar-agent")?,
         };
         if !agent_bin.is_file() {
             bail!(
@@ -167,10 +164,7 @@ impl Context {
             );
         }
         let agent_sha256 = sha256_file(&agent_bin)?;
-        let init_bin = std::env::current_exe()?
-            .parent()
-            .map(|dir| dir.join("foobar-init"))
-            .context("cannot locate imagebuild's own directory")?;
+        let init_bin = beside_imagebuild("foobar-init")?;
         if !init_bin.is_file() {
             bail!(
                 "the initramfs program {} does not exist: build it with `cargo build --release -p foobar-builder`",
@@ -241,6 +235,14 @@ impl Context {
             source_date_epoch,
         })
     }
+}
+
+/// A program cargo builds next to imagebuild (same profile directory).
+fn beside_imagebuild(name: &str) -> anyhow::Result<PathBuf> {
+    std::env::current_exe()?
+        .parent()
+        .map(|dir| dir.join(name))
+        .context("cannot locate imagebuild's own directory")
 }
 
 /// One line per entry of a tree, in name order: relative path, kind, executable or not, and content hash.

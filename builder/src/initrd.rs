@@ -133,8 +133,9 @@ pub fn make_initrd(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     };
     let drivers = driver_files(&read("modules.dep")?, ROOT_DISK_DRIVERS);
     let names: BTreeSet<&str> = drivers.iter().map(|(name, _)| name.as_str()).collect();
+    let builtin = read("modules.builtin")?;
     for needed in ["virtio_blk", "virtio_pci"] {
-        if !names.contains(needed) && !read("modules.builtin")?.contains(&format!("/{needed}.ko")) {
+        if !names.contains(needed) && !builtin.contains(&format!("/{needed}.ko")) {
             bail!("kernel {kernel} has no {needed} driver, without which the image cannot find its disk under QEMU");
         }
     }

@@ -53,9 +53,15 @@ fn enable(root: &Path, unit: &str, unit_path: &str, target: &str) -> anyhow::Res
 }
 
 fn mask(root: &Path, unit: &str) -> anyhow::Result<()> {
-    let link = root.join("etc/systemd/system").join(unit);
+    mask_in(root, "etc/systemd/system", unit)
+}
+
+/// Masks `name` in `dir` of the image (a unit, a generator) with a symlink to /dev/null.
+fn mask_in(root: &Path, dir: &str, name: &str) -> anyhow::Result<()> {
+    let link = root.join(dir).join(name);
+    std::fs::create_dir_all(root.join(dir))?;
     let _ = std::fs::remove_file(&link);
-    symlink("/dev/null", &link).with_context(|| format!("cannot mask {unit}"))
+    symlink("/dev/null", &link).with_context(|| format!("cannot mask {name}"))
 }
 
 /// Units a one-server web stack does not use, masked so that nothing starts them. Under emulation every process and
@@ -136,10 +142,7 @@ fn boot_diet(root: &Path) -> anyhow::Result<()> {
         mask(root, unit)?;
     }
     for generator in MASKED_GENERATORS {
-        let link = root.join("etc/systemd/system-generators").join(generator);
-        std::fs::create_dir_all(link.parent().expect("has a parent"))?;
-        let _ = std::fs::remove_file(&link);
-        symlink("/dev/null", &link).with_context(|| format!("cannot mask {generator}"))?;
+        mask_in(root, "etc/systemd/system-generators", generator)?;
     }
     for rules in MASKED_UDEV_RULES {
         write(root, &format!("etc/udev/rules.d/{rules}"), "", 0o644)?;
