@@ -33,6 +33,12 @@ pub const ROOT_DISK_DRIVERS: &[&str] = &[
     "mptspi",
 ];
 
+/// The network drivers of the same platforms: virtio (QEMU/KVM, GCE), gVNIC (GCE), ENA (AWS Nitro), Xen netfront
+/// (older AWS), Hyper-V (Azure), VMXNET3 (VMware). `foobar-init` loads each one the hardware asks for once the root is
+/// mounted, so the network interface exists when udev's coldplug starts and is named and configured among its first
+/// events, instead of after udev has worked through every other device to find its driver.
+pub const NETWORK_DRIVERS: &[&str] = &["virtio_net", "gve", "ena", "xen_netfront", "hv_netvsc", "vmxnet3"];
+
 /// The libraries `foobar-init` (a Rust program linked against glibc) needs, and the dynamic loader.
 const LIBRARIES: &[&str] = &[
     "lib/x86_64-linux-gnu/libc.so.6",
@@ -131,8 +137,10 @@ pub fn make_initrd(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     let read = |name: &str| {
         std::fs::read_to_string(modules.join(name)).with_context(|| format!("cannot read {name} of kernel {kernel}"))
     };
-    let drivers = driver_files(&read("modules.dep")?, ROOT_DISK_DRIVERS);
-    let names: BTreeSet<&str> = drivers.iter().map(|(name, _)| name.as_str()).collect();
+    let modules_dep = read("modules.dep")?;
+    let drivers = driver_files(&modules_dep, ROOT_DISK_DRIVERS);
+    let network = driver_files(&modules_dep, NETWORK_DRIVERS);
+    let names: BTreeSet<&str> = drivers.iter().chain(&network).map(|(name, _)| name.as_str()).collect();
     let builtin = read("modules.builtin")?;
     for needed in ["virtio_blk", "virtio_pci"] {
         if !names.contains(needed) && !builtin.contains(&format!("/{needed}.ko")) {
@@ -177,22 +185,25 @@ pub fn make_initrd(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         let data = std::fs::read(&path).with_context(|| format!("cannot read {} in the image", lib))?;
         cpio.file(lib, &data, 0o755);
     }
-    let mut deps = String::new();
     let mut packed = BTreeSet::new();
-    for (driver, files) in &drivers {
-        let names: Vec<String> = files
-            .iter()
-            .map(|f| format!("/modules/{}.ko", module_name(f)))
-            .collect();
-        deps.push_str(&format!("{driver} {}\n", names.join(" ")));
-        for file in files {
-            if packed.insert(file.clone()) {
-                let data = std::fs::read(modules.join(file)).with_context(|| format!("cannot read module {file}"))?;
-                cpio.file(&format!("modules/{}.ko", module_name(file)), &data, 0o644);
+    for (list, group) in [("modules/deps", &drivers), ("modules/network", &network)] {
+        let mut deps = String::new();
+        for (driver, files) in group {
+            let names: Vec<String> = files
+                .iter()
+                .map(|f| format!("/modules/{}.ko", module_name(f)))
+                .collect();
+            deps.push_str(&format!("{driver} {}\n", names.join(" ")));
+            for file in files {
+                if packed.insert(file.clone()) {
+                    let data =
+                        std::fs::read(modules.join(file)).with_context(|| format!("cannot read module {file}"))?;
+                    cpio.file(&format!("modules/{}.ko", module_name(file)), &data, 0o644);
+                }
             }
         }
+        cpio.file(list, deps.as_bytes(), 0o644);
     }
-    cpio.file("modules/deps", deps.as_bytes(), 0o644);
     cpio.file("modules/aliases", aliases.as_bytes(), 0o644);
     let archive = cpio.finish();
 
@@ -207,8 +218,9 @@ pub fn make_initrd(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     gz.finish()?.sync_all()?;
     std::fs::rename(&partial, &target)?;
     tracing::info!(
-        "initramfs: {} drivers ({} modules), {} KB unpacked",
+        "initramfs: {} disk and {} network drivers ({} modules), {} KB unpacked",
         drivers.len(),
+        network.len(),
         packed.len(),
         archive.len() / 1024
     );

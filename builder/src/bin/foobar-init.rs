@@ -2,8 +2,9 @@
 //! hardware present asks for from the few the initramfs carries, finds the root file system by its UUID, mounts it
 //! and hands over to systemd. It replaces initramfs-tools' shell scripts and udev, which took seconds under emulation.
 //!
-//! The initramfs holds `/modules/deps` (`NAME FILE...`: a driver and the modules it needs, in load order; drivers in
-//! order of preference) and
+//! The initramfs holds `/modules/deps` (`NAME FILE...`: a driver and the modules it needs, in load order; root-disk
+//! drivers in order of preference), `/modules/network` (the same for network drivers, each loaded when its hardware
+//! is there, after the root is mounted) and
 //! `/modules/aliases` (`PATTERN NAME`: the hardware each driver serves, from modules.alias). Messages go to the
 //! kernel log (`dmesg`, the journal) as `foobar-init: ...`.
 
@@ -103,8 +104,10 @@ fn matches(pattern: &[u8], text: &[u8]) -> bool {
 }
 
 struct Drivers {
-    /// In order of preference.
+    /// Root-disk drivers, in order of preference.
     deps: Vec<(String, Vec<String>)>,
+    /// Network drivers.
+    network: Vec<(String, Vec<String>)>,
     aliases: Vec<(String, String)>,
     inserted: BTreeSet<String>,
     loaded: BTreeSet<String>,
@@ -113,13 +116,15 @@ struct Drivers {
 impl Drivers {
     fn read() -> Drivers {
         let text = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
-        let deps = text("/modules/deps")
-            .lines()
-            .filter_map(|line| {
-                let mut words = line.split_whitespace().map(String::from);
-                Some((words.next()?, words.collect()))
-            })
-            .collect();
+        let deps = |path: &str| {
+            text(path)
+                .lines()
+                .filter_map(|line| {
+                    let mut words = line.split_whitespace().map(String::from);
+                    Some((words.next()?, words.collect()))
+                })
+                .collect()
+        };
         let aliases = text("/modules/aliases")
             .lines()
             .filter_map(|line| {
@@ -128,7 +133,8 @@ impl Drivers {
             })
             .collect();
         Drivers {
-            deps,
+            deps: deps("/modules/deps"),
+            network: deps("/modules/network"),
             aliases,
             inserted: BTreeSet::new(),
             loaded: BTreeSet::new(),
@@ -143,6 +149,7 @@ impl Drivers {
         let files = self
             .deps
             .iter()
+            .chain(&self.network)
             .find(|(driver, _)| driver == name)
             .map(|(_, files)| files.clone());
         for file in files.unwrap_or_default() {
@@ -165,8 +172,41 @@ impl Drivers {
         }
     }
 
-    /// Loads the most preferred driver not loaded yet whose alias matches a device's modalias; true if it loaded one.
+    /// Loads the most preferred root-disk driver not loaded yet whose alias matches a device's modalias; true if it
+    /// loaded one.
     fn load_for_devices(&mut self) -> bool {
+        let wanted = self.wanted();
+        let next = self
+            .deps
+            .iter()
+            .map(|(name, _)| name.clone())
+            .find(|name| wanted.contains(name));
+        match next {
+            Some(name) => {
+                self.load(&name);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Loads every network driver whose alias matches a device's modalias; the names of those it loaded.
+    fn load_network(&mut self) -> Vec<String> {
+        let wanted = self.wanted();
+        let names: Vec<String> = self
+            .network
+            .iter()
+            .map(|(name, _)| name.clone())
+            .filter(|name| wanted.contains(name))
+            .collect();
+        for name in &names {
+            self.load(name);
+        }
+        names
+    }
+
+    /// The drivers not loaded yet whose alias matches the modalias of a device present.
+    fn wanted(&self) -> BTreeSet<String> {
         let mut wanted = BTreeSet::new();
         for bus in read_dir_names("/sys/bus") {
             for device in read_dir_names(&format!("/sys/bus/{bus}/devices")) {
@@ -181,18 +221,7 @@ impl Drivers {
                 }
             }
         }
-        let next = self
-            .deps
-            .iter()
-            .map(|(name, _)| name.clone())
-            .find(|name| wanted.contains(name));
-        match next {
-            Some(name) => {
-                self.load(&name);
-                true
-            }
-            None => false,
-        }
+        wanted
     }
 }
 
@@ -303,6 +332,16 @@ fn main() {
         started.elapsed().as_millis(),
         drivers.loaded.iter().map(String::as_str).collect::<Vec<_>>().join(" ")
     ));
+
+    // The network interfaces exist before udev starts, so udev names them among its first events.
+    let network = drivers.load_network();
+    if !network.is_empty() {
+        log(&format!(
+            "network drivers loaded after {} ms: {}",
+            started.elapsed().as_millis(),
+            network.join(" ")
+        ));
+    }
 
     // The kernel file systems move with the new root; then it becomes "/" and its init takes over as PID 1.
     for dir in ["/dev", "/proc", "/sys"] {
