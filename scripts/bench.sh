@@ -50,7 +50,7 @@ boot_ready() {
       "http://127.0.0.1:$port/readyz" > "$probes/$i.part" 2>/dev/null; mv "$probes/$i.part" "$probes/done.$i") &
     sleep 0.2
     local first
-    first=$(cat "$probes"/done.* 2>/dev/null | awk '$2 == 200 {print $1 + $3}' | sort -g | head -1)
+    first=$(cat "$probes"/done.* 2>/dev/null | awk '$2 == 200 {print $1 + $3}' | sort -g | head -1) || true
     if [ -n "$first" ]; then ready=$(printf '%.1f' "$first"); return; fi
     kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited"; tail -20 "$work/serial.log" >&2; exit 1; }
   done
