@@ -44,6 +44,7 @@ boot_ready() {
   "$imagebuild" boot "$image" --port "$port" --serial "$work/serial.log" --monitor "$work/monitor.sock" "$@" \
     >/dev/null 2>"$work/qemu.log" &
   qemu_pid=$!
+  local i
   for i in $(seq 1200); do
     local sent; sent=$(echo "$(now) - $start" | bc -l)
     (curl -s -o /dev/null -m 3 -w "$sent %{http_code} %{time_total}\n" -H "Host: $site" \
