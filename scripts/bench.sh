@@ -44,13 +44,12 @@ boot_ready() {
   "$imagebuild" boot "$image" --port "$port" --serial "$work/serial.log" --monitor "$work/monitor.sock" "$@" \
     >/dev/null 2>"$work/qemu.log" &
   qemu_pid=$!
-  local i
+  local i sent first
   for i in $(seq 1200); do
-    local sent; sent=$(echo "$(now) - $start" | bc -l)
+    sent=$(echo "$(now) - $start" | bc -l)
     (curl -s -o /dev/null -m 3 -w "$sent %{http_code} %{time_total}\n" -H "Host: $site" \
       "http://127.0.0.1:$port/readyz" > "$probes/$i.part" 2>/dev/null; mv "$probes/$i.part" "$probes/done.$i") &
     sleep 0.2
-    local first
     first=$(cat "$probes"/done.* 2>/dev/null | awk '$2 == 200 {print $1 + $3}' | sort -g | head -1) || true
     if [ -n "$first" ]; then ready=$(printf '%.1f' "$first"); return; fi
     kill -0 "$qemu_pid" 2>/dev/null || { log "QEMU exited"; tail -20 "$work/serial.log" >&2; exit 1; }

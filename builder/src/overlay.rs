@@ -165,14 +165,6 @@ fn boot_diet(root: &Path) -> anyhow::Result<()> {
             0o644,
         )?;
     }
-    // nginx's own unit neither waits for the network to be online nor tests its configuration before each start
-    // (imagebuild ran `nginx -t` on it already).
-    write(
-        root,
-        "etc/systemd/system/nginx.service",
-        include_str!("../../image/systemd/nginx.service"),
-        0o644,
-    )?;
     // A web server has no use for KVM: its modules are the largest that udev would load on a CPU that offers
     // virtualization (nested virtualization in a cloud VM, or an emulator).
     write(
@@ -369,8 +361,6 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         "/lib/systemd/system/systemd-networkd.socket",
         "sockets.target",
     )?;
-    // Nothing here needs the network to be "online"; waiting for it only delays boot.
-    mask(root, "systemd-networkd-wait-online.service")?;
     boot_diet(root)?;
     write(
         root,
@@ -380,6 +370,14 @@ pub fn install_overlay(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     )?;
 
     // nginx: our site only, on 80 and 443.
+    // nginx's own unit neither waits for the network to be online nor tests its configuration before each start
+    // (imagebuild ran `nginx -t` on it already).
+    write(
+        root,
+        "etc/systemd/system/nginx.service",
+        include_str!("../../image/systemd/nginx.service"),
+        0o644,
+    )?;
     let mut site = render::SiteVars::for_site(&ctx.config.site.domain, &ctx.config.site.canonical);
     if let Some((app, _)) = &app {
         site = site.with_app(&app_address(app), &app.routes);
