@@ -1,4 +1,5 @@
-//! GRUB for BIOS and UEFI, installed by writing bytes and files: `boot.img` into the MBR, a core image into the
+//! GRUB for BIOS and UEFI: the menu (`/boot/grub/grub.cfg`, written into the root file system before the disk is
+//! made), then the boot code, installed by writing bytes and files: `boot.img` into the MBR, a core image into the
 //! BIOS boot partition, and `EFI/BOOT/BOOTX64.EFI` into an ESP made with mkfs.fat and mtools. No grub-install.
 
 use std::fs::OpenOptions;
@@ -7,9 +8,29 @@ use std::path::Path;
 
 use anyhow::{ensure, Context as _};
 
-use crate::context::Context;
-use crate::disk::{copy_at, Layout, SECTOR};
-use crate::process::cmd;
+use crate::context::{Context, Layout, SECTOR};
+use crate::process::{cmd, Tool};
+use crate::util::{copy_at, kernel_version};
+
+/// What this stage runs on the host.
+pub const TOOLS: &[Tool] = &[
+    Tool {
+        program: "mkfs.fat",
+        package: "dosfstools",
+    },
+    Tool {
+        program: "mcopy",
+        package: "mtools",
+    },
+    Tool {
+        program: "mmd",
+        package: "mtools",
+    },
+    Tool {
+        program: "grub-mkimage",
+        package: "grub-common",
+    },
+];
 
 pub const BIOS_MODULES: &str = "/usr/lib/grub/i386-pc";
 pub const EFI_MODULES: &str = "/usr/lib/grub/x86_64-efi";
@@ -45,7 +66,46 @@ fn mkimage(format: &str, modules_dir: &str, extra: &[&str], config: &Path, out: 
         .run()
 }
 
-pub fn install_bootloader(ctx: &Context, raw: &Path, layout: &Layout) -> anyhow::Result<()> {
+/// GRUB's files this stage reads, and their packages.
+pub fn host_files() -> [(&'static Path, &'static str); 2] {
+    [
+        (Path::new("/usr/lib/grub/i386-pc/boot.img"), "grub-pc-bin"),
+        (Path::new("/usr/lib/grub/x86_64-efi/linux.mod"), "grub-efi-amd64-bin"),
+    ]
+}
+
+/// The GRUB menu read from the root file system by both the BIOS and the UEFI core images. `cryptomgr.notests`: the
+/// kernel skips its crypto algorithms' self-tests, 0.5 s of kernel init and as much again in udev's module loads under
+/// emulation (`fips=1` still runs them).
+pub fn grub_cfg(root_uuid: &str, kernel: &str) -> String {
+    format!(
+        "# foobar: written by imagebuild\n\
+         set timeout=0\n\
+         serial --unit=0 --speed=115200\n\
+         terminal_input serial console\n\
+         terminal_output serial console\n\
+         menuentry 'foobar' {{\n\
+         \tsearch --no-floppy --fs-uuid --set=root {root_uuid}\n\
+         \tlinux /boot/vmlinuz-{kernel} root=UUID={root_uuid} rw console=tty0 console=ttyS0,115200n8 quiet cryptomgr.notests\n\
+         \tinitrd /boot/initrd.img-{kernel}\n\
+         }}\n"
+    )
+}
+
+/// Writes `/boot/grub/grub.cfg` for the root file system's kernel.
+pub fn write_grub_config(ctx: &Context, root: &Path) -> anyhow::Result<()> {
+    let kernel = kernel_version(root)?;
+    let path = root.join("boot/grub/grub.cfg");
+    std::fs::create_dir_all(root.join("boot/grub"))?;
+    std::fs::write(&path, grub_cfg(&ctx.ids.root_fs_uuid, &kernel))
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644))?;
+    Ok(())
+}
+
+pub fn install_bootloader(ctx: &Context, raw: &Path) -> anyhow::Result<()> {
+    let layout = &ctx.layout;
     let config = ctx.work.join("grub-embed.cfg");
     std::fs::write(&config, embedded_config(&ctx.ids.root_fs_uuid))?;
     let mut disk = OpenOptions::new().write(true).open(raw)?;

@@ -7,15 +7,26 @@ use std::time::Instant;
 
 use anyhow::{bail, Context as _};
 
-use crate::bootloader::install_bootloader;
-use crate::context::{sha256_file, Context};
-use crate::disk::make_disk;
+use crate::bootloader::{self, install_bootloader, write_grub_config};
+use crate::context::Context;
+use crate::disk::{self, make_disk};
 use crate::formats;
+use crate::initrd::make_initrd;
 use crate::manifest::{self, write_manifest, Output};
 use crate::normalize::normalize_rootfs;
-use crate::overlay::{install_overlay, INSTANCE_FILES};
-use crate::process::cmd;
+use crate::overlay::install_overlay;
+use crate::process::{cmd, require, Tool};
 use crate::rootfs::{self, bootstrap_rootfs};
+use crate::util::sha256_file;
+
+/// The host tools of every stage; the plan adds those of the role's components (`Context::host_tools`).
+pub const STAGE_TOOLS: &[&[Tool]] = &[
+    rootfs::TOOLS,
+    disk::TOOLS,
+    bootloader::TOOLS,
+    formats::TOOLS,
+    manifest::TOOLS,
+];
 
 /// Removes the work directory and any unpublished output however the build ends.
 struct Cleanup {
@@ -58,9 +69,11 @@ impl Stages {
     }
 }
 
-/// The secret check: none of the per-instance files may be in the root file system.
-fn check_no_instance_files(rootfs: &Path) -> anyhow::Result<()> {
-    let mut found: Vec<String> = INSTANCE_FILES
+/// The secret check: none of the per-instance files the components declare may be in the root file system, nor a
+/// machine id, a private key under /etc/ssl/private or a password hash.
+fn check_secrets(ctx: &Context, rootfs: &Path) -> anyhow::Result<()> {
+    let mut found: Vec<String> = ctx
+        .instance_files
         .iter()
         .filter(|f| rootfs.join(f).symlink_metadata().is_ok())
         .map(|f| format!("/{f}"))
@@ -104,7 +117,16 @@ fn check_no_instance_files(rootfs: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fails with one message naming every host tool (or GRUB file) the stages and the role's components need that is
+/// missing, and the packages that provide them.
+pub fn check_host(ctx: &Context) -> anyhow::Result<()> {
+    let files = bootloader::host_files();
+    let files: Vec<(&Path, &'static str)> = files.iter().map(|(p, pkg)| (*p, *pkg)).collect();
+    require(&ctx.host_tools, &files)
+}
+
 pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Result<()> {
+    check_host(ctx)?;
     let started = Instant::now();
     let _ = std::fs::remove_dir_all(&ctx.work);
     std::fs::create_dir_all(&ctx.work).with_context(|| format!("cannot create {}", ctx.work.display()))?;
@@ -139,13 +161,14 @@ pub fn build_image(ctx: &Context, interrupted: Arc<AtomicBool>) -> anyhow::Resul
     }
     let packages = manifest::packages(&rootfs)?;
     stages.run("install_overlay", || install_overlay(ctx, &rootfs))?;
-    stages.run("make_initrd", || crate::initrd::make_initrd(ctx, &rootfs))?;
-    stages.run("check_secrets", || check_no_instance_files(&rootfs))?;
+    stages.run("make_initrd", || make_initrd(ctx, &rootfs))?;
+    stages.run("write_grub_config", || write_grub_config(ctx, &rootfs))?;
+    stages.run("check_secrets", || check_secrets(ctx, &rootfs))?;
     stages.run("normalize_rootfs", || normalize_rootfs(&rootfs, ctx.source_date_epoch))?;
     let raw = ctx.work.join("disk.raw");
-    let layout = stages.run("make_disk", || make_disk(ctx, &rootfs, &raw))?;
+    stages.run("make_disk", || make_disk(ctx, &rootfs, &raw))?;
     std::fs::remove_dir_all(&rootfs)?;
-    stages.run("install_bootloader", || install_bootloader(ctx, &raw, &layout))?;
+    stages.run("install_bootloader", || install_bootloader(ctx, &raw))?;
 
     // Every output is written beside its destination under a temporary name, then renamed.
     let mut outputs = Vec::new();

@@ -9,9 +9,11 @@ use serde::{Deserialize, Serialize};
 /// The default configuration, embedded so `imagebuild --out X` needs no file.
 pub const DEFAULT_CONFIG: &str = include_str!("../../image/foobar.toml");
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ImageConfig {
+    /// What the machine is for: a role from `roles.rs` (`all`: the one-server stack).
+    pub role: String,
     pub debian: Debian,
     pub site: Site,
     pub disk: Disk,
@@ -19,6 +21,28 @@ pub struct ImageConfig {
     /// The site's own application server; absent: the built-in posts app.
     pub app: Option<App>,
 }
+
+impl Default for ImageConfig {
+    fn default() -> Self {
+        ImageConfig {
+            role: "all".into(),
+            debian: Debian::default(),
+            site: Site::default(),
+            disk: Disk::default(),
+            access: Access::default(),
+            app: None,
+        }
+    }
+}
+
+/// Where the agent listens in the image (nginx proxies to it).
+pub const AGENT_SOCKET: &str = "/run/foobar/agent.sock";
+/// Written last by first boot; the agent is ready only once it exists.
+pub const FIRST_BOOT_MARKER: &str = "/var/lib/foobar/first-boot.done";
+/// Where an `[app]` listens: its socket (in a directory the app's user writes and nginx's group enters), or its port.
+pub const APP_SOCKET_DIR: &str = "/run/foobar-app";
+pub const APP_SOCKET: &str = "/run/foobar-app/app.sock";
+pub const APP_PORT: u16 = 8080;
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
@@ -154,6 +178,14 @@ impl App {
         }
     }
 
+    /// Where it listens: `unix:/path` or `127.0.0.1:PORT`, which is both the agent's and nginx's syntax.
+    pub fn address(&self) -> String {
+        match self.listen() {
+            AppListen::Socket => format!("unix:{APP_SOCKET}"),
+            AppListen::Port => format!("127.0.0.1:{APP_PORT}"),
+        }
+    }
+
     /// Makes relative paths relative to the config file's directory.
     fn resolve(&mut self, base: &Path) {
         if self.files.is_relative() {
@@ -165,13 +197,7 @@ impl App {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        if self.name.is_empty()
-            || self.name.len() > 32
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        {
+        if !valid_app_name(&self.name) {
             bail!(
                 "key `app.name`: expected up to 32 lowercase letters, digits and `-`, like notes, got `{}`",
                 self.name
@@ -266,6 +292,16 @@ impl App {
     }
 }
 
+/// An app's name: up to 32 lowercase letters, digits and `-` (a journal tag and a `/healthz` component id). The
+/// agent checks its `app.name` with the same rule; a test feeds both the same names.
+pub fn valid_app_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "/-._~".contains(c)
 }
@@ -282,7 +318,9 @@ fn check_package_names(key: &str, packages: &[String]) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn is_hostname(name: &str) -> bool {
+/// A DNS name: dot-separated labels of letters, digits and `-` (not at either end), 63 bytes each, 253 in all.
+/// The agent checks names from cloud metadata with the same rule; a test feeds both the same names.
+pub fn is_hostname(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 253
         && name.split('.').all(|label| {

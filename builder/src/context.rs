@@ -1,12 +1,12 @@
-//! The build plan: everything the stages need, resolved and validated once from the flags and the config.
+//! The build plan: everything the stages and components need, resolved and validated once (by `plan.rs`) from the
+//! flags, the config and the role's components. Plain data: this module imports no stage and no component.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context as _};
-use sha2::{Digest as _, Sha256};
+use std::path::PathBuf;
 
 use crate::config::ImageConfig;
 use crate::formats::Format;
+use crate::process::Tool;
+use crate::util::{derive, hex, uuid_text};
 
 /// Identifiers derived from the build's inputs, so the same inputs give the same disk.
 #[derive(Debug, Clone)]
@@ -20,80 +20,8 @@ pub struct Ids {
     pub esp_volume_id: String,
 }
 
-#[derive(Debug)]
-pub struct Context {
-    pub config: ImageConfig,
-    /// sha256 of the config text, for the manifest.
-    pub config_sha256: String,
-    pub config_origin: String,
-    pub out: PathBuf,
-    pub formats: Vec<(Format, PathBuf)>,
-    pub ssh_keys: Vec<String>,
-    pub agent_bin: PathBuf,
-    pub agent_sha256: String,
-    /// The initramfs's `/init` (`foobar-init`), built beside imagebuild.
-    pub init_bin: PathBuf,
-    pub cache_dir: Option<PathBuf>,
-    pub work: PathBuf,
-    pub seed: String,
-    pub ids: Ids,
-    pub source_date_epoch: u64,
-}
-
-/// The timestamp when neither the flag, `SOURCE_DATE_EPOCH` nor a git checkout gives one (2023-11-14).
-pub const FALLBACK_EPOCH: u64 = 1_700_000_000;
-
-/// The commit time of the checkout this builder was compiled from, when it is still a git checkout.
-fn last_commit_time() -> Option<u64> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?;
-    let out = crate::process::cmd("git")
-        .arg("-C")
-        .arg(repo)
-        .args(["log", "-1", "--format=%ct"])
-        .output()
-        .ok()?;
-    String::from_utf8_lossy(&out).trim().parse().ok()
-}
-
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex(&Sha256::digest(bytes))
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-pub fn sha256_file(path: &Path) -> anyhow::Result<String> {
-    let mut file = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut hasher = Sha256::new();
-    std::io::copy(&mut file, &mut hasher).with_context(|| format!("cannot read {}", path.display()))?;
-    Ok(hex(&hasher.finalize()))
-}
-
-/// 16 bytes for `label`, derived from the seed, marked as a version-4-style UUID.
-pub fn derive(seed: &str, label: &str) -> [u8; 16] {
-    let digest = Sha256::digest(format!("{seed}:{label}").as_bytes());
-    let mut b = [0u8; 16];
-    b.copy_from_slice(&digest[..16]);
-    b[6] = (b[6] & 0x0f) | 0x40;
-    b[8] = (b[8] & 0x3f) | 0x80;
-    b
-}
-
-pub fn uuid_text(b: &[u8; 16]) -> String {
-    let h = hex(b);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 impl Ids {
-    fn from_seed(seed: &str) -> Ids {
+    pub fn from_seed(seed: &str) -> Ids {
         let esp = derive(seed, "esp-volume-id");
         Ids {
             disk_guid: derive(seed, "disk"),
@@ -107,183 +35,97 @@ impl Ids {
     }
 }
 
-pub struct Flags {
+pub const SECTOR: u64 = 512;
+const MIB_SECTORS: u64 = 2048;
+
+/// Where each partition lives, in sectors.
+#[derive(Debug, Clone, Copy)]
+pub struct Layout {
+    pub total_sectors: u64,
+    pub bios: (u64, u64),
+    pub esp: (u64, u64),
+    pub root: (u64, u64),
+}
+
+impl Layout {
+    pub fn for_size(size_mib: u64) -> Layout {
+        let total_sectors = size_mib * MIB_SECTORS;
+        let bios = (MIB_SECTORS, 2 * MIB_SECTORS - 1);
+        let esp = (2 * MIB_SECTORS, 66 * MIB_SECTORS - 1);
+        // The last MiB holds the backup GPT.
+        let root = (66 * MIB_SECTORS, total_sectors - MIB_SECTORS - 1);
+        Layout {
+            total_sectors,
+            bios,
+            esp,
+            root,
+        }
+    }
+
+    pub fn bytes(range: (u64, u64)) -> u64 {
+        (range.1 - range.0 + 1) * SECTOR
+    }
+}
+
+/// A port a component opens to the outside (the firewall lets exactly these in).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Port {
+    pub number: u16,
+    pub what: &'static str,
+}
+
+/// A step a component adds to the package layer's bootstrap (an mmdebstrap customize hook). `file` is written
+/// beside the layer and its hash joins the layer's cache key under `key`; `command` is the hook's shell text, with
+/// `{file}` for that file's path and `"$1"` for the new root.
+#[derive(Debug, Clone, Copy)]
+pub struct LayerHook {
+    pub key: &'static str,
+    pub file: &'static str,
+    pub command: &'static str,
+}
+
+/// The package layer as the role's components ask for it.
+#[derive(Debug, Clone)]
+pub struct Layer {
+    /// Every Debian package, sorted and without duplicates.
+    pub packages: Vec<String>,
+    /// dpkg `path-exclude`/`path-include` rules applied while installing.
+    pub dpkg_rules: Vec<&'static str>,
+    /// Paths removed after the bootstrap and kept out from then on.
+    pub late_excludes: Vec<&'static str>,
+    /// The components' bootstrap steps, in component order.
+    pub hooks: Vec<LayerHook>,
+    /// The cache key: everything that decides the layer's contents.
+    pub key: String,
+}
+
+#[derive(Debug)]
+pub struct Context {
+    pub config: ImageConfig,
+    /// sha256 of the config text, for the manifest.
+    pub config_sha256: String,
+    pub config_origin: String,
+    /// The role this image is built for, and its components in install order.
+    pub role: String,
+    pub components: Vec<&'static str>,
+    pub layer: Layer,
+    /// The host programs the stages and the components need.
+    pub host_tools: Vec<Tool>,
+    /// Files each instance makes for itself at first boot: never in the image (the secret check).
+    pub instance_files: Vec<&'static str>,
+    /// What answers from outside, sorted.
+    pub ports: Vec<Port>,
     pub out: PathBuf,
-    pub config: Option<PathBuf>,
-    pub formats: Vec<String>,
-    pub ssh_keys: Vec<PathBuf>,
-    pub agent_bin: Option<PathBuf>,
+    pub formats: Vec<(Format, PathBuf)>,
+    pub ssh_keys: Vec<String>,
+    pub agent_bin: PathBuf,
+    pub agent_sha256: String,
+    /// The initramfs's `/init` (`foobar-init`), built beside imagebuild.
+    pub init_bin: PathBuf,
     pub cache_dir: Option<PathBuf>,
-    pub no_cache: bool,
-    pub source_date_epoch: Option<u64>,
-}
-
-impl Context {
-    pub fn plan(flags: Flags) -> anyhow::Result<Context> {
-        let config = ImageConfig::load(flags.config.as_deref())?;
-        let config_text = match &flags.config {
-            Some(path) => std::fs::read(path)?,
-            None => crate::config::DEFAULT_CONFIG.as_bytes().to_vec(),
-        };
-        let config_origin = flags
-            .config
-            .as_ref()
-            .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "image/foobar.toml (built in)".to_string());
-
-        let out = absolute(&flags.out)?;
-        let formats = crate::formats::plan(&out, &flags.formats)?;
-
-        let mut ssh_keys = config.access.ssh_authorized_keys.clone();
-        for path in &flags.ssh_keys {
-            let text = std::fs::read_to_string(path)
-                .with_context(|| format!("--ssh-key {}: cannot read the public key file", path.display()))?;
-            for line in text
-                .lines()
-                .map(str::trim)
-                .filter(|l| !l.is_empty() && !l.starts_with('#'))
-            {
-                if line.contains("PRIVATE KEY") || !(line.starts_with("ssh-") || line.starts_with("ecdsa-")) {
-                    bail!(
-                        "--ssh-key {}: expected an OpenSSH public key (the .pub file), not this",
-                        path.display()
-                    );
-                }
-                ssh_keys.push(line.to_string());
-            }
-        }
-
-        let agent_bin = match flags.agent_bin {
-            Some(path) => path,
-            None => beside_imagebuild("foobar-agent")?,
-        };
-        if !agent_bin.is_file() {
-            bail!(
-                "the agent binary {} does not exist: build it with `cargo build --release -p foobar-agent` or pass --agent-bin",
-                agent_bin.display()
-            );
-        }
-        let agent_sha256 = sha256_file(&agent_bin)?;
-        let init_bin = beside_imagebuild("foobar-init")?;
-        if !init_bin.is_file() {
-            bail!(
-                "the initramfs program {} does not exist: build it with `cargo build --release -p foobar-builder`",
-                init_bin.display()
-            );
-        }
-        let init_sha256 = sha256_file(&init_bin)?;
-
-        let source_date_epoch = match flags.source_date_epoch {
-            Some(t) => t,
-            None => std::env::var("SOURCE_DATE_EPOCH")
-                .ok()
-                .and_then(|v| v.parse().ok())
-                .or_else(last_commit_time)
-                .unwrap_or(FALLBACK_EPOCH),
-        };
-        // The app's files and migrations decide the image as much as the config text that names them.
-        let mut app_sha256 = String::new();
-        if let Some(app) = &config.app {
-            let mut text = tree_digest(&app.files)?;
-            if let Some(dir) = &app.migrations {
-                text.push_str(&tree_digest(dir)?);
-            }
-            app_sha256 = sha256_hex(text.as_bytes());
-        }
-        let seed = sha256_hex(
-            format!(
-                "foobar-image-v1\nconfig:{}\napp:{app_sha256}\nagent:{agent_sha256}\ninit:{init_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
-                sha256_hex(&config_text),
-                ssh_keys.join(","),
-                env!("CARGO_PKG_VERSION")
-            )
-            .as_bytes(),
-        );
-
-        let cache_dir = if flags.no_cache {
-            None
-        } else {
-            Some(match flags.cache_dir {
-                Some(dir) => absolute(&dir)?,
-                None => default_cache_dir(),
-            })
-        };
-        let parent = out.parent().context("--out has no directory")?;
-        if !parent.is_dir() {
-            bail!(
-                "--out {}: the directory {} does not exist",
-                out.display(),
-                parent.display()
-            );
-        }
-        let work = std::env::temp_dir().join(format!("imagebuild-{}", std::process::id()));
-
-        Ok(Context {
-            ids: Ids::from_seed(&seed),
-            config_sha256: sha256_hex(&config_text),
-            config,
-            config_origin,
-            out,
-            formats,
-            ssh_keys,
-            agent_bin,
-            agent_sha256,
-            init_bin,
-            cache_dir,
-            work,
-            seed,
-            source_date_epoch,
-        })
-    }
-}
-
-/// A program cargo builds next to imagebuild (same profile directory).
-fn beside_imagebuild(name: &str) -> anyhow::Result<PathBuf> {
-    std::env::current_exe()?
-        .parent()
-        .map(|dir| dir.join(name))
-        .context("cannot locate imagebuild's own directory")
-}
-
-/// One line per entry of a tree, in name order: relative path, kind, executable or not, and content hash.
-fn tree_digest(dir: &Path) -> anyhow::Result<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    fn walk(root: &Path, dir: &Path, out: &mut String) -> anyhow::Result<()> {
-        for entry in crate::normalize::sorted_entries(dir)? {
-            let path = entry.path();
-            let rel = path.strip_prefix(root).unwrap_or(&path).display().to_string();
-            let meta = path.symlink_metadata()?;
-            if meta.is_dir() {
-                out.push_str(&format!("{rel}/\n"));
-                walk(root, &path, out)?;
-            } else if meta.file_type().is_symlink() {
-                out.push_str(&format!("{rel} -> {}\n", std::fs::read_link(&path)?.display()));
-            } else {
-                let exec = meta.mode() & 0o111 != 0;
-                out.push_str(&format!("{rel} {exec} {}\n", sha256_file(&path)?));
-            }
-        }
-        Ok(())
-    }
-    let mut out = String::new();
-    walk(dir, dir, &mut out)?;
-    Ok(out)
-}
-
-fn absolute(path: &Path) -> anyhow::Result<PathBuf> {
-    Ok(if path.is_absolute() {
-        path.to_path_buf()
-    } else {
-        std::env::current_dir()?.join(path)
-    })
-}
-
-fn default_cache_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("XDG_CACHE_HOME") {
-        return PathBuf::from(dir).join("foobar");
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".cache/foobar"),
-        None => PathBuf::from("/var/cache/foobar"),
-    }
+    pub work: PathBuf,
+    pub seed: String,
+    pub ids: Ids,
+    pub layout: Layout,
+    pub source_date_epoch: u64,
 }

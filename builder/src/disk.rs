@@ -3,16 +3,31 @@
 //! no mount.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+use std::io::{Seek as _, SeekFrom, Write as _};
 use std::path::Path;
 
-use anyhow::{ensure, Context as _};
+use anyhow::Context as _;
 
-use crate::context::Context;
-use crate::process::cmd;
+use crate::context::{Context, Layout, SECTOR};
+use crate::process::{cmd, Tool};
+use crate::util::copy_at;
 
-pub const SECTOR: u64 = 512;
-const MIB_SECTORS: u64 = 2048;
+/// What this stage runs on the host (and `normalize::fix_inode_times`, which it calls).
+pub const TOOLS: &[Tool] = &[
+    Tool {
+        program: "mkfs.ext4",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "debugfs",
+        package: "e2fsprogs",
+    },
+    Tool {
+        program: "dumpe2fs",
+        package: "e2fsprogs",
+    },
+];
+
 /// GPT entries: 128 of 128 bytes, 32 sectors.
 const ENTRIES: usize = 128;
 const ENTRY_SIZE: usize = 128;
@@ -22,35 +37,6 @@ const TYPE_BIOS_BOOT: &str = "21686148-6449-6E6F-744E-656564454649";
 const TYPE_ESP: &str = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B";
 /// The Discoverable Partitions type for an x86-64 root.
 const TYPE_ROOT_X86_64: &str = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709";
-
-/// Where each partition lives, in sectors.
-#[derive(Debug, Clone, Copy)]
-pub struct Layout {
-    pub total_sectors: u64,
-    pub bios: (u64, u64),
-    pub esp: (u64, u64),
-    pub root: (u64, u64),
-}
-
-impl Layout {
-    pub fn for_size(size_mib: u64) -> Layout {
-        let total_sectors = size_mib * MIB_SECTORS;
-        let bios = (MIB_SECTORS, 2 * MIB_SECTORS - 1);
-        let esp = (2 * MIB_SECTORS, 66 * MIB_SECTORS - 1);
-        // The last MiB holds the backup GPT.
-        let root = (66 * MIB_SECTORS, total_sectors - MIB_SECTORS - 1);
-        Layout {
-            total_sectors,
-            bios,
-            esp,
-            root,
-        }
-    }
-
-    pub fn bytes(range: (u64, u64)) -> u64 {
-        (range.1 - range.0 + 1) * SECTOR
-    }
-}
 
 /// A GUID in the mixed-endian byte order GPT stores.
 fn guid(text: &str) -> [u8; 16] {
@@ -166,31 +152,6 @@ pub fn write_gpt(disk: &mut File, ctx: &Context, layout: &Layout) -> anyhow::Res
     Ok(())
 }
 
-/// Copies `src` into `disk` at `offset`, skipping all-zero blocks so the disk stays sparse.
-pub fn copy_at(disk: &mut File, src: &Path, offset: u64, limit: u64) -> anyhow::Result<()> {
-    let mut file = File::open(src).with_context(|| format!("cannot open {}", src.display()))?;
-    let len = file.metadata()?.len();
-    ensure!(
-        len <= limit,
-        "{} is {len} bytes, larger than its partition ({limit} bytes)",
-        src.display()
-    );
-    let mut buf = vec![0u8; 1 << 20];
-    let mut pos = 0u64;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if buf[..n].iter().any(|&b| b != 0) {
-            disk.seek(SeekFrom::Start(offset + pos))?;
-            disk.write_all(&buf[..n])?;
-        }
-        pos += n as u64;
-    }
-    Ok(())
-}
-
 /// Makes the ext4 root file system as a file from the directory tree, with the plan's UUID and hash seed.
 pub fn make_root_fs(ctx: &Context, rootfs: &Path, image: &Path, bytes: u64) -> anyhow::Result<()> {
     cmd("mkfs.ext4")
@@ -208,8 +169,8 @@ pub fn make_root_fs(ctx: &Context, rootfs: &Path, image: &Path, bytes: u64) -> a
 }
 
 /// The raw disk: an empty sparse file of the configured size with the GPT and the root file system.
-pub fn make_disk(ctx: &Context, rootfs: &Path, raw: &Path) -> anyhow::Result<Layout> {
-    let layout = Layout::for_size(ctx.config.disk.size_mib);
+pub fn make_disk(ctx: &Context, rootfs: &Path, raw: &Path) -> anyhow::Result<()> {
+    let layout = ctx.layout;
     let root_img = ctx.work.join("root.ext4");
     make_root_fs(ctx, rootfs, &root_img, Layout::bytes(layout.root))?;
     let mut disk = OpenOptions::new().create(true).truncate(true).write(true).open(raw)?;
@@ -218,5 +179,5 @@ pub fn make_disk(ctx: &Context, rootfs: &Path, raw: &Path) -> anyhow::Result<Lay
     copy_at(&mut disk, &root_img, layout.root.0 * SECTOR, Layout::bytes(layout.root))?;
     std::fs::remove_file(&root_img)?;
     disk.sync_all()?;
-    Ok(layout)
+    Ok(())
 }

@@ -132,7 +132,7 @@ impl Cpio {
 
 /// Writes `/boot/initrd.img-VERSION` for the image's kernel in place of initramfs-tools' one.
 pub fn make_initrd(ctx: &Context, root: &Path) -> anyhow::Result<()> {
-    let kernel = crate::overlay::kernel_version(root)?;
+    let kernel = crate::util::kernel_version(root)?;
     let modules = root.join("lib/modules").join(&kernel);
     let read = |name: &str| {
         std::fs::read_to_string(modules.join(name)).with_context(|| format!("cannot read {name} of kernel {kernel}"))

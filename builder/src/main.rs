@@ -2,7 +2,7 @@
 
 use std::io::Write as _;
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 
 use foobar_builder::process::{require, Tool};
-use foobar_builder::{boot, bootloader, build, context, smoke};
+use foobar_builder::{boot, build, plan, smoke};
 
 #[derive(Parser)]
 #[command(
@@ -175,70 +175,20 @@ fn smoke(args: SmokeArgs) -> anyhow::Result<bool> {
     Ok(report.ok())
 }
 
-const BUILD_TOOLS: &[Tool] = &[
-    Tool {
-        program: "mmdebstrap",
-        package: "mmdebstrap",
-    },
-    Tool {
-        program: "mkfs.ext4",
-        package: "e2fsprogs",
-    },
-    Tool {
-        program: "debugfs",
-        package: "e2fsprogs",
-    },
-    Tool {
-        program: "dumpe2fs",
-        package: "e2fsprogs",
-    },
-    Tool {
-        program: "mkfs.fat",
-        package: "dosfstools",
-    },
-    Tool {
-        program: "mcopy",
-        package: "mtools",
-    },
-    Tool {
-        program: "mmd",
-        package: "mtools",
-    },
-    Tool {
-        program: "grub-mkimage",
-        package: "grub-common",
-    },
-    Tool {
-        program: "qemu-img",
-        package: "qemu-utils",
-    },
-    Tool {
-        program: "dpkg-query",
-        package: "dpkg",
-    },
-];
-
 fn build(args: BuildArgs) -> anyhow::Result<()> {
-    require(
-        BUILD_TOOLS,
-        &[
-            (&Path::new(bootloader::BIOS_MODULES).join("boot.img"), "grub-pc-bin"),
-            (
-                &Path::new(bootloader::EFI_MODULES).join("linux.mod"),
-                "grub-efi-amd64-bin",
-            ),
-        ],
+    let ctx = plan::plan(
+        plan::Flags {
+            out: args.out.expect("clap requires --out"),
+            config: args.config,
+            formats: args.format,
+            ssh_keys: args.ssh_key,
+            agent_bin: args.agent_bin,
+            cache_dir: args.cache_dir,
+            no_cache: args.no_cache,
+            source_date_epoch: args.source_date_epoch,
+        },
+        build::STAGE_TOOLS,
     )?;
-    let ctx = context::Context::plan(context::Flags {
-        out: args.out.expect("clap requires --out"),
-        config: args.config,
-        formats: args.format,
-        ssh_keys: args.ssh_key,
-        agent_bin: args.agent_bin,
-        cache_dir: args.cache_dir,
-        no_cache: args.no_cache,
-        source_date_epoch: args.source_date_epoch,
-    })?;
     let interrupted = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(signal, Arc::clone(&interrupted))?;

@@ -7,7 +7,13 @@ use anyhow::Context as _;
 use serde_json::{json, Value};
 
 use crate::context::Context;
-use crate::process::cmd;
+use crate::process::{cmd, Tool};
+
+/// What this stage runs on the host.
+pub const TOOLS: &[Tool] = &[Tool {
+    program: "dpkg-query",
+    package: "dpkg",
+}];
 
 /// Debian packages installed in the root file system, as (name, version), sorted.
 pub fn packages(rootfs: &Path) -> anyhow::Result<Vec<(String, String)>> {
@@ -46,7 +52,9 @@ pub fn write_manifest(
             "config": { "origin": ctx.config_origin, "sha256": ctx.config_sha256, "resolved": ctx.config },
             "agent": { "path": ctx.agent_bin.display().to_string(), "sha256": ctx.agent_sha256 },
             "ssh_authorized_keys": ctx.ssh_keys.len(),
-            "rootfs_layer": crate::rootfs::cache_key(ctx),
+            "role": ctx.role,
+            "components": ctx.components,
+            "rootfs_layer": ctx.layer.key,
         },
         "packages": packages.iter().map(|(n, v)| json!({ "name": n, "version": v })).collect::<Vec<Value>>(),
         "stages": stages.iter().map(|(n, s)| json!({ "name": n, "seconds": (s * 100.0).round() / 100.0 })).collect::<Vec<Value>>(),

@@ -9,6 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 
 use crate::process::cmd;
+use crate::util::sorted_entries;
 
 /// Left behind by package installation; their contents depend on when and in which order things ran.
 const VOLATILE: &[&str] = &[
@@ -37,15 +38,6 @@ pub fn normalize_rootfs(rootfs: &Path, epoch: u64) -> anyhow::Result<usize> {
     let mut count = 0;
     clamp_tree(rootfs, epoch as i64, &mut count)?;
     Ok(count)
-}
-
-/// A directory's entries sorted by name, so walks over a tree do the same in every build.
-pub fn sorted_entries(dir: &Path) -> anyhow::Result<Vec<std::fs::DirEntry>> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read {}", dir.display()))?
-        .collect::<Result<_, _>>()?;
-    entries.sort_by_key(|e| e.file_name());
-    Ok(entries)
 }
 
 fn clamp_tree(dir: &Path, epoch: i64, count: &mut usize) -> anyhow::Result<()> {

@@ -108,6 +108,7 @@ impl Cmd {
 }
 
 /// A host tool and the Debian package that provides it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Tool {
     pub program: &'static str,
     pub package: &'static str,

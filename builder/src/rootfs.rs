@@ -4,128 +4,39 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
-use crate::context::{sha256_hex, Context};
-use crate::process::cmd;
+use crate::context::Context;
+use crate::process::{cmd, Tool};
+use crate::util::{hex, sha256_hex, sorted_entries};
 
-/// What every image holds, before the config's own packages.
-pub const BASE_PACKAGES: &[&str] = &[
-    "linux-image-cloud-amd64",
-    "systemd-sysv",
-    "udev",
-    "dbus",
-    "nginx-light",
-    "mariadb-server",
-    "openssh-server",
-    "sudo",
-    "e2fsprogs",
-    "fdisk",
-    "iproute2",
-    "nftables",
-    "openssl",
-];
-
-/// Paths dpkg never unpacks: documentation, manual pages and translations the server does not need.
-const EXCLUDES: &[&str] = &[
-    "path-exclude=/usr/share/doc/*",
-    "path-include=/usr/share/doc/*/copyright",
-    "path-exclude=/usr/share/man/*",
-    "path-exclude=/usr/share/info/*",
-    "path-exclude=/usr/share/locale/*",
-    "path-include=/usr/share/locale/locale.alias",
-    "path-exclude=/usr/share/lintian/*",
-    // udev's hardware database names devices for people; a server boots and serves without it (2.4 MB compressed).
-    "path-exclude=/lib/udev/hwdb.d/*",
-    // MariaDB's offline table tools, benchmarks and converters (about 24 MB compressed). The server, the client,
-    // mariadb-admin, mariadb-dump, mariadb-check and mariadb-upgrade stay.
-    "path-exclude=/usr/bin/aria_*",
-    "path-exclude=/usr/bin/myisam*",
-    "path-exclude=/usr/bin/mariadb-slap",
-    "path-exclude=/usr/bin/mariadb-import",
-    "path-exclude=/usr/bin/mariadb-show",
-    "path-exclude=/usr/bin/mariadb-binlog",
-    "path-exclude=/usr/bin/mariadb-conv",
-    "path-exclude=/usr/bin/mariadb-plugin",
-    "path-exclude=/usr/bin/mariadb-waitpid",
-    "path-exclude=/usr/bin/innochecksum",
-    "path-exclude=/usr/bin/perror",
-    "path-exclude=/usr/bin/replace",
-    "path-exclude=/usr/bin/resolve_stack_dump",
-    // glibc's character set converters for iconv; nothing in the stack converts between legacy charsets.
-    "path-exclude=/usr/lib/x86_64-linux-gnu/gconv/*",
-    "path-include=/usr/lib/x86_64-linux-gnu/gconv/gconv-modules*",
-    // Kernel drivers a web server guest does not use: InfiniBand, lab data acquisition (comedi), SCSI target and NFS
-    // server support. (Packages still name these paths without the /usr prefix, so the rules do too.)
-    "path-exclude=/lib/modules/*/kernel/drivers/infiniband/*",
-    "path-exclude=/lib/modules/*/kernel/drivers/comedi/*",
-    "path-exclude=/lib/modules/*/kernel/drivers/target/*",
-    "path-exclude=/lib/modules/*/kernel/fs/nfsd/*",
-];
-
-/// Removed after installation (the bootstrap itself runs them) and kept out by dpkg from then on: Perl beyond
-/// perl-base (about 13 MB compressed). MariaDB depends on it only for optional admin scripts (mariadb-report,
-/// mariadb-dumpslow, mariadb-hotcopy and the like); perl-base, which dpkg and debconf use, stays whole.
-const LATE_EXCLUDES: &[&str] = &["/usr/share/perl/*", "/usr/lib/x86_64-linux-gnu/perl/*"];
-
-/// An initramfs-tools hook that copies in the drivers for the root disk on every cloud (see the file).
-/// With it, `MODULES=list` makes the initramfs about a third of `most`'s size and quicker to unpack.
-const INITRAMFS_HOOK: &str = include_str!("../../image/files/initramfs-hook");
-/// The application's database and unix_socket user, made at build time so first boot does not wait for MariaDB.
-const DATABASE_SQL: &str = include_str!("../../image/files/database.sql");
-
-pub fn packages(ctx: &Context) -> Vec<String> {
-    let mut all: Vec<String> = BASE_PACKAGES.iter().map(|s| s.to_string()).collect();
-    all.extend(ctx.config.debian.packages.iter().cloned());
-    if let Some(app) = &ctx.config.app {
-        all.extend(app.packages.iter().cloned());
-    }
-    all.sort();
-    all.dedup();
-    all
-}
-
-/// The cache key: suite, mirror, package list, exclusions, the initramfs hook, the database script and this builder's
-/// version.
-pub fn cache_key(ctx: &Context) -> String {
-    let text = format!(
-        "suite={}\nmirror={}\npackages={}\nexcludes={}|{}\ninitramfs={}\ndatabase={}\nbuilder={}",
-        ctx.config.debian.suite,
-        ctx.config.debian.mirror,
-        packages(ctx).join(","),
-        EXCLUDES.join(","),
-        LATE_EXCLUDES.join(","),
-        sha256_hex(INITRAMFS_HOOK.as_bytes()),
-        sha256_hex(DATABASE_SQL.as_bytes()),
-        env!("CARGO_PKG_VERSION")
-    );
-    sha256_hex(text.as_bytes())[..16].to_string()
-}
+/// What this stage runs on the host (and `manifest`'s package list reads the layer with dpkg-query).
+pub const TOOLS: &[Tool] = &[Tool {
+    program: "mmdebstrap",
+    package: "mmdebstrap",
+}];
 
 /// Runs mmdebstrap into `dest` (a directory that must not exist).
 pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
+    let layer = &ctx.layer;
     let mut c = cmd("mmdebstrap")
         .args(["--variant=apt", "--mode=root", "--format=directory"])
-        .arg(format!("--include={}", packages(ctx).join(",")))
+        .arg(format!("--include={}", layer.packages.join(",")))
         .arg("--aptopt=APT::Install-Recommends \"false\"")
         .arg("--aptopt=Acquire::Retries \"3\"");
-    for e in EXCLUDES {
+    for e in &layer.dpkg_rules {
         c = c.arg(format!("--dpkgopt={e}"));
     }
-    // The hooks read these from the host; they run as root with the new tree as "$1".
-    let hook_file = dest.with_extension("initramfs-hook");
-    let sql_file = dest.with_extension("database.sql");
-    std::fs::write(&hook_file, INITRAMFS_HOOK)?;
-    std::fs::write(&sql_file, DATABASE_SQL)?;
-    let initramfs = format!(
-        "--customize-hook=install -m 0755 '{}' \"$1/etc/initramfs-tools/hooks/foobar\" && \
-         printf 'MODULES=list\\n' > \"$1/etc/initramfs-tools/conf.d/foobar.conf\" && \
-         chroot \"$1\" update-initramfs -u -k all",
-        hook_file.display()
-    );
-    let database = format!(
-        "--customize-hook=chroot \"$1\" /usr/sbin/mariadbd --bootstrap --user=mysql --datadir=/var/lib/mysql \
-         --skip-networking --log-error=/dev/null < '{}'",
-        sql_file.display()
-    );
+    // The components' hooks read their files from the host; they run as root with the new tree as "$1".
+    let mut hook_files = Vec::new();
+    let mut hooks = Vec::new();
+    for hook in &layer.hooks {
+        let file = dest.with_extension(hook.key);
+        std::fs::write(&file, hook.file).with_context(|| format!("cannot write {}", file.display()))?;
+        hooks.push(format!(
+            "--customize-hook={}",
+            hook.command.replace("{file}", &file.display().to_string())
+        ));
+        hook_files.push(file);
+    }
     // The archive's Release files as this layer saw them, so a later build can tell whether the archive moved on.
     let releases = format!(
         "--customize-hook=(cd \"$1/var/lib/apt/lists\" && for f in *Release; do [ -e \"$f\" ] && sha256sum \"$f\"; done; true) > '{}'",
@@ -147,15 +58,17 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
             ));
     }
     // The image keeps the same rules for later package installs and upgrades (`/etc/dpkg/dpkg.cfg.d`).
-    let dpkg_rules: String = EXCLUDES
+    let dpkg_rules: String = layer
+        .dpkg_rules
         .iter()
         .map(|e| e.to_string())
-        .chain(LATE_EXCLUDES.iter().map(|p| format!("path-exclude={p}")))
+        .chain(layer.late_excludes.iter().map(|p| format!("path-exclude={p}")))
         .collect::<Vec<_>>()
         .join("\n");
     let slim = format!(
         "--customize-hook=rm -rf {} && printf '%s\\n' '# foobar: what the image leaves out; see imagebuild (rootfs.rs)' '{}' > \"$1/etc/dpkg/dpkg.cfg.d/foobar-excludes\"",
-        LATE_EXCLUDES
+        layer
+            .late_excludes
             .iter()
             .map(|p| format!("\"$1\"{p}"))
             .collect::<Vec<_>>()
@@ -165,8 +78,7 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
     c = c
         .arg(slim)
         .arg(releases)
-        .arg(initramfs)
-        .arg(database)
+        .args(hooks)
         .arg("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
         .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
         .arg(&ctx.config.debian.suite)
@@ -175,8 +87,9 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
         c = c.arg(&ctx.config.debian.mirror);
     }
     let result = c.progress().run();
-    let _ = std::fs::remove_file(&hook_file);
-    let _ = std::fs::remove_file(&sql_file);
+    for file in hook_files {
+        let _ = std::fs::remove_file(file);
+    }
     result.map_err(|err| match missing_package(ctx, &format!("{err:#}")) {
         Some(named) => err.context(named),
         None => err.context("mmdebstrap could not build the root file system"),
@@ -201,7 +114,7 @@ fn missing_package(ctx: &Context, output: &str) -> Option<String> {
     } else if ctx.config.debian.packages.contains(&name) {
         "key `debian.packages`"
     } else {
-        "the base package set"
+        "the role's components (`role`)"
     };
     Some(format!(
         "{named_by}: the Debian archive ({}) has no package `{name}`; check the name (apt-cache search on a Debian {} machine)",
@@ -210,7 +123,7 @@ fn missing_package(ctx: &Context, output: &str) -> Option<String> {
 }
 
 fn layer_paths(ctx: &Context, cache: &Path) -> (PathBuf, PathBuf, PathBuf) {
-    let key = cache_key(ctx);
+    let key = &ctx.layer.key;
     (
         cache.join(format!("rootfs-{key}")),
         cache.join(format!("rootfs-{key}.complete")),
@@ -224,7 +137,7 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
     use sha2::{Digest as _, Sha256};
     use std::os::unix::fs::MetadataExt as _;
     fn walk(root: &Path, dir: &Path, hasher: &mut Sha256) -> anyhow::Result<()> {
-        for entry in crate::normalize::sorted_entries(dir)? {
+        for entry in sorted_entries(dir)? {
             let path = entry.path();
             let meta = path.symlink_metadata()?;
             let link = if meta.file_type().is_symlink() {
@@ -252,7 +165,7 @@ pub fn fingerprint(dir: &Path) -> anyhow::Result<String> {
     }
     let mut hasher = Sha256::new();
     walk(dir, dir, &mut hasher)?;
-    Ok(crate::context::hex(&hasher.finalize()))
+    Ok(hex(&hasher.finalize()))
 }
 
 /// Whether a cached layer is whole: its completion marker exists and records the layer's current fingerprint.

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use crate::context::sha256_file;
+use crate::util::sha256_file;
 
 /// What a successful check found.
 pub struct Verified {

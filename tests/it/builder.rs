@@ -4,7 +4,8 @@
 use std::process::Command;
 
 use expect_test::expect_file;
-use foobar_builder::render::{self, ProxyVars, SiteVars};
+use foobar_builder::components::agent;
+use foobar_builder::components::web::{self as render, ProxyVars, SiteVars};
 
 use crate::support::{self, binary};
 
@@ -26,7 +27,7 @@ fn nginx_site_snapshot() {
 
 #[test]
 fn grub_menu_snapshot() {
-    let cfg = foobar_builder::overlay::grub_cfg("0f1e2d3c-4b5a-4968-8776-655443322110", "6.1.0-99-cloud-amd64");
+    let cfg = foobar_builder::bootloader::grub_cfg("0f1e2d3c-4b5a-4968-8776-655443322110", "6.1.0-99-cloud-amd64");
     expect_file!["snapshots/grub.cfg"].assert_eq(&cfg);
 }
 
@@ -110,16 +111,11 @@ fn an_app_site_sends_everything_but_static_files_and_the_agents_endpoints_to_the
 fn an_app_images_agent_configuration_snapshot() {
     let config = foobar_builder::config::ImageConfig::load(Some(&examples().join("flask/foobar.toml"))).unwrap();
     let app = config.app.as_ref().expect("the Flask example has an [app]");
-    let agent = foobar_builder::overlay::agent_app(app);
-    let text = render::agent_config(Some((&agent, foobar_builder::overlay::APP_MIGRATIONS))).unwrap();
+    let text = agent::agent_config(Some(app)).unwrap();
     expect_file!["snapshots/agent-flask.toml"].assert_eq(&text);
-    expect_file!["snapshots/agent-default.toml"].assert_eq(&render::agent_config(None).unwrap());
+    expect_file!["snapshots/agent-default.toml"].assert_eq(&agent::agent_config(None).unwrap());
     let node = foobar_builder::config::ImageConfig::load(Some(&examples().join("node/foobar.toml"))).unwrap();
-    let text = render::agent_config(Some((
-        &foobar_builder::overlay::agent_app(node.app.as_ref().unwrap()),
-        foobar_builder::overlay::APP_MIGRATIONS,
-    )))
-    .unwrap();
+    let text = agent::agent_config(node.app.as_ref()).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
 }
 
@@ -397,4 +393,108 @@ fn a_cached_layer_that_changed_after_it_was_sealed_is_not_used() {
     // A file truncated.
     std::fs::write(layer.join("var/lib/dpkg/status"), "").unwrap();
     assert!(check_layer(&layer, &marker).is_err());
+}
+
+#[test]
+fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
+    use foobar_builder::{plan, roles};
+    let config = foobar_builder::config::ImageConfig::load(None).unwrap();
+    assert_eq!(config.role, "all");
+    let components = roles::resolve(&config.role, roles::ROLES).unwrap();
+    let names: Vec<&str> = components.iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        ["base", "boot", "access", "firewall", "web", "database", "agent"]
+    );
+    let layer = plan::layer(&config, &components);
+    assert_eq!(
+        layer.packages,
+        [
+            "dbus",
+            "e2fsprogs",
+            "fdisk",
+            "iproute2",
+            "linux-image-cloud-amd64",
+            "mariadb-server",
+            "nftables",
+            "nginx-light",
+            "openssh-server",
+            "openssl",
+            "sudo",
+            "systemd-sysv",
+            "udev",
+        ]
+    );
+    let hooks: Vec<&str> = layer.hooks.iter().map(|h| h.key).collect();
+    assert_eq!(hooks, ["initramfs", "database"]);
+    let ports: Vec<u16> = plan::ports(&components).iter().map(|p| p.number).collect();
+    assert_eq!(ports, [22, 80, 443]);
+    // The firewall opens exactly those.
+    let rules = foobar_builder::components::firewall::rules(&plan::ports(&components)).unwrap();
+    assert!(rules.contains("tcp dport { 22, 80, 443 } accept"), "{rules}");
+    assert!(rules.contains("only SSH, HTTP and HTTPS answer"), "{rules}");
+}
+
+#[test]
+fn the_layer_key_follows_the_resolved_package_list() {
+    use foobar_builder::{plan, roles};
+    let config = foobar_builder::config::ImageConfig::load(None).unwrap();
+    let components = roles::resolve("all", roles::ROLES).unwrap();
+    let key = plan::layer(&config, &components).key;
+    assert_eq!(key, plan::layer(&config, &components).key, "the key is stable");
+    let mut more = config.clone();
+    more.debian.packages = vec!["curl".to_string()];
+    let with_curl = plan::layer(&more, &components);
+    assert!(with_curl.packages.contains(&"curl".to_string()));
+    assert_ne!(with_curl.key, key, "another package list, another layer");
+    let fewer: Vec<_> = components.iter().copied().filter(|c| c.name != "database").collect();
+    let without_db = plan::layer(&config, &fewer);
+    assert!(!without_db.packages.contains(&"mariadb-server".to_string()));
+    assert_ne!(without_db.key, key);
+}
+
+#[test]
+fn an_unknown_role_fails_the_build_naming_the_key_and_the_roles_and_writes_nothing() {
+    let dir = support::temp_dir("role");
+    let out = dir.join("never.qcow2");
+    let file = dir.join("role.toml");
+    std::fs::write(&file, "role = \"webserver\"\n").unwrap();
+    let (code, stderr) = imagebuild(&["--out", out.to_str().unwrap(), "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains(file.to_str().unwrap()), "file not named: {stderr}");
+    assert!(
+        stderr.contains("key `role`") && stderr.contains("expected one of all") && stderr.contains("`webserver`"),
+        "{stderr}"
+    );
+    let left: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        left,
+        [std::ffi::OsString::from("role.toml")],
+        "output written: {left:?}"
+    );
+}
+
+#[test]
+fn a_role_that_names_an_unknown_component_is_refused_naming_it() {
+    use foobar_builder::roles::{resolve, Role};
+    let roles = [Role {
+        name: "edge",
+        components: &["base", "loadbalancer"],
+    }];
+    let err = format!(
+        "{:#}",
+        resolve("edge", &roles).err().expect("an unknown component is an error")
+    );
+    assert!(
+        err.contains("role `edge`") && err.contains("`loadbalancer`") && err.contains("base, boot, access"),
+        "{err}"
+    );
+    // Every built-in role names only components that exist.
+    for role in foobar_builder::roles::ROLES {
+        resolve(role.name, foobar_builder::roles::ROLES).unwrap();
+    }
 }

@@ -112,7 +112,7 @@ fn scratch_root(tag: &str) -> PathBuf {
         "etc/foobar/site.env",
         "DOMAIN=foobar.com\nCANONICAL=www.foobar.com\nTLS_CERTIFICATE=/etc/foobar/tls/cert.pem\n",
     );
-    let site = foobar_builder::render::site(&foobar_builder::render::SiteVars::for_site(
+    let site = foobar_builder::components::web::site(&foobar_builder::components::web::SiteVars::for_site(
         "foobar.com",
         "www.foobar.com",
     ))

@@ -11,7 +11,13 @@ use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-use crate::process::cmd;
+use crate::process::{cmd, Tool};
+
+/// What this stage runs on the host.
+pub const TOOLS: &[Tool] = &[Tool {
+    program: "qemu-img",
+    package: "qemu-utils",
+}];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
@@ -147,12 +153,7 @@ pub fn write(format: Format, raw: &Path, dest: &Path, stamp: &Stamp) -> anyhow::
             cid(stamp),
             &stamp.scratch.join("vmdk"),
         ),
-        Format::Vhd => vhd::write(
-            raw,
-            dest,
-            crate::context::derive(stamp.seed, "vhd-unique-id"),
-            stamp.epoch,
-        ),
+        Format::Vhd => vhd::write(raw, dest, crate::util::derive(stamp.seed, "vhd-unique-id"), stamp.epoch),
         Format::Gce => gce::write(raw, dest, stamp.epoch),
         Format::Ova => {
             let disk_file = format!("{}-disk1.vmdk", stamp.name);
@@ -175,7 +176,7 @@ pub fn write(format: Format, raw: &Path, dest: &Path, stamp: &Stamp) -> anyhow::
 
 /// The VMDK's content id, from the seed.
 fn cid(stamp: &Stamp) -> u32 {
-    let b = crate::context::derive(stamp.seed, "vmdk-cid");
+    let b = crate::util::derive(stamp.seed, "vmdk-cid");
     u32::from_be_bytes([b[0], b[1], b[2], b[3]])
 }
 

@@ -11,7 +11,7 @@ use std::path::Path;
 
 use anyhow::Context as _;
 
-use crate::context::{sha256_file, sha256_hex};
+use crate::util::{sha256_file, sha256_hex};
 
 /// What the descriptor says about the machine.
 pub struct Machine<'a> {

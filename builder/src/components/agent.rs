@@ -1,0 +1,151 @@
+//! `agent`: foobar-agent, the application server: the binary, its `agent.toml`, its socket-activated unit; with an
+//! `[app]`, the site's own app server's files, migrations, socket directory and the unit's drop-in for it.
+
+use std::path::Path;
+
+use anyhow::Context as _;
+use serde::Serialize;
+
+use super::{copy_tree, enable, write, Component};
+use crate::config::{App, ImageConfig, APP_SOCKET_DIR, FIRST_BOOT_MARKER};
+use crate::context::Context;
+
+pub const COMPONENT: Component = Component {
+    name: "agent",
+    packages: &[],
+    config_packages,
+    dpkg_rules: &[],
+    late_excludes: &[],
+    layer_hooks: &[],
+    host_tools: &[],
+    instance_files: &[],
+    ports: &[],
+    install,
+};
+
+/// `app.packages`: what the site's own app server needs.
+fn config_packages(config: &ImageConfig) -> Vec<String> {
+    config.app.iter().flat_map(|a| a.packages.iter().cloned()).collect()
+}
+
+/// Where an `[app]`'s files and migrations go in the image.
+pub const APP_DIR: &str = "/srv/foobar/app";
+pub const APP_MIGRATIONS: &str = "/srv/foobar/migrations";
+
+/// The agent's `[app]` table as the image's `agent.toml` carries it.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct AgentApp {
+    pub name: String,
+    pub command: Vec<String>,
+    pub listen: String,
+    pub directory: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<String>,
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+/// The agent's view of an `[app]`: the command as written, where it listens, where its files are.
+pub fn agent_app(app: &App) -> AgentApp {
+    AgentApp {
+        name: app.name.clone(),
+        command: app.command.clone(),
+        listen: app.address(),
+        directory: APP_DIR.to_string(),
+        health: app.health.clone(),
+        env: app.env.clone(),
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct AgentConfig<'a> {
+    listen: &'a str,
+    database_url: &'a str,
+    first_boot_marker: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    migrations: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    app: Option<&'a AgentApp>,
+}
+
+/// `/etc/foobar/agent.toml`: socket-activated, MariaDB over its socket with unix_socket auth, ready after first boot;
+/// with an app, its migrations replace the built-in ones and the agent runs it.
+pub fn agent_config(app: Option<&App>) -> anyhow::Result<String> {
+    let app = app.map(agent_app);
+    let listen = format!("unix:{}", crate::config::AGENT_SOCKET);
+    let config = AgentConfig {
+        listen: &listen,
+        database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock",
+        first_boot_marker: FIRST_BOOT_MARKER,
+        migrations: app.as_ref().map(|_| APP_MIGRATIONS),
+        app: app.as_ref(),
+    };
+    let text = toml::to_string(&config).context("cannot write the agent's configuration")?;
+    Ok(format!(
+        "# foobar-agent in the image (written by imagebuild; see README.md, \"The agent\").\n{text}"
+    ))
+}
+
+/// The app's files (root's, read-only to the app), its migrations (or none), its socket directory and the agent
+/// unit's exceptions for it.
+fn install_app(root: &Path, app: &App) -> anyhow::Result<()> {
+    copy_tree(&app.files, &root.join(APP_DIR.trim_start_matches('/')))
+        .with_context(|| format!("key `app.files`: cannot copy {}", app.files.display()))?;
+    let migrations = root.join(APP_MIGRATIONS.trim_start_matches('/'));
+    std::fs::create_dir_all(&migrations)?;
+    if let Some(dir) = &app.migrations {
+        copy_tree(dir, &migrations).with_context(|| format!("key `app.migrations`: cannot copy {}", dir.display()))?;
+    }
+    write(
+        root,
+        "etc/systemd/system/foobar-agent.service.d/app.conf",
+        include_str!("../../../image/systemd/foobar-agent-app.conf"),
+        0o644,
+    )?;
+    write(
+        root,
+        "usr/lib/tmpfiles.d/foobar-app.conf",
+        format!("# The socket directory of the site's own app: the agent's user writes, nginx connects.\nd {APP_SOCKET_DIR} 0750 foobar www-data -\n"),
+        0o644,
+    )?;
+    Ok(())
+}
+
+fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
+    let agent = std::fs::read(&ctx.agent_bin).with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
+    write(root, "usr/local/bin/foobar-agent", agent, 0o755)?;
+    write(
+        root,
+        "etc/foobar/agent.toml",
+        agent_config(ctx.config.app.as_ref())?,
+        0o644,
+    )?;
+    if let Some(app) = &ctx.config.app {
+        install_app(root, app)?;
+    }
+    for (name, text) in [
+        (
+            "foobar-agent.socket",
+            include_str!("../../../image/systemd/foobar-agent.socket"),
+        ),
+        (
+            "foobar-agent.service",
+            include_str!("../../../image/systemd/foobar-agent.service"),
+        ),
+    ] {
+        write(root, &format!("etc/systemd/system/{name}"), text, 0o644)?;
+    }
+    enable(
+        root,
+        "foobar-agent.socket",
+        "/etc/systemd/system/foobar-agent.socket",
+        "sockets.target",
+    )?;
+    enable(
+        root,
+        "foobar-agent.service",
+        "/etc/systemd/system/foobar-agent.service",
+        "multi-user.target",
+    )
+}
