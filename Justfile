@@ -6,11 +6,11 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 deps:
     scripts/deps.sh
 
-# Run every test; the QEMU tier too when FOOBAR_E2E=1 (see `just e2e`)
+# Run every test; the QEMU tier (ignored otherwise, and reported so) too when FOOBAR_E2E=1 (see `just e2e`)
 test: deps
     cargo build --workspace
     cargo build --release --workspace
-    cargo test --workspace --no-fail-fast
+    cargo test --workspace --no-fail-fast -- {{ if env_var_or_default("FOOBAR_E2E", "") == "1" { "--include-ignored" } else { "" } }}
 
 # Load-test the agent against a real MariaDB on this machine: requests/s and p99, median of 3 runs
 bench-agent: deps

@@ -13,6 +13,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
 use crate::config::{AppConfig, Listen};
+use crate::db::DatabaseEnv;
 
 /// How many of the app's last output lines `/healthz` shows.
 const KEPT_LINES: usize = 20;
@@ -236,30 +237,6 @@ impl App {
 /// Resolves once `stop` is true (the `Ref` that `wait_for` returns must not live across the caller's awaits).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
-}
-
-/// What the app is told about its database.
-#[derive(Debug, Clone)]
-pub struct DatabaseEnv {
-    pub url: String,
-    pub socket: String,
-    pub name: String,
-    pub user: String,
-}
-
-impl DatabaseEnv {
-    /// Takes the parts from the agent's own database URL, as sqlx parsed it.
-    pub fn from_options(url: &str, options: &sqlx::mysql::MySqlConnectOptions) -> DatabaseEnv {
-        DatabaseEnv {
-            url: url.to_string(),
-            socket: options
-                .get_socket()
-                .map(|p| p.display().to_string())
-                .unwrap_or_default(),
-            name: options.get_database().unwrap_or_default().to_string(),
-            user: options.get_username().to_string(),
-        }
-    }
 }
 
 fn describe(status: ExitStatus) -> String {

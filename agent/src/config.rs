@@ -96,6 +96,16 @@ pub struct AppConfig {
     pub env: std::collections::BTreeMap<String, String>,
 }
 
+/// An app's name: up to 32 lowercase letters, digits and `-` (its journal tag and its `/healthz` component id).
+/// imagebuild checks `app.name` with the same rule; a test feeds both the same names.
+pub fn valid_app_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 32
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
 fn default_app_name() -> String {
     "app".to_string()
 }
@@ -153,14 +163,9 @@ impl AppConfig {
                 bail!("key `app.health`: expected a path like /health, got `{health}`");
             }
         }
-        if self.name.is_empty()
-            || !self
-                .name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
-        {
+        if !valid_app_name(&self.name) {
             bail!(
-                "key `app.name`: expected letters, digits, `-`, `_` or `.`, got `{}`",
+                "key `app.name`: expected up to 32 lowercase letters, digits and `-`, like notes, got `{}`",
                 self.name
             );
         }

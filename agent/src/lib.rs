@@ -3,10 +3,10 @@
 
 pub mod app;
 pub mod config;
+pub mod db;
 pub mod http;
-pub mod instance;
+pub mod metadata;
 pub mod metrics;
-pub mod migrate;
 pub mod serve;
 pub mod state;
 pub mod systemd;

@@ -81,7 +81,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dmi_dir,
             seed_dir,
         } => {
-            let sources = foobar_agent::instance::Sources {
+            let sources = foobar_agent::metadata::Sources {
                 root: root.clone(),
                 dmi_dir,
                 seed_dir,
@@ -89,8 +89,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let started = std::time::Instant::now();
-            let config = tokio::task::spawn_blocking(move || foobar_agent::instance::fetch(&sources)).await??;
-            foobar_agent::instance::apply(&config, &root)?;
+            let config = tokio::task::spawn_blocking(move || foobar_agent::metadata::fetch(&sources)).await??;
+            foobar_agent::metadata::apply(&config, &root)?;
             println!(
                 "platform {}: hostname {}, {} SSH key(s), site {} ({:.2} s)",
                 serde_json::to_value(config.platform)?.as_str().unwrap_or("?"),

@@ -1,36 +1,17 @@
 //! Running the agent: connect lazily, migrate in the background, listen (or take systemd's socket), tell systemd
 //! when ready, and on SIGTERM drain in-flight requests within a bounded time.
 
-use std::str::FromStr as _;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use sqlx::migrate::Migrator;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
-use sqlx::{ConnectOptions as _, MySqlPool};
 use tokio::net::{TcpListener, UnixListener};
 
-use crate::app::{App, DatabaseEnv};
+use crate::app::App;
 use crate::config::{Config, Listen};
+use crate::db::{self, migrate, DatabaseEnv};
 use crate::state::{AppState, MigrationStatus};
-use crate::{migrate, systemd};
-
-/// The database URL, parsed once by sqlx for the pool and for what the app is told.
-fn connect_options(config: &Config) -> anyhow::Result<MySqlConnectOptions> {
-    MySqlConnectOptions::from_str(&config.database_url)
-        .with_context(|| format!("invalid database URL `{}`", config.database_url))
-}
-
-/// A pool that connects on first use, so the agent starts (and answers `/livez`) while the database is down.
-pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
-    let options = connect_options(config)?
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
-    Ok(MySqlPoolOptions::new()
-        .max_connections(config.pool_size)
-        .acquire_timeout(Duration::from_secs(2))
-        .connect_lazy_with(options))
-}
+use crate::{metadata, systemd};
 
 /// Applies migrations until they are applied or fail for good, retrying while the database is unreachable.
 /// Returns whether they were applied. At boot the agent starts beside MariaDB, so for its first 30 s it retries
@@ -81,29 +62,31 @@ async fn notify_when_ready(state: AppState) {
         if state.readiness().await.agent_ready() {
             tracing::info!("ready");
             systemd::notify("READY=1");
-            report_ready_to_azure().await;
+            report_ready_to_platform().await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
-/// On Azure, the platform waits for a `Ready` health report; it is sent once the agent is ready and nginx accepts
-/// connections, at most once per start. Elsewhere (no Azure goal state recorded at first boot) nothing is sent.
-async fn report_ready_to_azure() {
-    let Some(goal) = crate::instance::recorded_azure_goal(std::path::Path::new("/")) else {
+/// A platform that waits for a `Ready` report (Azure's health report, recorded at first boot) hears it once the agent
+/// is ready and nginx accepts connections, at most once per start. Elsewhere nothing is sent.
+async fn report_ready_to_platform() {
+    let root = std::path::Path::new("/");
+    if !metadata::has_ready_report(root) {
         return;
-    };
+    }
     for _ in 0..50 {
         if tokio::net::TcpStream::connect("127.0.0.1:80").await.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    match tokio::task::spawn_blocking(move || crate::instance::azure_report_ready(&goal)).await {
-        Ok(Ok(())) => tracing::info!("reported Ready to the Azure wire server"),
-        Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "cannot report Ready to Azure"),
-        Err(err) => tracing::warn!(error = %err, "cannot report Ready to Azure"),
+    match tokio::task::spawn_blocking(move || metadata::report_ready(root)).await {
+        Ok(Ok(Some(platform))) => tracing::info!(?platform, "reported Ready to the platform"),
+        Ok(Ok(None)) => {}
+        Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "cannot report Ready to the platform"),
+        Err(err) => tracing::warn!(error = %err, "cannot report Ready to the platform"),
     }
 }
 
@@ -175,7 +158,7 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
     let app = config.app.clone().map(App::new);
-    let state = AppState::with_app(pool(&config)?, config.first_boot_marker.clone(), app.clone());
+    let state = AppState::with_app(db::pool(&config)?, config.first_boot_marker.clone(), app.clone());
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
@@ -187,7 +170,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         migrator,
         config.migrate_lock_timeout(),
     ));
-    let database = DatabaseEnv::from_options(&config.database_url, &connect_options(&config)?);
+    let database = DatabaseEnv::from_options(&config.database_url, &db::connect_options(&config)?);
     let supervisor = app.map(|app| {
         let grace = config.shutdown_timeout();
         tokio::spawn(async move {
@@ -245,7 +228,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
 /// `foobar-agent migrate`: apply pending migrations once and report the version, or fail with the reason.
 pub async fn migrate_once(config: Config) -> anyhow::Result<migrate::Applied> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
-    let pool = pool(&config)?;
+    let pool = db::pool(&config)?;
     let applied = migrate::apply(&pool, &migrator, config.migrate_lock_timeout()).await?;
     pool.close().await;
     Ok(applied)

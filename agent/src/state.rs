@@ -2,7 +2,6 @@
 
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use sqlx::MySqlPool;
 
@@ -100,15 +99,7 @@ impl AppState {
 
     /// Checks every component that `/readyz` depends on, the database live.
     pub async fn readiness(&self) -> Readiness {
-        let ping = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&self.pool)).await;
-        let database = match ping {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(err)) => Err(format!(
-                "database unreachable: {}",
-                crate::http::error::db_summary(&err)
-            )),
-            Err(_) => Err("database did not answer within 2 s".to_string()),
-        };
+        let database = crate::db::ping(&self.pool).await;
         let migrations = match self.migration_status() {
             MigrationStatus::Applied { version, .. } => Ok(version),
             MigrationStatus::Pending(None) => Err("migrations not applied yet".to_string()),

@@ -165,7 +165,7 @@ pub fn make_root_fs(ctx: &Context, rootfs: &Path, image: &Path, bytes: u64) -> a
         .env("E2FSPROGS_FAKE_TIME", ctx.source_date_epoch.to_string())
         .run()
         .context("mkfs.ext4 could not make the root file system")?;
-    crate::normalize::fix_inode_times(image, ctx.source_date_epoch, &ctx.work)
+    fix_inode_times(image, ctx.source_date_epoch, &ctx.work)
 }
 
 /// The raw disk: an empty sparse file of the configured size with the GPT and the root file system.
@@ -179,5 +179,45 @@ pub fn make_disk(ctx: &Context, rootfs: &Path, raw: &Path) -> anyhow::Result<()>
     copy_at(&mut disk, &root_img, layout.root.0 * SECTOR, Layout::bytes(layout.root))?;
     std::fs::remove_file(&root_img)?;
     disk.sync_all()?;
+    Ok(())
+}
+
+/// Sets the change and access times of every inode in a freshly populated ext4 image to `epoch`.
+/// `mkfs.ext4 -d` copies them from the host, where a copy's change time is always "now".
+fn fix_inode_times(image: &Path, epoch: u64, work: &Path) -> anyhow::Result<()> {
+    let header = String::from_utf8_lossy(&cmd("dumpe2fs").arg("-h").arg(image).output()?).into_owned();
+    let field = |name: &str| -> anyhow::Result<u64> {
+        header
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(name)?
+                    .trim_start()
+                    .strip_prefix(':')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .with_context(|| format!("dumpe2fs printed no `{name}`"))
+    };
+    // A freshly populated file system allocates inodes in order, so the used ones are 1..=used.
+    let used = field("Inode count")? - field("Free inodes")?;
+    let mut script = String::new();
+    for inode in std::iter::once(2).chain(11..=used) {
+        script.push_str(&format!(
+            "sif <{inode}> ctime @{epoch}\nsif <{inode}> ctime_extra 0\nsif <{inode}> atime @{epoch}\nsif <{inode}> atime_extra 0\n"
+        ));
+    }
+    let script_path = work.join("inode-times.debugfs");
+    std::fs::write(&script_path, script)?;
+    cmd("debugfs")
+        .arg("-w")
+        .arg("-f")
+        .arg(&script_path)
+        .arg(image)
+        // Otherwise debugfs stamps the superblock with the time it wrote.
+        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
+        .run()
+        .context("debugfs could not set the inode times")?;
+    std::fs::remove_file(&script_path)?;
     Ok(())
 }

@@ -1,6 +1,6 @@
 //! What makes two builds from the same inputs byte-identical beyond the derived identifiers: no logs or caches that
-//! record when or in which order things ran, every timestamp clamped to `SOURCE_DATE_EPOCH`, and the times that
-//! `mkfs.ext4 -d` copies from the host but the host cannot set (inode change times) rewritten in the file system.
+//! record when or in which order things ran, and every timestamp in the tree clamped to `SOURCE_DATE_EPOCH`. (The
+//! times the host cannot set, inode change times, are rewritten in the file system by `disk.rs`.)
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt as _;
@@ -8,7 +8,6 @@ use std::path::Path;
 
 use anyhow::{bail, Context as _};
 
-use crate::process::cmd;
 use crate::util::sorted_entries;
 
 /// Left behind by package installation; their contents depend on when and in which order things ran.
@@ -82,45 +81,5 @@ fn clamp(path: &Path, epoch: i64) -> anyhow::Result<()> {
             std::io::Error::last_os_error()
         );
     }
-    Ok(())
-}
-
-/// Sets the change and access times of every inode in a freshly populated ext4 image to `epoch`.
-/// `mkfs.ext4 -d` copies them from the host, where a copy's change time is always "now".
-pub fn fix_inode_times(image: &Path, epoch: u64, work: &Path) -> anyhow::Result<()> {
-    let header = String::from_utf8_lossy(&cmd("dumpe2fs").arg("-h").arg(image).output()?).into_owned();
-    let field = |name: &str| -> anyhow::Result<u64> {
-        header
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(name)?
-                    .trim_start()
-                    .strip_prefix(':')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .with_context(|| format!("dumpe2fs printed no `{name}`"))
-    };
-    // A freshly populated file system allocates inodes in order, so the used ones are 1..=used.
-    let used = field("Inode count")? - field("Free inodes")?;
-    let mut script = String::new();
-    for inode in std::iter::once(2).chain(11..=used) {
-        script.push_str(&format!(
-            "sif <{inode}> ctime @{epoch}\nsif <{inode}> ctime_extra 0\nsif <{inode}> atime @{epoch}\nsif <{inode}> atime_extra 0\n"
-        ));
-    }
-    let script_path = work.join("inode-times.debugfs");
-    std::fs::write(&script_path, script)?;
-    cmd("debugfs")
-        .arg("-w")
-        .arg("-f")
-        .arg(&script_path)
-        .arg(image)
-        // Otherwise debugfs stamps the superblock with the time it wrote.
-        .env("E2FSPROGS_FAKE_TIME", epoch.to_string())
-        .run()
-        .context("debugfs could not set the inode times")?;
-    std::fs::remove_file(&script_path)?;
     Ok(())
 }

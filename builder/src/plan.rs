@@ -146,7 +146,7 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
     let init_bin = beside_imagebuild("foobar-init")?;
     if !init_bin.is_file() {
         bail!(
-            "the initramfs program {} does not exist: build it with `cargo build --release -p foobar-builder`",
+            "the initramfs program {} does not exist: build it with `cargo build --release -p foobar-init`",
             init_bin.display()
         );
     }

@@ -6,8 +6,9 @@ use axum::body::Body;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
 use foobar_agent::config::Config;
+use foobar_agent::db::migrate;
 use foobar_agent::state::MigrationStatus;
-use foobar_agent::{migrate, AppState};
+use foobar_agent::AppState;
 use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
 use tower::ServiceExt as _;
@@ -32,7 +33,7 @@ async fn ready_app(first_boot_marker: Option<std::path::PathBuf>) -> (Router, Ap
         database_url: mariadb::shared().fresh_database(),
         ..Config::default()
     };
-    let pool = foobar_agent::serve::pool(&config).unwrap();
+    let pool = foobar_agent::db::pool(&config).unwrap();
     let migrator = migrate::load(None).await.unwrap();
     let applied = migrate::apply(&pool, &migrator, Duration::from_secs(10)).await.unwrap();
     assert_eq!(applied.newly_applied, 1, "a fresh database gets every migration");
@@ -366,7 +367,7 @@ async fn readyz_is_503_until_migrations_are_applied() {
         database_url: mariadb::shared().fresh_database(),
         ..Config::default()
     };
-    let state = AppState::new(foobar_agent::serve::pool(&config).unwrap(), None);
+    let state = AppState::new(foobar_agent::db::pool(&config).unwrap(), None);
     let app = foobar_agent::app(state.clone());
     let r = get(&app, "/readyz").await;
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);

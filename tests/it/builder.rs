@@ -498,3 +498,117 @@ fn a_role_that_names_an_unknown_component_is_refused_naming_it() {
         resolve(role.name, foobar_builder::roles::ROLES).unwrap();
     }
 }
+
+/// The agent.toml imagebuild writes, read by the agent's own `Config`: the two views cannot drift apart.
+fn agent_reads(text: &str, tag: &str) -> foobar_agent::config::Config {
+    let dir = support::temp_dir(tag);
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, text).unwrap();
+    foobar_agent::config::Config::load(Some(&file))
+        .unwrap_or_else(|e| panic!("the agent rejects imagebuild's agent.toml: {e:#}\n{text}"))
+}
+
+#[test]
+fn the_agent_reads_the_agent_toml_imagebuild_writes_as_meant() {
+    use foobar_agent::config::Listen;
+    use std::path::PathBuf;
+    let config = agent_reads(&agent::agent_config(None).unwrap(), "agent-default");
+    assert_eq!(
+        config.listen,
+        Listen::Unix(PathBuf::from(foobar_builder::config::AGENT_SOCKET))
+    );
+    assert_eq!(
+        config.database_url,
+        "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock"
+    );
+    assert_eq!(
+        config.first_boot_marker.as_deref(),
+        Some(std::path::Path::new(foobar_builder::config::FIRST_BOOT_MARKER))
+    );
+    assert!(config.app.is_none() && config.migrations.is_none());
+
+    for (example, listen) in [
+        ("flask", Listen::Unix(PathBuf::from(foobar_builder::config::APP_SOCKET))),
+        ("node", Listen::Tcp("127.0.0.1:8080".to_string())),
+    ] {
+        let image = foobar_builder::config::ImageConfig::load(Some(&examples().join(format!("{example}/foobar.toml"))))
+            .unwrap();
+        let written = image.app.as_ref().unwrap();
+        let config = agent_reads(&agent::agent_config(Some(written)).unwrap(), example);
+        assert_eq!(
+            config.migrations.as_deref(),
+            Some(std::path::Path::new(agent::APP_MIGRATIONS))
+        );
+        let app = config.app.expect("the [app] table arrives");
+        assert_eq!(app.name, written.name);
+        assert_eq!(app.command, written.command);
+        assert_eq!(app.listen, listen, "{example}");
+        assert_eq!(app.directory, PathBuf::from(agent::APP_DIR));
+        assert_eq!(app.health, written.health);
+        assert_eq!(app.env, written.env);
+        // The agent fills in the placeholder where nginx (the web component) expects the app.
+        let argv = app.argv().join(" ");
+        let upstream = written.address();
+        let at = upstream.trim_start_matches("unix:").rsplit(':').next().unwrap();
+        assert!(argv.contains(at), "{example}: `{argv}` does not listen at {upstream}");
+    }
+}
+
+#[test]
+fn imagebuild_and_the_agent_judge_host_names_and_app_names_alike() {
+    let hostnames = [
+        ("www.foobar.com", true),
+        ("foobar", true),
+        ("a-b.c-d.example", true),
+        ("x1.example.org", true),
+        (&*format!("{}.com", "a".repeat(63)), true),
+        (&*format!("{}.com", "a".repeat(64)), false),
+        (&*["abcdefghi"; 26].join("."), false), // 259 bytes
+        ("", false),
+        ("-lead.example", false),
+        ("trail-.example", false),
+        ("double..dot", false),
+        ("under_score.example", false),
+        ("space here", false),
+        ("semi;colon", false),
+        ("new\nline", false),
+        ("dot.", false),
+    ];
+    for (name, valid) in hostnames {
+        assert_eq!(
+            foobar_builder::config::is_hostname(name),
+            valid,
+            "imagebuild on {name:?}"
+        );
+        assert_eq!(
+            foobar_agent::metadata::valid_hostname(name),
+            valid,
+            "the agent on {name:?}"
+        );
+    }
+    let app_names = [
+        ("app", true),
+        ("notes-flask", true),
+        ("node2", true),
+        (&*"a".repeat(32), true),
+        (&*"a".repeat(33), false),
+        ("", false),
+        ("Notes", false),
+        ("my_app", false),
+        ("my.app", false),
+        ("sp ace", false),
+        ("é", false),
+    ];
+    for (name, valid) in app_names {
+        assert_eq!(
+            foobar_builder::config::valid_app_name(name),
+            valid,
+            "imagebuild on {name:?}"
+        );
+        assert_eq!(
+            foobar_agent::config::valid_app_name(name),
+            valid,
+            "the agent on {name:?}"
+        );
+    }
+}

@@ -1,6 +1,7 @@
 //! The QEMU tier: build the real image once, boot it under SeaBIOS and under OVMF, and check the site over HTTP
-//! through nginx; power it off with the ACPI button and boot the same disk again. Runs only with `FOOBAR_E2E=1`
-//! (CI sets it): it takes minutes.
+//! through nginx; power it off with the ACPI button and boot the same disk again. It takes minutes, so its tests are
+//! `#[ignore]`d and show as ignored in a plain `cargo test`; `just test` with `FOOBAR_E2E=1` (`just e2e`, and CI)
+//! runs them with `--include-ignored`.
 
 use std::io::Write as _;
 use std::os::unix::net::UnixStream;
@@ -14,14 +15,6 @@ use crate::support::{self, binary, get_host, post_json_host, release_binary};
 
 const SITE: &str = "www.foobar.com";
 const READY_LIMIT: Duration = Duration::from_secs(300);
-
-fn enabled() -> bool {
-    if std::env::var("FOOBAR_E2E").as_deref() == Ok("1") {
-        return true;
-    }
-    eprintln!("QEMU tier skipped: set FOOBAR_E2E=1 to build and boot the image (`just e2e`)");
-    false
-}
 
 /// A guest started with `imagebuild boot`; killed when dropped.
 struct Guest {
@@ -334,10 +327,8 @@ fn ssh_once(guest: &Guest, key: &Path, user: &str, extra: &[&str], command: &str
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn the_image_boots_under_bios_and_uefi_serves_the_site_and_keeps_data_across_power_off() {
-    if !enabled() {
-        return;
-    }
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let Built {
         image, raw, build_secs, ..
@@ -515,10 +506,8 @@ fn assert_silent(port: u16, what: &str) {
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
-    if !enabled() {
-        return;
-    }
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let built = built();
     // Guest ports that must stay closed, forwarded from free host ports (first guest only).
@@ -731,10 +720,8 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn a_first_boot_cut_off_completes_on_the_next_boot_and_the_root_grows_to_the_disk() {
-    if !enabled() {
-        return;
-    }
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let built = built();
     let dir = support::temp_dir("e2e-grow");
@@ -796,10 +783,8 @@ fn verify(image: &Path) -> (bool, String) {
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn two_builds_from_the_same_inputs_are_byte_identical_and_verify_catches_a_changed_byte() {
-    if !enabled() {
-        return;
-    }
     let built = built();
     let _one_at_a_time = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let dir = support::temp_dir("rebuild");
@@ -973,26 +958,20 @@ fn example_site_works(name: &str, app: &str) {
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn the_flask_example_runs_under_the_agent_behind_nginx() {
-    if !enabled() {
-        return;
-    }
     example_site_works("flask", "notes-flask");
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn the_node_example_runs_under_the_agent_behind_nginx() {
-    if !enabled() {
-        return;
-    }
     example_site_works("node", "notes-node");
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn a_package_the_archive_does_not_have_fails_the_build_naming_the_key() {
-    if !enabled() {
-        return;
-    }
     let dir = support::temp_dir("e2e-badpkg");
     std::fs::create_dir_all(dir.join("app")).unwrap();
     let config = dir.join("foobar.toml");
@@ -1053,10 +1032,8 @@ fn build_cloud_formats(dir: &Path) -> PathBuf {
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
-    if !enabled() {
-        return;
-    }
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     let built = built();
     let dir = support::temp_dir("e2e-formats");
@@ -1217,10 +1194,8 @@ fn boot_on_platform(
 }
 
 #[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
-    if !enabled() {
-        return;
-    }
     let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
     use crate::instance;
     use crate::support::fake_http::FakeHttp;

@@ -205,6 +205,9 @@ fn ec2_imdsv2_gives_hostname_key_and_a_site_fragment() {
     );
     let record: serde_json::Value = serde_json::from_str(&read(&root, "var/lib/foobar/instance.json")).unwrap();
     assert_eq!(record["platform"], "ec2");
+    // EC2 waits for no report: nothing is recorded for one and nothing is sent.
+    assert!(!foobar_agent::metadata::has_ready_report(&root));
+    assert_eq!(foobar_agent::metadata::report_ready(&root).unwrap(), None);
 
     // Applying again (a first boot that re-runs) adds nothing twice.
     let (code, _, err, _) = instance_config(&root, &dmi, &["--metadata-url", &server.url()]);
@@ -265,8 +268,12 @@ fn azure_reads_imds_and_the_goal_state_then_reports_ready_once_asked() {
     assert!(read(&root, "etc/ssh/authorized_keys/admin").contains(KEY));
     // Nothing is reported at first boot: Ready waits for the site.
     assert!(!server.requests().iter().any(|r| r.method == "POST"));
-    let goal = foobar_agent::instance::recorded_azure_goal(&root).expect("the goal state is recorded");
-    foobar_agent::instance::azure_report_ready(&goal).unwrap();
+    assert!(
+        foobar_agent::metadata::has_ready_report(&root),
+        "the goal state is recorded"
+    );
+    let told = foobar_agent::metadata::report_ready(&root).unwrap();
+    assert_eq!(told, Some(foobar_agent::metadata::Platform::Azure));
     let reports: Vec<Request> = server.requests().into_iter().filter(|r| r.method == "POST").collect();
     assert_eq!(reports.len(), 1);
     let body = &reports[0].body;

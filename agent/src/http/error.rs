@@ -52,15 +52,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A short description of a database error for logs and health checks: the kind, not the query.
-pub fn db_summary(err: &sqlx::Error) -> String {
-    match err {
-        sqlx::Error::Io(io) => io.to_string(),
-        sqlx::Error::PoolTimedOut => "no connection available (timed out)".to_string(),
-        sqlx::Error::Database(db) => db.message().to_string(),
-        other => other.to_string(),
-    }
-}
+pub use crate::db::summary as db_summary;
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {

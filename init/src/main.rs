@@ -1,4 +1,4 @@
-//! `/init` of the image's initramfs (written by imagebuild, see `builder/src/initrd.rs`): loads the drivers the
+//! `/init` of the image's initramfs (written by imagebuild, see `builder/src/initrd.rs`; a package of its own): loads the drivers the
 //! hardware present asks for from the few the initramfs carries, finds the root file system by its UUID, mounts it
 //! and hands over to systemd. It replaces initramfs-tools' shell scripts and udev, which took seconds under emulation.
 //!

@@ -1,0 +1,73 @@
+//! Everything about the database: the URL parsed once, the lazy pool, the readiness ping, the migrations
+//! (`migrate`), and what the site's own app is told about its database.
+
+use std::str::FromStr as _;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPoolOptions};
+use sqlx::{ConnectOptions as _, MySqlPool};
+
+use crate::config::Config;
+
+pub mod migrate;
+
+/// The database URL, parsed once by sqlx for the pool and for what the app is told.
+pub fn connect_options(config: &Config) -> anyhow::Result<MySqlConnectOptions> {
+    MySqlConnectOptions::from_str(&config.database_url)
+        .with_context(|| format!("invalid database URL `{}`", config.database_url))
+}
+
+/// A pool that connects on first use, so the agent starts (and answers `/livez`) while the database is down.
+pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
+    let options = connect_options(config)?
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    Ok(MySqlPoolOptions::new()
+        .max_connections(config.pool_size)
+        .acquire_timeout(Duration::from_secs(2))
+        .connect_lazy_with(options))
+}
+
+/// Whether the database answers a trivial query within 2 s; the error says what is wrong, without SQL.
+pub async fn ping(pool: &MySqlPool) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(pool)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(err)) => Err(format!("database unreachable: {}", summary(&err))),
+        Err(_) => Err("database did not answer within 2 s".to_string()),
+    }
+}
+
+/// A short description of a database error for logs and health checks: the kind, not the query.
+pub fn summary(err: &sqlx::Error) -> String {
+    match err {
+        sqlx::Error::Io(io) => io.to_string(),
+        sqlx::Error::PoolTimedOut => "no connection available (timed out)".to_string(),
+        sqlx::Error::Database(db) => db.message().to_string(),
+        other => other.to_string(),
+    }
+}
+
+/// What the app is told about its database.
+#[derive(Debug, Clone)]
+pub struct DatabaseEnv {
+    pub url: String,
+    pub socket: String,
+    pub name: String,
+    pub user: String,
+}
+
+impl DatabaseEnv {
+    /// Takes the parts from the agent's own database URL, as sqlx parsed it.
+    pub fn from_options(url: &str, options: &MySqlConnectOptions) -> DatabaseEnv {
+        DatabaseEnv {
+            url: url.to_string(),
+            socket: options
+                .get_socket()
+                .map(|p| p.display().to_string())
+                .unwrap_or_default(),
+            name: options.get_database().unwrap_or_default().to_string(),
+            user: options.get_username().to_string(),
+        }
+    }
+}

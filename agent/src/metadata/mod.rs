@@ -1,0 +1,385 @@
+//! Instance configuration from the cloud, read once at first boot (`foobar-agent instance-config`, run by the
+//! first-boot script as root): the hostname, the admin's SSH keys and optionally the site's domain.
+//!
+//! Each platform is one module behind `Source`: how it is told (DMI/SMBIOS strings, or the NoCloud seed's label,
+//! so a machine that is no cloud's asks nothing and waits for nothing), how its metadata is read, and what it must
+//! hear once the site is ready (Azure's `Ready` report; nothing elsewhere). A new cloud is one module and one line in
+//! `SOURCES`.
+//!
+//! User data may be a `#cloud-config` document (`hostname:` and `ssh_authorized_keys:` are read) or a foobar fragment
+//! starting with `#foobar-config`, TOML with `[site] domain = "..."` and `canonical = "..."`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context as _};
+use serde::Serialize;
+use serde_json::Value;
+
+pub mod azure;
+pub mod ec2;
+pub mod gce;
+pub mod http;
+pub mod nocloud;
+
+/// Where every cloud puts its metadata service (Azure's wire server aside).
+const LINK_LOCAL: &str = "http://169.254.169.254";
+/// An OEM string (SMBIOS type 11) `foobar:metadata-url=URL` sends every metadata request to URL instead: a proxy,
+/// or the test suite's fake metadata server.
+const OEM_OVERRIDE: &str = "foobar:metadata-url=";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Platform {
+    NoCloud,
+    Ec2,
+    Gce,
+    Azure,
+    None,
+}
+
+/// A platform's metadata: how to tell it, how to read it, and what to tell it once the site is ready.
+pub trait Source: Sync {
+    fn platform(&self) -> Platform;
+    /// Whether this machine runs on the platform, from what the machine itself shows (no network).
+    fn detect(&self, probe: &Probe) -> bool;
+    /// Reads this instance's configuration (blocking; bounded by the client's timeouts).
+    fn fetch(&self, at: &Fetch) -> anyhow::Result<InstanceConfig>;
+    /// Once the site is ready: what the platform waits to hear, from what `fetch` recorded in `ready_report`.
+    fn report_ready(&self, recorded: &Value) -> anyhow::Result<()> {
+        let _ = recorded;
+        Ok(())
+    }
+}
+
+/// Every platform, in the order they are tried: a NoCloud seed wins over the cloud the machine runs in.
+pub const SOURCES: &[&dyn Source] = &[&nocloud::NoCloud, &ec2::Ec2, &gce::Gce, &azure::Azure];
+
+/// What the machine shows of its platform: the DMI strings and whether a NoCloud seed is attached.
+#[derive(Debug, Clone, Default)]
+pub struct Probe {
+    pub sys_vendor: String,
+    pub product_name: String,
+    pub bios_vendor: String,
+    pub bios_version: String,
+    pub chassis_asset_tag: String,
+    pub seed: bool,
+}
+
+/// Where a source's requests go.
+pub struct Fetch {
+    pub http: http::Http,
+    /// The metadata service: the link-local address, or the override.
+    pub base: String,
+    /// The override (`--metadata-url` or the OEM string), which also stands in for Azure's wire server.
+    pub overridden: Option<String>,
+    /// A NoCloud seed's files already at hand (tests); otherwise the `cidata` volume is mounted.
+    pub seed_dir: Option<PathBuf>,
+}
+
+/// Where to look; the defaults are the real locations, tests point them elsewhere.
+#[derive(Debug, Clone)]
+pub struct Sources {
+    pub root: PathBuf,
+    pub dmi_dir: PathBuf,
+    pub oem_strings: PathBuf,
+    /// A NoCloud seed's files, when already at hand (tests); otherwise the `cidata` volume is mounted.
+    pub seed_dir: Option<PathBuf>,
+    pub metadata_url: Option<String>,
+}
+
+impl Default for Sources {
+    fn default() -> Self {
+        Sources {
+            root: PathBuf::from("/"),
+            dmi_dir: PathBuf::from("/sys/class/dmi/id"),
+            oem_strings: PathBuf::from("/sys/firmware/dmi/entries/11-0/raw"),
+            seed_dir: None,
+            metadata_url: None,
+        }
+    }
+}
+
+/// The site names a fragment asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SiteOverride {
+    pub domain: Option<String>,
+    pub canonical: Option<String>,
+}
+
+/// What the platform said about this instance.
+#[derive(Debug, Clone, Serialize)]
+pub struct InstanceConfig {
+    pub platform: Platform,
+    pub hostname: Option<String>,
+    pub ssh_keys: Vec<String>,
+    pub site: Option<SiteOverride>,
+    /// What the platform needs to hear `Ready` (Azure's goal state); `None` where nothing is reported.
+    #[serde(rename = "ready-report")]
+    pub ready_report: Option<Value>,
+}
+
+impl InstanceConfig {
+    pub fn empty(platform: Platform) -> InstanceConfig {
+        InstanceConfig {
+            platform,
+            hostname: None,
+            ssh_keys: Vec::new(),
+            site: None,
+            ready_report: None,
+        }
+    }
+}
+
+/// The SMBIOS type 11 strings: after the structure's formatted part (its length is byte 1), NUL-terminated strings.
+pub fn oem_strings(raw: &[u8]) -> Vec<String> {
+    if raw.len() < 5 || raw[0] != 11 {
+        return Vec::new();
+    }
+    let start = usize::from(raw[1]).min(raw.len());
+    raw[start..]
+        .split(|b| *b == 0)
+        .take_while(|s| !s.is_empty())
+        .map(|s| String::from_utf8_lossy(s).into_owned())
+        .collect()
+}
+
+/// What this machine shows: its DMI strings, and a NoCloud seed (given, or looked for when running on `/`).
+pub fn probe(sources: &Sources) -> Probe {
+    let dmi = |field: &str| {
+        std::fs::read_to_string(sources.dmi_dir.join(field))
+            .map(|s| s.trim().to_string())
+            .unwrap_or_default()
+    };
+    Probe {
+        sys_vendor: dmi("sys_vendor"),
+        product_name: dmi("product_name"),
+        bios_vendor: dmi("bios_vendor"),
+        bios_version: dmi("bios_version"),
+        chassis_asset_tag: dmi("chassis_asset_tag"),
+        seed: sources.seed_dir.is_some() || (sources.root == Path::new("/") && nocloud::seed_device().is_some()),
+    }
+}
+
+/// The platform's source, by what the machine shows alone. Reads files; never touches the network.
+pub fn detect(sources: &Sources) -> Option<&'static dyn Source> {
+    let probe = probe(sources);
+    SOURCES.iter().copied().find(|s| s.detect(&probe))
+}
+
+/// A DNS name: dot-separated labels of letters, digits and `-` (not at either end), 63 bytes each, 253 in all.
+/// imagebuild checks its config's names with the same rule; a test feeds both the same names.
+pub fn valid_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+fn valid_key(key: &str) -> bool {
+    (key.starts_with("ssh-") || key.starts_with("ecdsa-") || key.starts_with("sk-"))
+        && key.split_whitespace().count() >= 2
+        && !key.contains('\n')
+}
+
+/// Reads user data: `#foobar-config` (TOML `[site]`) or `#cloud-config` (`hostname`, `ssh_authorized_keys`).
+fn read_user_data(text: &str, config: &mut InstanceConfig) -> anyhow::Result<()> {
+    let text = text.trim_start_matches('\u{feff}');
+    if let Some(fragment) = text.strip_prefix("#foobar-config") {
+        #[derive(serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Fragment {
+            site: Option<SiteOverride>,
+        }
+        let fragment: Fragment = toml::from_str(fragment).context("user data: invalid #foobar-config fragment")?;
+        if let Some(site) = &fragment.site {
+            for name in [&site.domain, &site.canonical].into_iter().flatten() {
+                if !valid_hostname(name) {
+                    bail!("user data: key `site`: expected DNS names, got `{name}`");
+                }
+            }
+        }
+        config.site = fragment.site;
+    } else if text.starts_with("#cloud-config") {
+        let mut in_keys = false;
+        for line in text.lines() {
+            let trimmed = line.trim();
+            if let Some(value) = trimmed.strip_prefix("hostname:") {
+                config.hostname = Some(unquote(value));
+                in_keys = false;
+            } else if trimmed.starts_with("ssh_authorized_keys:") {
+                in_keys = true;
+            } else if let (true, Some(item)) = (in_keys, trimmed.strip_prefix("- ")) {
+                config.ssh_keys.push(unquote(item));
+            } else if !line.starts_with(' ') && !trimmed.is_empty() {
+                in_keys = false;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn unquote(value: &str) -> String {
+    value.trim().trim_matches(|c| c == '"' || c == '\'').to_string()
+}
+
+/// Asks the platform (blocking; bounded by the client's timeouts). No platform: an empty configuration at once.
+pub fn fetch(sources: &Sources) -> anyhow::Result<InstanceConfig> {
+    let Some(source) = detect(sources) else {
+        return Ok(InstanceConfig::empty(Platform::None));
+    };
+    let overridden = sources.metadata_url.clone().or_else(|| {
+        let raw = std::fs::read(&sources.oem_strings).ok()?;
+        oem_strings(&raw)
+            .into_iter()
+            .find_map(|s| s.strip_prefix(OEM_OVERRIDE).map(String::from))
+    });
+    source.fetch(&Fetch {
+        http: http::Http::new(),
+        base: overridden.clone().unwrap_or_else(|| LINK_LOCAL.to_string()),
+        overridden,
+        seed_dir: sources.seed_dir.clone(),
+    })
+}
+
+/// Where the result is recorded for operators, and what the platform needs for its `Ready` report.
+pub const RECORD: &str = "var/lib/foobar/instance.json";
+
+/// Applies what was found under `root`: hostname, the admin's keys, the site's names; records it all.
+pub fn apply(config: &InstanceConfig, root: &Path) -> anyhow::Result<()> {
+    if let Some(name) = &config.hostname {
+        // Clouds hand out fully qualified names; the machine's own name is the first label.
+        let short = name.split('.').next().unwrap_or(name);
+        if !valid_hostname(short) {
+            bail!("the platform's hostname `{name}` is not a valid host name");
+        }
+        write(root, "etc/hostname", &format!("{short}\n"), 0o644)?;
+        let hosts = std::fs::read_to_string(root.join("etc/hosts")).unwrap_or_default();
+        let mut lines: Vec<String> = hosts
+            .lines()
+            .filter(|l| !l.starts_with("127.0.1.1"))
+            .map(String::from)
+            .collect();
+        lines.insert(1.min(lines.len()), format!("127.0.1.1 {short}"));
+        write(root, "etc/hosts", &(lines.join("\n") + "\n"), 0o644)?;
+        if root == Path::new("/") {
+            let c = std::ffi::CString::new(short)?;
+            // SAFETY: a valid NUL-terminated buffer of the given length.
+            if unsafe { libc::sethostname(c.as_ptr(), short.len()) } != 0 {
+                tracing::warn!(error = %std::io::Error::last_os_error(), "cannot set the running host name");
+            }
+        }
+    }
+    let keys: Vec<&String> = config.ssh_keys.iter().filter(|k| valid_key(k)).collect();
+    if keys.len() != config.ssh_keys.len() {
+        tracing::warn!(
+            ignored = config.ssh_keys.len() - keys.len(),
+            "lines that are not OpenSSH public keys ignored"
+        );
+    }
+    if !keys.is_empty() {
+        let path = "etc/ssh/authorized_keys/admin";
+        let mut text = std::fs::read_to_string(root.join(path)).unwrap_or_default();
+        for key in keys {
+            if !text.lines().any(|l| l.trim() == key.as_str()) {
+                text.push_str(key);
+                text.push('\n');
+            }
+        }
+        write(root, path, &text, 0o644)?;
+    }
+    if let Some(site) = &config.site {
+        override_site(root, site)?;
+    }
+    write(root, RECORD, &serde_json::to_string_pretty(config)?, 0o644)?;
+    Ok(())
+}
+
+/// Renames the site: the nginx server names and redirect target, and `site.env` (which the TLS step reads after this).
+fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
+    let env_path = root.join("etc/foobar/site.env");
+    let env = std::fs::read_to_string(&env_path).with_context(|| format!("cannot read {}", env_path.display()))?;
+    let value = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .unwrap_or("")
+            .to_string()
+    };
+    let (old_domain, old_canonical) = (value("DOMAIN"), value("CANONICAL"));
+    let domain = site.domain.clone().unwrap_or(old_domain.clone());
+    let canonical = site.canonical.clone().unwrap_or(old_canonical.clone());
+    let nginx_path = root.join("etc/nginx/sites-available/foobar");
+    let nginx =
+        std::fs::read_to_string(&nginx_path).with_context(|| format!("cannot read {}", nginx_path.display()))?;
+    let nginx = nginx
+        .replace(
+            &format!("server_name {old_canonical};"),
+            &format!("server_name {canonical};"),
+        )
+        .replace(&format!("server_name {old_domain};"), &format!("server_name {domain};"))
+        .replace(
+            &format!("://{old_canonical}$request_uri"),
+            &format!("://{canonical}$request_uri"),
+        );
+    write(root, "etc/nginx/sites-available/foobar", &nginx, 0o644)?;
+    let env: String = env
+        .lines()
+        .map(|l| {
+            if l.starts_with("DOMAIN=") {
+                format!("DOMAIN={domain}")
+            } else if l.starts_with("CANONICAL=") {
+                format!("CANONICAL={canonical}")
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    write(root, "etc/foobar/site.env", &env, 0o644)
+}
+
+fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let full = root.join(path);
+    if let Some(dir) = full.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let partial = full.with_extension("foobar-new");
+    std::fs::write(&partial, text).with_context(|| format!("cannot write {}", full.display()))?;
+    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))?;
+    std::fs::rename(&partial, &full).with_context(|| format!("cannot replace {}", full.display()))?;
+    Ok(())
+}
+
+/// Whether the platform recorded at first boot (under `root`) waits for a `Ready` report.
+pub fn has_ready_report(root: &Path) -> bool {
+    std::fs::read_to_string(root.join(RECORD))
+        .ok()
+        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
+        .is_some_and(|doc| doc.get("ready-report").is_some_and(|v| !v.is_null()))
+}
+
+/// Tells the platform this instance recorded at first boot (under `root`) that it is ready, if that platform waits
+/// for it (Azure). Returns the platform told, or `None` when there is nothing to report. Blocking.
+pub fn report_ready(root: &Path) -> anyhow::Result<Option<Platform>> {
+    let Ok(text) = std::fs::read_to_string(root.join(RECORD)) else {
+        return Ok(None);
+    };
+    let doc: Value = serde_json::from_str(&text).with_context(|| format!("cannot read /{RECORD}"))?;
+    let Some(recorded) = doc.get("ready-report").filter(|v| !v.is_null()) else {
+        return Ok(None);
+    };
+    let platform: Platform = serde_json::from_value(doc["platform"].clone())
+        .with_context(|| format!("/{RECORD} names no known platform"))?;
+    let source = SOURCES
+        .iter()
+        .find(|s| s.platform() == platform)
+        .with_context(|| format!("no metadata source for {platform:?}"))?;
+    source.report_ready(recorded)?;
+    Ok(Some(platform))
+}
