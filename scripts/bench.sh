@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The image benchmark (`just bench`): cold build (empty cache), warm build (agent changed, cached package layer),
 # image sizes, first and second boot-to-ready under QEMU (medians of BOOTS boots each), and requests/s through nginx
-# on a booted guest for GET / (static) and GET /api/posts (dynamic). Prints one table: median, min, max, runs.
+# on a booted guest (LOAD_RUNS rounds, default 3) for GET / (static), GET /api/posts and GET /posts (dynamic, from
+# the agent's read cache while nothing changes) and POST /api/posts (nginx limits writes per client address: the
+# 201s and the 429s are counted apart), and the ratio dynamic/static. Prints one table: median, min, max, runs.
+# COLD_RUNS=0 skips the cold build and takes the package layer from the default cache.
 # Needs the release binaries (`just bench` builds them). Takes about 15 minutes under TCG.
 set -euo pipefail
 
@@ -9,6 +12,7 @@ boots=${BOOTS:-5}
 warm_runs=${WARM_RUNS:-3}
 cold_runs=${COLD_RUNS:-1}
 load=${LOAD:-10s}
+load_runs=${LOAD_RUNS:-3}
 root=$(cd "$(dirname "$0")/.." && pwd)
 imagebuild="$root/target/release/imagebuild"
 agent="$root/target/release/foobar-agent"
@@ -76,7 +80,11 @@ for i in $(seq "$cold_runs"); do
     || { tail -20 "$work/build.log"; exit 1; }
   record "cold build (s)" "$(since "$start")"
 done
-[ -d "$work/cache" ] || { log "no cache after the cold build"; exit 1; }
+cache="$work/cache"
+if [ "$cold_runs" -eq 0 ]; then
+  cache="${XDG_CACHE_HOME:-$HOME/.cache}/foobar"
+fi
+[ -d "$cache" ] || { log "no package layer cache at $cache"; exit 1; }
 
 # Warm: the agent changes (a different binary each time), the package layer comes from the cache.
 for i in $(seq "$warm_runs"); do
@@ -84,7 +92,7 @@ for i in $(seq "$warm_runs"); do
   cp "$agent" "$work/agent"
   printf 'bench %s' "$i" >> "$work/agent"
   start=$(now)
-  "$imagebuild" --out "$work/warm.qcow2" --cache-dir "$work/cache" \
+  "$imagebuild" --out "$work/warm.qcow2" --cache-dir "$cache" \
     --agent-bin "$work/agent" 2>"$work/build.log" || { tail -20 "$work/build.log"; exit 1; }
   record "warm build (s)" "$(since "$start")"
 done
@@ -109,19 +117,55 @@ for i in $(seq "$boots"); do
   if [ "$i" -lt "$boots" ]; then power_off; fi
 done
 
-# Load through nginx on the last guest: 2 threads, 16 connections, $load each.
-for path in / /api/posts; do
-  log "wrk $path"
-  out=$(wrk -t2 -c16 -d"$load" -H "Host: $site" "http://127.0.0.1:$port$path")
-  non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
-  [ -z "$non2xx" ] || { log "$path: $non2xx non-2xx answers"; echo "$out" >&2; exit 1; }
-  record "GET $path through nginx (req/s)" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+# Load through nginx on the last guest: 2 threads, 16 connections, $load each, $load_runs rounds. 20 posts first
+# (nginx's burst for one client), so the dynamic answers are of a realistic size.
+for i in $(seq 20); do
+  curl -fs -o /dev/null -H "Host: $site" -H 'Content-Type: application/json' \
+    -d "{\"author\":\"bench\",\"body\":\"seed post $i with some text to make it realistic\"}" \
+    "http://127.0.0.1:$port/api/posts" || { log "seeding post $i failed"; exit 1; }
+done
+cat > "$work/post.lua" <<'LUA'
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = '{"author":"bench","body":"a post written by the load generator"}'
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) created = 0; limited = 0; other = 0 end
+function response(status, headers, body)
+  if status == 201 then created = created + 1 elseif status == 429 then limited = limited + 1 else other = other + 1 end
+end
+function done(summary, latency, requests)
+  local c, l, o = 0, 0, 0
+  for _, t in ipairs(threads) do c = c + t:get("created"); l = l + t:get("limited"); o = o + t:get("other") end
+  io.write(string.format("statuses %d %d %d %f\n", c, l, o, summary.duration / 1e6))
+end
+LUA
+for round in $(seq "$load_runs"); do
+  for path in / /api/posts /posts; do
+    log "wrk GET $path (round $round/$load_runs)"
+    out=$(wrk -t2 -c16 -d"$load" -H "Host: $site" "http://127.0.0.1:$port$path")
+    non2xx=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    [ -z "$non2xx" ] || { log "$path: $non2xx non-2xx answers"; echo "$out" >&2; exit 1; }
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    record "GET $path through nginx (req/s)" "$rps"
+    [ "$path" = / ] && static=$rps
+    [ "$path" = /api/posts ] && record "GET /api/posts / GET / (%)" "$(echo "100 * $rps / $static" | bc -l | xargs printf '%.0f')"
+  done
+  log "wrk POST /api/posts (round $round/$load_runs)"
+  out=$(wrk -t2 -c16 -d"$load" -H "Host: $site" -s "$work/post.lua" "http://127.0.0.1:$port/api/posts")
+  read -r created limited other secs < <(echo "$out" | awk '/^statuses/ {print $2, $3, $4, $5}')
+  [ "$other" -eq 0 ] || { log "POST: $other answers neither 201 nor 429"; echo "$out" >&2; exit 1; }
+  record "POST /api/posts through nginx (req/s)" "$(echo "$out" | awk '/Requests\/sec/ {print $2}')"
+  record "  of which 201 Created (req/s)" "$(echo "$created / $secs" | bc -l | xargs printf '%.1f')"
 done
 power_off
 
 printf '\n%-36s %10s %10s %10s %5s\n' metric median min max runs
 for metric in "cold build (s)" "warm build (s)" "qcow2 (MB)" "first boot to ready (s)" \
-  "second boot to ready (s)" "GET / through nginx (req/s)" "GET /api/posts through nginx (req/s)"; do
+  "second boot to ready (s)" "GET / through nginx (req/s)" "GET /api/posts through nginx (req/s)" \
+  "GET /posts through nginx (req/s)" "GET /api/posts / GET / (%)" "POST /api/posts through nginx (req/s)" \
+  "  of which 201 Created (req/s)"; do
+  [ -n "${results[$metric]:-}" ] || continue
   read -r -a values <<<"${results[$metric]}"
   sorted=$(printf '%s\n' "${values[@]}" | sort -g)
   n=${#values[@]}

@@ -71,6 +71,9 @@ pub struct Config {
     pub first_boot_marker: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout: u64,
+    /// Milliseconds a read answer of the posts app is kept (the bound on how stale another node's write can be
+    /// seen); 0 keeps nothing.
+    pub read_cache_ms: u64,
     /// The site's own application server, which the agent runs and watches; absent: the built-in posts app only.
     pub app: Option<AppConfig>,
 }
@@ -183,6 +186,7 @@ impl Default for Config {
             migrate_lock_timeout: 60,
             first_boot_marker: None,
             shutdown_timeout: 10,
+            read_cache_ms: 1000,
             app: None,
         }
     }
@@ -221,6 +225,12 @@ impl Config {
         if self.pool_size == 0 {
             bail!("key `pool-size`: expected at least 1");
         }
+        if self.read_cache_ms > 60_000 {
+            bail!(
+                "key `read-cache-ms`: expected at most 60000 (it bounds how stale a read may be), got {}",
+                self.read_cache_ms
+            );
+        }
         if self.migrate_lock_timeout == 0 {
             bail!("key `migrate-lock-timeout`: expected at least 1 second");
         }
@@ -232,6 +242,10 @@ impl Config {
 
     pub fn migrate_lock_timeout(&self) -> Duration {
         Duration::from_secs(self.migrate_lock_timeout)
+    }
+
+    pub fn read_cache(&self) -> Duration {
+        Duration::from_millis(self.read_cache_ms)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

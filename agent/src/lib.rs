@@ -2,6 +2,7 @@
 //! reports health, and talks to systemd. `app` is the whole HTTP surface, so tests drive it without a socket.
 
 pub mod app;
+pub mod cache;
 pub mod config;
 pub mod db;
 pub mod http;

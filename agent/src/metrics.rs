@@ -23,6 +23,10 @@ pub struct Gauges {
     pub pool_idle: usize,
     pub pool_max: u32,
     pub migration_version: i64,
+    /// The read cache's counters (`cache.rs`).
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+    pub cache_invalidations: u64,
 }
 
 impl Metrics {
@@ -85,6 +89,19 @@ impl Metrics {
         out.push_str("# HELP foobar_migration_version Schema version applied (0 until migrations ran).\n");
         out.push_str("# TYPE foobar_migration_version gauge\n");
         let _ = writeln!(out, "foobar_migration_version {}", gauges.migration_version);
+        out.push_str("# HELP foobar_read_cache_hits_total Posts reads answered from the read cache.\n");
+        out.push_str("# TYPE foobar_read_cache_hits_total counter\n");
+        let _ = writeln!(out, "foobar_read_cache_hits_total {}", gauges.cache_hits);
+        out.push_str("# HELP foobar_read_cache_misses_total Posts reads that asked the database.\n");
+        out.push_str("# TYPE foobar_read_cache_misses_total counter\n");
+        let _ = writeln!(out, "foobar_read_cache_misses_total {}", gauges.cache_misses);
+        out.push_str("# HELP foobar_read_cache_invalidations_total Writes on this node that emptied the read cache.\n");
+        out.push_str("# TYPE foobar_read_cache_invalidations_total counter\n");
+        let _ = writeln!(
+            out,
+            "foobar_read_cache_invalidations_total {}",
+            gauges.cache_invalidations
+        );
         out
     }
 }

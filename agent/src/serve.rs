@@ -158,7 +158,12 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
     let app = config.app.clone().map(App::new);
-    let state = AppState::with_app(db::pool(&config)?, config.first_boot_marker.clone(), app.clone());
+    let state = AppState::with_app(
+        db::pool(&config)?,
+        config.first_boot_marker.clone(),
+        app.clone(),
+        config.read_cache(),
+    );
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");

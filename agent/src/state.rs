@@ -6,6 +6,7 @@ use std::sync::{Arc, RwLock};
 use sqlx::MySqlPool;
 
 use crate::app::App;
+use crate::cache::ReadCache;
 use crate::metrics::Metrics;
 
 /// Where the schema stands, as the background migration task last saw it.
@@ -55,6 +56,8 @@ pub struct Inner {
     pub templates: tera::Tera,
     /// The site's own app server, which the agent supervises; `None` for the built-in app alone.
     pub app: Option<App>,
+    /// Answers of the posts reads, kept until a write here or their time to live (`cache.rs`).
+    pub cache: ReadCache,
 }
 
 impl std::ops::Deref for AppState {
@@ -74,11 +77,22 @@ fn templates() -> tera::Tera {
 }
 
 impl AppState {
+    /// The built-in app with the default read cache (`read-cache-ms`).
     pub fn new(pool: MySqlPool, first_boot_marker: Option<PathBuf>) -> AppState {
-        Self::with_app(pool, first_boot_marker, None)
+        Self::with_app(
+            pool,
+            first_boot_marker,
+            None,
+            crate::config::Config::default().read_cache(),
+        )
     }
 
-    pub fn with_app(pool: MySqlPool, first_boot_marker: Option<PathBuf>, app: Option<App>) -> AppState {
+    pub fn with_app(
+        pool: MySqlPool,
+        first_boot_marker: Option<PathBuf>,
+        app: Option<App>,
+        read_cache: std::time::Duration,
+    ) -> AppState {
         AppState(Arc::new(Inner {
             pool,
             migrations: RwLock::new(MigrationStatus::Pending(None)),
@@ -86,6 +100,7 @@ impl AppState {
             metrics: Metrics::default(),
             templates: templates(),
             app,
+            cache: ReadCache::new(read_cache),
         }))
     }
 

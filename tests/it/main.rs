@@ -13,5 +13,6 @@ mod docs;
 mod e2e;
 mod formats;
 mod instance;
+mod read_cache;
 mod smoke;
 mod support;

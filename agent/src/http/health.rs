@@ -106,6 +106,9 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
             MigrationStatus::Applied { version, .. } => version,
             _ => 0,
         },
+        cache_hits: state.cache.hits.load(std::sync::atomic::Ordering::Relaxed),
+        cache_misses: state.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
+        cache_invalidations: state.cache.invalidations.load(std::sync::atomic::Ordering::Relaxed),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

@@ -1,14 +1,18 @@
-//! The built-in posts app: the JSON API under `/api/posts` and the server-rendered page at `/posts`.
+//! The built-in posts app: the JSON API under `/api/posts` and the server-rendered page at `/posts`. Reads are
+//! answered from the read cache when nothing has changed (`cache.rs`), with an `ETag` and `Cache-Control: no-cache`
+//! (any cache revalidates; an unchanged answer costs a 304); writes empty it.
 
 use std::collections::HashMap;
 
+use axum::body::Bytes;
 use axum::extract::rejection::{FormRejection, JsonRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::{header, StatusCode};
-use axum::response::{Html, IntoResponse, Redirect, Response};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::{Form, Json};
 use serde::{Deserialize, Serialize};
 
+use crate::cache::{Answer, Key};
 use crate::http::error::ApiError;
 use crate::state::AppState;
 
@@ -64,10 +68,73 @@ impl NewPost {
             .execute(&state.pool)
             .await?
             .last_insert_id();
-        fetch(state, id)
+        let post = fetch(state, id)
             .await?
-            .ok_or_else(|| ApiError::NotFound(format!("post {id} vanished after insert")))
+            .ok_or_else(|| ApiError::NotFound(format!("post {id} vanished after insert")))?;
+        // Before the answer goes out, so the writer's next read sees the post.
+        state.cache.invalidate();
+        Ok(post)
     }
+}
+
+const JSON: &str = "application/json";
+const HTML: &str = "text/html; charset=utf-8";
+
+/// Answers `key` from the read cache, or makes it with `make` (which asks the database) and keeps it.
+async fn cached<F, Fut>(
+    state: &AppState,
+    key: Key,
+    request: &HeaderMap,
+    content_type: &'static str,
+    make: F,
+) -> Result<Response, ApiError>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<Bytes, ApiError>>,
+{
+    let answer = match state.cache.get(&key) {
+        Some(answer) => answer,
+        None => {
+            // Taken before the query: a write that lands meanwhile makes this answer unkeepable.
+            let generation = state.cache.generation();
+            let answer = Answer::new(make().await?);
+            state.cache.put(key, generation, answer.clone());
+            answer
+        }
+    };
+    Ok(respond(&answer, request, content_type))
+}
+
+/// 304 when the client already holds this answer (`If-None-Match`), else 200 with the body. Either way the `ETag`,
+/// and `Cache-Control: no-cache`: a browser or shared cache may keep the answer but must ask again before using it,
+/// so none serves a stale one.
+fn respond(answer: &Answer, request: &HeaderMap, content_type: &'static str) -> Response {
+    let held = request
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|tag| tag.trim().trim_start_matches("W/"))
+        .any(|tag| tag == "*" || tag == answer.etag);
+    let etag = HeaderValue::from_str(&answer.etag).expect("an entity tag is a valid header value");
+    let validators = [
+        (header::ETAG, etag),
+        (header::CACHE_CONTROL, HeaderValue::from_static("no-cache")),
+    ];
+    if held {
+        (StatusCode::NOT_MODIFIED, validators).into_response()
+    } else {
+        (
+            validators,
+            [(header::CONTENT_TYPE, HeaderValue::from_static(content_type))],
+            answer.body.clone(),
+        )
+            .into_response()
+    }
+}
+
+fn json_bytes(value: &impl Serialize) -> Bytes {
+    Bytes::from(serde_json::to_vec(value).expect("posts serialize to JSON"))
 }
 
 async fn fetch(state: &AppState, id: u64) -> Result<Option<Post>, ApiError> {
@@ -104,8 +171,9 @@ fn parse_param<T: std::str::FromStr>(
 
 pub async fn list_posts(
     State(state): State<AppState>,
+    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<Vec<Post>>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(params) = query?;
     let range = format!("a whole number from 1 to {LIMIT_MAX}");
     let limit = parse_param::<u32>(&params, "limit", &range)?.unwrap_or(LIMIT_DEFAULT);
@@ -113,7 +181,10 @@ pub async fn list_posts(
         return Err(ApiError::BadRequest(format!("`limit` must be {range}, got `{limit}`")));
     }
     let before = parse_param::<u64>(&params, "before", "a post id")?;
-    Ok(Json(list(&state, limit, before).await?))
+    cached(&state, Key::List { limit, before }, &headers, JSON, || async {
+        Ok(json_bytes(&list(&state, limit, before).await?))
+    })
+    .await
 }
 
 pub async fn create_post(
@@ -126,28 +197,38 @@ pub async fn create_post(
     Ok((StatusCode::CREATED, [(header::LOCATION, location)], Json(post)).into_response())
 }
 
-pub async fn get_post(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Post>, ApiError> {
+pub async fn get_post(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
     let id: u64 = id
         .parse()
         .map_err(|_| ApiError::BadRequest(format!("post id must be a positive whole number, got `{id}`")))?;
-    fetch(&state, id)
-        .await?
-        .map(Json)
-        .ok_or_else(|| ApiError::NotFound(format!("no post with id {id}")))
+    cached(&state, Key::Post(id), &headers, JSON, || async {
+        let post = fetch(&state, id)
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no post with id {id}")))?;
+        Ok(json_bytes(&post))
+    })
+    .await
 }
 
 /// The HTML page: the newest posts and a form that posts back here.
-pub async fn page(State(state): State<AppState>) -> Result<Html<String>, ApiError> {
-    let posts = list(&state, PAGE_POSTS, None).await?;
-    let mut context = tera::Context::new();
-    context.insert("posts", &posts);
-    context.insert("author_max", &AUTHOR_MAX_CHARS);
-    context.insert("body_max", &BODY_MAX_CHARS);
-    let html = state.templates.render("posts.html", &context).map_err(|err| {
-        tracing::error!(error = ?err, "cannot render posts.html");
-        ApiError::BadRequest("cannot render the page".to_string())
-    })?;
-    Ok(Html(html))
+pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
+    cached(&state, Key::Page, &headers, HTML, || async {
+        let posts = list(&state, PAGE_POSTS, None).await?;
+        let mut context = tera::Context::new();
+        context.insert("posts", &posts);
+        context.insert("author_max", &AUTHOR_MAX_CHARS);
+        context.insert("body_max", &BODY_MAX_CHARS);
+        let html = state.templates.render("posts.html", &context).map_err(|err| {
+            tracing::error!(error = ?err, "cannot render posts.html");
+            ApiError::BadRequest("cannot render the page".to_string())
+        })?;
+        Ok(Bytes::from(html))
+    })
+    .await
 }
 
 /// The form's target: stores the post and sends the browser back to the page (303, so a reload does not repost).
