@@ -76,6 +76,9 @@ pub struct Site {
     pub tls_certificate: String,
     /// The private key for `tls-certificate`, on the instance (never in the image).
     pub tls_key: String,
+    /// A directory of the site's own static files (relative: from the config file's directory); absent: the
+    /// built-in page. Checked and listed by the `web` component when the build is planned.
+    pub root: Option<PathBuf>,
 }
 
 impl Default for Site {
@@ -85,6 +88,7 @@ impl Default for Site {
             canonical: "www.foobar.com".into(),
             tls_certificate: String::new(),
             tls_key: String::new(),
+            root: None,
         }
     }
 }
@@ -339,6 +343,9 @@ impl ImageConfig {
         let mut config: ImageConfig = toml::from_str(text).with_context(|| format!("invalid config file {origin}"))?;
         if let Some(app) = config.app.as_mut() {
             app.resolve(base);
+        }
+        if let Some(root) = config.site.root.as_mut().filter(|r| r.is_relative()) {
+            *root = base.join(&*root);
         }
         config
             .validate()

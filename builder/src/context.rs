@@ -99,6 +99,34 @@ pub struct Layer {
     pub key: String,
 }
 
+/// The site's own static files (`site.root`), as checked when the build was planned: every directory and file to
+/// copy, in name order, with each file's hash and size.
+#[derive(Debug, Clone)]
+pub struct SiteTree {
+    pub root: PathBuf,
+    pub entries: Vec<SiteEntry>,
+}
+
+#[derive(Debug, Clone)]
+pub struct SiteEntry {
+    /// The path under the web root, `/`-separated, without a leading `/`.
+    pub path: String,
+    /// `None` for a directory; for a file, where its bytes are read from (a symbolic link's target).
+    pub source: Option<PathBuf>,
+    pub sha256: String,
+    pub bytes: u64,
+}
+
+impl SiteTree {
+    pub fn has_file(&self, path: &str) -> bool {
+        self.entries.iter().any(|e| e.source.is_some() && e.path == path)
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.entries.iter().map(|e| e.bytes).sum()
+    }
+}
+
 #[derive(Debug)]
 pub struct Context {
     pub config: ImageConfig,
@@ -115,6 +143,8 @@ pub struct Context {
     pub instance_files: Vec<&'static str>,
     /// What answers from outside, sorted.
     pub ports: Vec<Port>,
+    /// The site's own static files, when the config names them (`site.root`).
+    pub site: Option<SiteTree>,
     pub out: PathBuf,
     pub formats: Vec<(Format, PathBuf)>,
     pub ssh_keys: Vec<String>,

@@ -55,6 +55,12 @@ pub fn write_manifest(
             "role": ctx.role,
             "components": ctx.components,
             "rootfs_layer": ctx.layer.key,
+            "site": ctx.site.as_ref().map(|tree| json!({
+                "root": tree.root.display().to_string(),
+                "files": tree.entries.iter().filter(|e| e.source.is_some())
+                    .map(|e| json!({ "path": e.path, "sha256": e.sha256, "bytes": e.bytes }))
+                    .collect::<Vec<Value>>(),
+            })),
         },
         "packages": packages.iter().map(|(n, v)| json!({ "name": n, "version": v })).collect::<Vec<Value>>(),
         "stages": stages.iter().map(|(n, s)| json!({ "name": n, "seconds": (s * 100.0).round() / 100.0 })).collect::<Vec<Value>>(),

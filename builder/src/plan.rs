@@ -8,7 +8,7 @@ use anyhow::{bail, Context as _};
 
 use crate::components::Component;
 use crate::config::ImageConfig;
-use crate::context::{Context, Ids, Layer, Layout, Port};
+use crate::context::{Context, Ids, Layer, Layout, Port, SiteTree};
 use crate::process::Tool;
 use crate::roles;
 use crate::util::{sha256_file, sha256_hex, tree_digest};
@@ -88,6 +88,16 @@ pub fn host_tools(stage_tools: &[&[Tool]], components: &[&Component]) -> Vec<Too
     tools
 }
 
+/// A digest of the site's files: each path with its hash (directories with none).
+pub fn site_digest(tree: &SiteTree) -> String {
+    let text: String = tree
+        .entries
+        .iter()
+        .map(|e| format!("{} {}\n", e.path, e.sha256))
+        .collect();
+    sha256_hex(text.as_bytes())
+}
+
 /// What answers from outside: every port of the components, sorted.
 pub fn ports(components: &[&Component]) -> Vec<Port> {
     let mut ports: Vec<Port> = components.iter().flat_map(|c| c.ports.iter().copied()).collect();
@@ -109,6 +119,8 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         .unwrap_or_else(|| "image/foobar.toml (built in)".to_string());
     let components =
         roles::resolve(&config.role, roles::ROLES).with_context(|| format!("invalid config file {config_origin}"))?;
+    let site =
+        crate::components::web::scan_site(&config).with_context(|| format!("invalid config file {config_origin}"))?;
 
     let out = absolute(&flags.out)?;
     let formats = crate::formats::plan(&out, &flags.formats)?;
@@ -169,10 +181,14 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         }
         app_sha256 = sha256_hex(text.as_bytes());
     }
+    // So are the site's own files: a changed file changes the seed (and the image), never the package layer.
+    let site_sha256 = site.as_ref().map(site_digest).unwrap_or_default();
     let seed = sha256_hex(
         format!(
-            "foobar-image-v1\nconfig:{}\napp:{app_sha256}\nagent:{agent_sha256}\ninit:{init_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
+            "foobar-image-v1\nconfig:{}\napp:{app_sha256}{}\nagent:{agent_sha256}\ninit:{init_sha256}\nkeys:{}\nepoch:{source_date_epoch}\nbuilder:{}",
             sha256_hex(&config_text),
+            // Only with a site of its own, so the default image's seed is what it was.
+            if site_sha256.is_empty() { String::new() } else { format!("\nsite:{site_sha256}") },
             ssh_keys.join(","),
             env!("CARGO_PKG_VERSION")
         )
@@ -208,6 +224,7 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
             .flat_map(|c| c.instance_files.iter().copied())
             .collect(),
         ports: ports(&components),
+        site,
         role: config.role.clone(),
         components: components.iter().map(|c| c.name).collect(),
         config,

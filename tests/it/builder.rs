@@ -103,8 +103,8 @@ fn an_app_site_sends_everything_but_static_files_and_the_agents_endpoints_to_the
     }
     // Only the named prefixes go to the app when routes are given; `/` then stays static.
     let some = render::site(&app_site("127.0.0.1:8080", &["/notes"])).unwrap();
-    assert!(some.contains("location /notes {") && !some.contains("location / {"));
-    assert!(some.contains("try_files /index.html =404;"));
+    assert!(some.contains("location ^~ /notes {") && !some.contains("try_files $uri @app;"));
+    assert!(some.contains("try_files /index.html =404;") && some.contains("try_files $uri $uri/ =404;"));
 }
 
 #[test]
@@ -611,4 +611,128 @@ fn imagebuild_and_the_agent_judge_host_names_and_app_names_alike() {
             "the agent on {name:?}"
         );
     }
+}
+
+/// A copy of examples/static/public in a scratch directory, and a config naming it.
+fn static_site(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = support::temp_dir(tag);
+    let site = dir.join("public");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(examples().join("static/public"))
+        .arg(&site)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let config = dir.join("site.toml");
+    std::fs::write(&config, "[site]\nroot = \"public\"\n").unwrap();
+    (config, site)
+}
+
+#[test]
+fn a_bad_site_root_is_refused_naming_the_key_and_the_path_and_writes_nothing() {
+    /// Spoils a copy of the example: (config file, site directory).
+    type Spoil = Box<dyn Fn(&std::path::Path, &std::path::Path)>;
+    let cases: Vec<(&str, Spoil, &str)> = vec![
+        (
+            "missing",
+            Box::new(|config: &std::path::Path, _: &std::path::Path| {
+                std::fs::write(config, "[site]\nroot = \"no-such-dir\"\n").unwrap()
+            }),
+            "no-such-dir is not one",
+        ),
+        (
+            "no-index",
+            Box::new(|_, site: &std::path::Path| std::fs::remove_file(site.join("index.html")).unwrap()),
+            "has no index.html",
+        ),
+        (
+            "symlink-out",
+            Box::new(|_, site: &std::path::Path| {
+                std::os::unix::fs::symlink("/etc/hostname", site.join("host.txt")).unwrap()
+            }),
+            "host.txt is a symbolic link that leaves the site directory",
+        ),
+        (
+            "control-char",
+            Box::new(|_, site: &std::path::Path| std::fs::write(site.join("bad\nname.html"), "x").unwrap()),
+            "control characters",
+        ),
+        (
+            "fifo",
+            Box::new(|_, site: &std::path::Path| {
+                assert!(Command::new("mkfifo")
+                    .arg(site.join("pipe"))
+                    .status()
+                    .unwrap()
+                    .success());
+            }),
+            "pipe is not a regular file",
+        ),
+        (
+            "too-big",
+            Box::new(|config: &std::path::Path, site: &std::path::Path| {
+                std::fs::write(config, "[site]\nroot = \"public\"\n[disk]\nsize-mib = 1025\n").unwrap();
+                std::fs::write(site.join("big.bin"), vec![7u8; 2 << 20]).unwrap();
+            }),
+            "more than the 1 MiB that `disk.size-mib` = 1025 leaves",
+        ),
+    ];
+    for (tag, spoil, expected) in cases {
+        let (config, site) = static_site(&format!("site-{tag}"));
+        spoil(&config, &site);
+        let out = config.with_file_name("never.qcow2");
+        let (code, stderr) = imagebuild(&["--out", out.to_str().unwrap(), "--config", config.to_str().unwrap()]);
+        assert_eq!(code, 1, "{tag}: {stderr}");
+        assert!(
+            stderr.contains(config.to_str().unwrap()),
+            "{tag}: file not named: {stderr}"
+        );
+        assert!(stderr.contains("key `site.root`"), "{tag}: key not named: {stderr}");
+        assert!(stderr.contains(expected), "{tag}: expected `{expected}` in: {stderr}");
+        assert!(!out.exists(), "{tag}: output written");
+    }
+}
+
+#[test]
+fn the_sites_files_change_the_image_seed_but_not_the_package_layer() {
+    use foobar_builder::components::web;
+    use foobar_builder::{plan, roles};
+    let (config_path, site) = static_site("site-digest");
+    let config = foobar_builder::config::ImageConfig::load(Some(&config_path)).unwrap();
+    let tree = web::scan_site(&config).unwrap().expect("a site tree");
+    let paths: Vec<&str> = tree.entries.iter().map(|e| e.path.as_str()).collect();
+    assert!(
+        paths.contains(&"css/site.3f9a2b1c.css.gz") && paths.contains(&"about/index.html"),
+        "{paths:?}"
+    );
+    assert!(
+        !paths.iter().any(|p| p.contains(".env")),
+        "a dot-file would be copied: {paths:?}"
+    );
+    let components = roles::resolve("all", roles::ROLES).unwrap();
+    let key = plan::layer(&config, &components).key;
+    let digest = plan::site_digest(&tree);
+    assert_eq!(
+        plan::site_digest(&web::scan_site(&config).unwrap().unwrap()),
+        digest,
+        "stable"
+    );
+
+    std::fs::write(site.join("about/index.html"), "<!doctype html><p>changed</p>\n").unwrap();
+    let changed = web::scan_site(&config).unwrap().unwrap();
+    assert_ne!(plan::site_digest(&changed), digest, "a changed file changes the image");
+    assert_eq!(plan::layer(&config, &components).key, key, "the package layer stays");
+    let default = foobar_builder::config::ImageConfig::load(None).unwrap();
+    assert_eq!(
+        plan::layer(&default, &components).key,
+        key,
+        "the same layer as the default image's"
+    );
+
+    // Its error pages are used, and the rendered site passes nginx -t.
+    let vars = SiteVars::for_site("foobar.com", "www.foobar.com").with_error_pages(|p| changed.has_file(p));
+    assert_eq!(vars.error_pages, ["404 /404.html", "500 502 503 504 /50x.html"]);
+    let (ok, stderr, _) = nginx_t("nginx-static", vars);
+    assert!(ok, "nginx -t failed:\n{stderr}");
 }

@@ -1273,3 +1273,168 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
     times.push(format!("nocloud {ready:.1} s"));
     report(format!("ready with metadata: {}", times.join(", ")));
 }
+
+/// A copy of the static example in a scratch directory (so a file can be changed), and its config.
+fn static_example_copy() -> PathBuf {
+    let dir = support::temp_dir("e2e-static-copy");
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/static");
+    let status = Command::new("cp")
+        .arg("-r")
+        .arg(&example)
+        .arg(dir.join("static"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    dir.join("static/foobar.toml")
+}
+
+#[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
+fn the_static_example_is_served_with_its_types_compression_caching_and_error_pages() {
+    let _qemu = QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    let (image, build_secs) = build_example("static");
+
+    // Reproducible and cheap to change: the same site gives the same bytes; a changed file rebuilds only the
+    // overlay (the package layer comes from the cache) and gives other bytes.
+    let config = static_example_copy();
+    let again = config.with_file_name("again.qcow2");
+    let pubkey = built().key.with_extension("pub");
+    let args = |config: &Path| -> Vec<std::ffi::OsString> {
+        vec![
+            "--config".into(),
+            config.as_os_str().to_owned(),
+            "--ssh-key".into(),
+            pubkey.as_os_str().to_owned(),
+        ]
+    };
+    let (out, _) = imagebuild_out(&again, &args(&config));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        support::sha256sum(&again),
+        support::sha256sum(&image),
+        "two builds of one site differ"
+    );
+    std::fs::write(
+        config.with_file_name("public/about/index.html"),
+        "<!doctype html><title>About</title><p>changed</p>\n",
+    )
+    .unwrap();
+    let changed = config.with_file_name("changed.qcow2");
+    let (out, changed_secs) = imagebuild_out(&changed, &args(&config));
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        log.contains("package layer from cache") && !log.contains("bootstrap_rootfs: started"),
+        "a changed site file rebuilt the package layer:\n{log}"
+    );
+    assert_ne!(support::sha256sum(&changed), support::sha256sum(&image));
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(support::sidecar(&changed, "manifest.json")).unwrap()).unwrap();
+    let files = manifest["inputs"]["site"]["files"]
+        .as_array()
+        .expect("the site's files in the manifest");
+    assert!(
+        files
+            .iter()
+            .any(|f| f["path"] == "about/index.html" && f["sha256"].as_str().is_some_and(|h| h.len() == 64)),
+        "{files:?}"
+    );
+
+    let mut guest = Guest::boot(&image, false, false);
+    let ready = guest.wait_ready();
+    let (statuses, text) = smoke(&guest, &[]);
+    assert!(statuses.values().all(|s| s == "pass"), "{text}");
+    assert!(
+        text.contains("/css/site.3f9a2b1c.css"),
+        "smoke follows the site's own asset: {text}"
+    );
+
+    let fetch = |path: &str, headers: &[(&str, &str)]| {
+        support::get_host_with(&guest.url(path), SITE, headers).unwrap_or_else(|e| panic!("{path}: {e}"))
+    };
+    // Every common web type, by its extension.
+    for (path, media) in [
+        ("/", "text/html"),
+        ("/about/", "text/html"),
+        ("/css/site.3f9a2b1c.css", "text/css"),
+        ("/js/app.mjs", "application/javascript"),
+        ("/data.json", "application/json"),
+        ("/img/logo.svg", "image/svg+xml"),
+        ("/img/pixel.webp", "image/webp"),
+        ("/img/pixel.avif", "image/avif"),
+        ("/fonts/example.woff2", "font/woff2"),
+        ("/app.wasm", "application/wasm"),
+        ("/doc.pdf", "application/pdf"),
+    ] {
+        let (reply, headers) = fetch(path, &[]);
+        assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+        let got = header(&headers, "content-type").unwrap_or("");
+        assert!(got.starts_with(media), "{path}: Content-Type `{got}`, expected {media}");
+        assert_eq!(header(&headers, "x-content-type-options"), Some("nosniff"), "{path}");
+    }
+    // Compression: a ready-made .gz for the stylesheet, on the fly for the script; neither without Accept-Encoding.
+    for path in ["/css/site.3f9a2b1c.css", "/js/app.mjs"] {
+        let (_, headers) = fetch(path, &[("Accept-Encoding", "gzip")]);
+        assert_eq!(
+            header(&headers, "content-encoding"),
+            Some("gzip"),
+            "{path}: {headers:?}"
+        );
+        assert!(
+            header(&headers, "vary").is_some_and(|v| v.contains("Accept-Encoding")),
+            "{path}"
+        );
+        let (_, plain) = fetch(path, &[]);
+        assert_eq!(header(&plain, "content-encoding"), None, "{path}");
+    }
+    // Caching: a year and immutable for the fingerprinted file; a minute and revalidation for pages.
+    let (_, css) = fetch("/css/site.3f9a2b1c.css", &[]);
+    let cache = headers_joined(&css, "cache-control");
+    assert!(
+        cache.contains("max-age=31536000") && cache.contains("immutable"),
+        "{cache}"
+    );
+    assert!(header(&css, "expires").is_some());
+    let (_, page) = fetch("/about/", &[]);
+    assert!(
+        headers_joined(&page, "cache-control").contains("max-age=60"),
+        "{page:?}"
+    );
+    let etag = header(&page, "etag").expect("pages carry an ETag").to_string();
+    assert!(header(&page, "last-modified").is_some());
+    let (revalidated, _) = fetch("/about/", &[("If-None-Match", &etag)]);
+    assert_eq!(revalidated.status, 304);
+    // The site's own 404 page, no directory listing, no dot-file.
+    let (missing, _) = fetch("/no/such/page.html", &[]);
+    assert_eq!(missing.status, 404);
+    assert!(missing.body.contains("example-site-404"), "{}", missing.body);
+    let (listing, _) = fetch("/img/", &[]);
+    assert_eq!(
+        listing.status, 404,
+        "a directory without index.html is not listed: {}",
+        listing.body
+    );
+    assert!(!listing.body.contains("pixel.webp"));
+    for path in ["/.env", "/.git/config", "/css/.htaccess"] {
+        let (dot, _) = fetch(path, &[]);
+        assert_eq!(dot.status, 404, "{path}");
+        assert!(!dot.body.contains("SECRET"), "{path}: {}", dot.body);
+    }
+    // The built-in app still answers beside the site.
+    let (posts, _) = fetch("/api/posts", &[]);
+    assert_eq!(posts.status, 200, "{}", posts.body);
+    report(format!(
+        "static example: build {build_secs:.0} s, rebuild after a changed file {changed_secs:.0} s (layer cached), \
+         ready {ready:.1} s"
+    ));
+}
+
+/// Every value of a header (nginx may send `Cache-Control` twice), joined with ", ".
+fn headers_joined(headers: &[(String, String)], name: &str) -> String {
+    headers
+        .iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}

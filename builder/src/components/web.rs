@@ -6,10 +6,13 @@
 use std::os::unix::fs::symlink;
 use std::path::Path;
 
+use anyhow::{bail, Context as _};
 use serde::Serialize;
 
 use super::{write, Component};
-use crate::context::{Context, Port};
+use crate::config::ImageConfig;
+use crate::context::{Context, Port, SiteEntry, SiteTree};
+use crate::util::sha256_file;
 
 pub const COMPONENT: Component = Component {
     name: "web",
@@ -70,6 +73,8 @@ pub struct SiteVars {
     pub app_upstream: String,
     /// Path prefixes proxied to the app; `/` is every path that is not a file in the web root.
     pub app_routes: Vec<String>,
+    /// `error_page` arguments for the static files: the site's own `404.html` and `50x.html`, when it has them.
+    pub error_pages: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -101,7 +106,19 @@ impl SiteVars {
             builtin_app: true,
             app_upstream: String::new(),
             app_routes: Vec::new(),
+            error_pages: Vec::new(),
         }
+    }
+
+    /// The site's own error pages, for the ones its files include.
+    pub fn with_error_pages(mut self, has: impl Fn(&str) -> bool) -> SiteVars {
+        if has("404.html") {
+            self.error_pages.push("404 /404.html".to_string());
+        }
+        if has("50x.html") {
+            self.error_pages.push("500 502 503 504 /50x.html".to_string());
+        }
+        self
     }
 
     /// The site with its own app server at `upstream` (nginx syntax) for `routes`, instead of the built-in app.
@@ -133,6 +150,9 @@ pub fn site_vars(ctx: &Context) -> SiteVars {
     if !ctx.config.site.tls_certificate.is_empty() {
         site.tls_certificate = ctx.config.site.tls_certificate.clone();
         site.tls_key = ctx.config.site.tls_key.clone();
+    }
+    if let Some(tree) = &ctx.site {
+        site = site.with_error_pages(|path| tree.has_file(path));
     }
     site
 }
@@ -173,17 +193,154 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     let enabled = root.join("etc/nginx/sites-enabled/foobar");
     let _ = std::fs::remove_file(&enabled);
     symlink("/etc/nginx/sites-available/foobar", &enabled)?;
-    write(
-        root,
-        "var/www/foobar/index.html",
-        include_str!("../../../image/site/index.html"),
-        0o644,
-    )?;
-    write(
-        root,
-        "var/www/foobar/static/site.css",
-        include_str!("../../../image/site/static/site.css"),
-        0o644,
-    )?;
+    match &ctx.site {
+        Some(tree) => install_site(tree, &root.join("var/www/foobar"))?,
+        None => {
+            write(
+                root,
+                "var/www/foobar/index.html",
+                include_str!("../../../image/site/index.html"),
+                0o644,
+            )?;
+            write(
+                root,
+                "var/www/foobar/static/site.css",
+                include_str!("../../../image/site/static/site.css"),
+                0o644,
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// The part of the disk the system takes (the stack is about 700 MiB, plus room to run); the rest may hold the site.
+const SYSTEM_MIB: u64 = 1024;
+
+/// Checks `site.root` and lists what will be copied. Dot-files and dot-directories are left out (`.git`, `.env`),
+/// except `.well-known`; a symbolic link is copied as the file it names, which must be inside the directory.
+pub fn scan_site(config: &ImageConfig) -> anyhow::Result<Option<SiteTree>> {
+    let Some(root) = &config.site.root else {
+        return Ok(None);
+    };
+    if !root.is_dir() {
+        bail!(
+            "key `site.root`: expected a directory of the site's static files, but {} is not one \
+             (a relative path is taken from the config file's directory)",
+            root.display()
+        );
+    }
+    let real_root = root
+        .canonicalize()
+        .with_context(|| format!("key `site.root`: cannot resolve {}", root.display()))?;
+    let mut tree = SiteTree {
+        root: root.clone(),
+        entries: Vec::new(),
+    };
+    scan_dir(root, &real_root, "", &mut tree)?;
+    let serves_root = config.app.as_ref().is_some_and(|a| a.routes.iter().any(|r| r == "/"));
+    if !tree.has_file("index.html") && !serves_root {
+        bail!(
+            "key `site.root`: {} has no index.html, the page for `/` (add one, or let an [app] serve `/`)",
+            root.display()
+        );
+    }
+    let budget = config.disk.size_mib.saturating_sub(SYSTEM_MIB) << 20;
+    if tree.bytes() > budget {
+        bail!(
+            "key `site.root`: the site's files in {} take {:.1} MiB, more than the {} MiB that `disk.size-mib` = {} \
+             leaves beside the system (about {SYSTEM_MIB} MiB); raise disk.size-mib",
+            root.display(),
+            tree.bytes() as f64 / (1 << 20) as f64,
+            budget >> 20,
+            config.disk.size_mib
+        );
+    }
+    Ok(Some(tree))
+}
+
+fn scan_dir(dir: &Path, real_root: &Path, prefix: &str, tree: &mut SiteTree) -> anyhow::Result<()> {
+    for entry in crate::util::sorted_entries(dir).with_context(|| "key `site.root`".to_string())? {
+        let path = entry.path();
+        let Some(name) = entry.file_name().to_str().map(String::from) else {
+            bail!(
+                "key `site.root`: {}: the name is not UTF-8, so no URL can name it; rename it",
+                path.display()
+            );
+        };
+        if name.chars().any(|c| c.is_control() || c == '\\') {
+            bail!(
+                "key `site.root`: {:?}: a name with control characters or a backslash cannot be served as a URL path; rename it",
+                path.display()
+            );
+        }
+        if name.starts_with('.') && name != ".well-known" {
+            tracing::info!(path = %path.display(), "site.root: dot-file left out of the image (never served)");
+            continue;
+        }
+        let rel = format!("{prefix}{name}");
+        let meta = path.symlink_metadata()?;
+        let source = if meta.file_type().is_symlink() {
+            let target = path.canonicalize().ok().filter(|t| t.starts_with(real_root));
+            match target {
+                Some(t) if t.is_file() => t,
+                Some(_) => bail!(
+                    "key `site.root`: {} is a symbolic link to a directory; put the directory itself there",
+                    path.display()
+                ),
+                None => bail!(
+                    "key `site.root`: {} is a symbolic link that leaves the site directory (or names nothing): {}",
+                    path.display(),
+                    std::fs::read_link(&path)
+                        .map(|t| t.display().to_string())
+                        .unwrap_or_default()
+                ),
+            }
+        } else if meta.is_dir() {
+            tree.entries.push(SiteEntry {
+                path: rel.clone(),
+                source: None,
+                sha256: String::new(),
+                bytes: 0,
+            });
+            scan_dir(&path, real_root, &format!("{rel}/"), tree)?;
+            continue;
+        } else if meta.is_file() {
+            path.clone()
+        } else {
+            bail!(
+                "key `site.root`: {} is not a regular file or directory (a socket, FIFO or device)",
+                path.display()
+            );
+        };
+        let sha256 = sha256_file(&source)
+            .map_err(|err| anyhow::anyhow!("key `site.root`: {} cannot be read: {:#}", path.display(), err))?;
+        tree.entries.push(SiteEntry {
+            path: rel,
+            bytes: std::fs::metadata(&source)?.len(),
+            source: Some(source),
+            sha256,
+        });
+    }
+    Ok(())
+}
+
+/// Copies the checked site into the web root: directories 0755, files 0644, all root's.
+fn install_site(tree: &SiteTree, web_root: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(web_root)?;
+    for entry in &tree.entries {
+        let dest = web_root.join(&entry.path);
+        match &entry.source {
+            None => {
+                std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o755))?;
+            }
+            Some(source) => {
+                std::fs::copy(source, &dest)
+                    .with_context(|| format!("key `site.root`: cannot copy {}", source.display()))?;
+                std::fs::set_permissions(&dest, std::fs::Permissions::from_mode(0o644))?;
+            }
+        }
+    }
     Ok(())
 }

@@ -244,13 +244,41 @@ fn static_page(s: &mut Suite) -> Outcome {
     })())
 }
 
-/// The first `/static/` path the landing page refers to (`href="/static/..."` or `src="/static/..."`).
+/// The first file of the site the landing page loads (a stylesheet, script, image or icon: `href="..."` or
+/// `src="..."`), as a path on the site: `/static/site.css`, `/css/app.3f9a2b1c.css`, `img/logo.svg` → `/img/logo.svg`.
+/// Links to other pages, anchors and other sites are passed over.
 fn first_asset(page: &str) -> Option<String> {
-    let at = page.find("\"/static/").or_else(|| page.find("'/static/"))?;
-    let quote = &page[at..at + 1];
-    let rest = &page[at + 1..];
-    let end = rest.find(quote)?;
-    Some(rest[..end].to_string())
+    let lower = page.to_ascii_lowercase();
+    let mut found: Vec<(usize, String)> = Vec::new();
+    for attr in ["href=", "src="] {
+        let mut from = 0;
+        while let Some(at) = lower[from..].find(attr).map(|i| from + i + attr.len()) {
+            from = at;
+            let rest = &page[at..];
+            let (quote, rest) = match rest.chars().next() {
+                Some(q @ ('"' | '\'')) => (q, &rest[1..]),
+                _ => continue,
+            };
+            let Some(end) = rest.find(quote) else { continue };
+            let value = rest[..end].split(['?', '#']).next().unwrap_or("").trim();
+            let page_like = value.is_empty()
+                || value == "/"
+                || value.ends_with('/')
+                || value.ends_with(".html")
+                || value.ends_with(".htm");
+            if page_like || value.starts_with("//") || value.contains(':') {
+                continue;
+            }
+            let path = if value.starts_with('/') {
+                value.to_string()
+            } else {
+                format!("/{}", value.trim_start_matches("./"))
+            };
+            found.push((at, path));
+            break;
+        }
+    }
+    found.into_iter().min_by_key(|(at, _)| *at).map(|(_, path)| path)
 }
 
 fn static_asset(s: &mut Suite) -> Outcome {
@@ -258,7 +286,10 @@ fn static_asset(s: &mut Suite) -> Outcome {
         return Outcome::Skip("needs static-page".to_string());
     };
     let Some(path) = first_asset(&page.body) else {
-        return Outcome::Fail("the landing page refers to no /static/ asset (href=\"/static/...\")".to_string());
+        return Outcome::Fail(
+            "the landing page loads no file of the site (a stylesheet, script or image: href=\"...\" or src=\"...\")"
+                .to_string(),
+        );
     };
     outcome((|| {
         let (url, reply) = s.get(&path)?;
@@ -568,5 +599,13 @@ mod tests {
         let page = r#"<link rel="stylesheet" href="/static/site.css"><img src='/static/a.png'>"#;
         assert_eq!(first_asset(page).as_deref(), Some("/static/site.css"));
         assert_eq!(first_asset("<p>none</p>"), None);
+        // A site of its own: pages, anchors and other sites are passed over; relative paths are from the root.
+        let page = r##"<a href="/about.html">About</a><a href="#top">top</a><link href="https://cdn.example/x.css">
+            <a href="/blog/">Blog</a><link rel="icon" href="img/logo.3f9a2b1c.svg?v=2"><script src="/js/app.mjs">"##;
+        assert_eq!(first_asset(page).as_deref(), Some("/img/logo.3f9a2b1c.svg"));
+        assert_eq!(
+            first_asset(r#"<a href="/">home</a><a href="//cdn.example/a.js">"#),
+            None
+        );
     }
 }

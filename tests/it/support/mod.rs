@@ -119,7 +119,20 @@ pub fn post_json(url: &str, body: &serde_json::Value) -> Result<Reply, String> {
 
 /// A GET with the `Host` header a browser would send for `host`; also returns the response headers.
 pub fn get_host(url: &str, host: &str) -> Result<(Reply, Vec<(String, String)>), String> {
-    let response = match agent().get(url).set("Host", host).call() {
+    get_host_with(url, host, &[])
+}
+
+/// `get_host` with more request headers (`Accept-Encoding`, `If-None-Match`).
+pub fn get_host_with(
+    url: &str,
+    host: &str,
+    headers: &[(&str, &str)],
+) -> Result<(Reply, Vec<(String, String)>), String> {
+    let mut request = agent().get(url).set("Host", host);
+    for (name, value) in headers {
+        request = request.set(name, value);
+    }
+    let response = match request.call() {
         Ok(r) | Err(ureq::Error::Status(_, r)) => r,
         Err(e) => return Err(e.to_string()),
     };
