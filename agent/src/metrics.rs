@@ -89,19 +89,25 @@ impl Metrics {
         out.push_str("# HELP foobar_migration_version Schema version applied (0 until migrations ran).\n");
         out.push_str("# TYPE foobar_migration_version gauge\n");
         let _ = writeln!(out, "foobar_migration_version {}", gauges.migration_version);
-        out.push_str("# HELP foobar_read_cache_hits_total Posts reads answered from the read cache.\n");
-        out.push_str("# TYPE foobar_read_cache_hits_total counter\n");
-        let _ = writeln!(out, "foobar_read_cache_hits_total {}", gauges.cache_hits);
-        out.push_str("# HELP foobar_read_cache_misses_total Posts reads that asked the database.\n");
-        out.push_str("# TYPE foobar_read_cache_misses_total counter\n");
-        let _ = writeln!(out, "foobar_read_cache_misses_total {}", gauges.cache_misses);
-        out.push_str("# HELP foobar_read_cache_invalidations_total Writes on this node that emptied the read cache.\n");
-        out.push_str("# TYPE foobar_read_cache_invalidations_total counter\n");
-        let _ = writeln!(
-            out,
-            "foobar_read_cache_invalidations_total {}",
-            gauges.cache_invalidations
-        );
+        for (name, help, value) in [
+            (
+                "foobar_read_cache_hits_total",
+                "Posts reads answered from the read cache.",
+                gauges.cache_hits,
+            ),
+            (
+                "foobar_read_cache_misses_total",
+                "Posts reads that asked the database.",
+                gauges.cache_misses,
+            ),
+            (
+                "foobar_read_cache_invalidations_total",
+                "Writes on this node that emptied the read cache.",
+                gauges.cache_invalidations,
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        }
         out
     }
 }

@@ -10,11 +10,6 @@ use crate::context::{Context, Port};
 pub const COMPONENT: Component = Component {
     name: "access",
     packages: &["openssh-server", "sudo"],
-    config_packages: super::no_config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
-    layer_hooks: &[],
-    host_tools: &[],
     instance_files: &[
         "etc/ssh/ssh_host_rsa_key",
         "etc/ssh/ssh_host_rsa_key.pub",
@@ -28,6 +23,7 @@ pub const COMPONENT: Component = Component {
         what: "SSH",
     }],
     install,
+    ..super::NOTHING
 };
 
 fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {

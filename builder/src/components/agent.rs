@@ -12,15 +12,9 @@ use crate::context::Context;
 
 pub const COMPONENT: Component = Component {
     name: "agent",
-    packages: &[],
     config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
-    layer_hooks: &[],
-    host_tools: &[],
-    instance_files: &[],
-    ports: &[],
     install,
+    ..super::NOTHING
 };
 
 /// `app.packages`: what the site's own app server needs.

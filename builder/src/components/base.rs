@@ -17,7 +17,6 @@ pub const COMPONENT: Component = Component {
     config_packages,
     dpkg_rules: DPKG_RULES,
     late_excludes: LATE_EXCLUDES,
-    layer_hooks: &[],
     host_tools: &[Tool {
         program: "chroot",
         package: "coreutils",
@@ -27,8 +26,8 @@ pub const COMPONENT: Component = Component {
         "var/lib/systemd/random-seed",
         "var/lib/foobar/first-boot.done",
     ],
-    ports: &[],
     install,
+    ..super::NOTHING
 };
 
 /// `debian.packages`: the operator's extra packages.

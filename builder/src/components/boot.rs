@@ -11,14 +11,9 @@ use crate::context::{Context, LayerHook};
 pub const COMPONENT: Component = Component {
     name: "boot",
     packages: &["linux-image-cloud-amd64"],
-    config_packages: super::no_config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
     layer_hooks: &[INITRAMFS],
-    host_tools: &[],
-    instance_files: &[],
-    ports: &[],
     install,
+    ..super::NOTHING
 };
 
 /// An initramfs-tools hook that copies in the drivers for the root disk on every cloud (see the file). With it,

@@ -9,14 +9,9 @@ use crate::context::{Context, LayerHook};
 pub const COMPONENT: Component = Component {
     name: "database",
     packages: &["mariadb-server"],
-    config_packages: super::no_config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
     layer_hooks: &[DATABASE],
-    host_tools: &[],
-    instance_files: &[],
-    ports: &[],
     install,
+    ..super::NOTHING
 };
 
 /// The application's database and unix_socket user, made at build time by MariaDB itself.

@@ -11,14 +11,8 @@ use crate::context::{Context, Port};
 pub const COMPONENT: Component = Component {
     name: "firewall",
     packages: &["nftables"],
-    config_packages: super::no_config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
-    layer_hooks: &[],
-    host_tools: &[],
-    instance_files: &[],
-    ports: &[],
     install,
+    ..super::NOTHING
 };
 
 const RULES: &str = include_str!("../../../image/files/nftables.conf.tera");

@@ -44,6 +44,24 @@ pub struct Component {
     pub install: fn(&Context, &Path) -> anyhow::Result<()>,
 }
 
+/// A component that declares nothing: the others take from it what they leave out (`..NOTHING`).
+pub const NOTHING: Component = Component {
+    name: "",
+    packages: &[],
+    config_packages: no_config_packages,
+    dpkg_rules: &[],
+    late_excludes: &[],
+    layer_hooks: &[],
+    host_tools: &[],
+    instance_files: &[],
+    ports: &[],
+    install: install_nothing,
+};
+
+fn install_nothing(_: &Context, _: &Path) -> anyhow::Result<()> {
+    Ok(())
+}
+
 /// Every component there is.
 pub const ALL: &[&Component] = &[
     &base::COMPONENT,

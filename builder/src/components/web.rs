@@ -18,11 +18,6 @@ pub const COMPONENT: Component = Component {
     name: "web",
     // openssl makes the self-signed certificate at first boot.
     packages: &["nginx-light", "openssl"],
-    config_packages: super::no_config_packages,
-    dpkg_rules: &[],
-    late_excludes: &[],
-    layer_hooks: &[],
-    host_tools: &[],
     instance_files: &["etc/foobar/tls/key.pem", "etc/foobar/tls/cert.pem"],
     ports: &[
         Port {
@@ -35,6 +30,7 @@ pub const COMPONENT: Component = Component {
         },
     ],
     install,
+    ..super::NOTHING
 };
 
 const SITE: &str = include_str!("../../../nginx/site.conf.tera");
