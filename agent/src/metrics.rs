@@ -11,7 +11,8 @@ const BUCKETS: [f64; 10] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 
 
 #[derive(Default)]
 pub struct Metrics {
-    requests: Mutex<BTreeMap<(String, u16), u64>>,
+    /// Route → status → count; looked up by the route's `&str`, so a counted request allocates nothing.
+    requests: Mutex<BTreeMap<String, BTreeMap<u16, u64>>>,
     buckets: [AtomicU64; BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
@@ -31,12 +32,15 @@ pub struct Gauges {
 
 impl Metrics {
     pub fn record(&self, route: &str, status: u16, elapsed: Duration) {
-        *self
-            .requests
-            .lock()
-            .expect("metrics lock")
-            .entry((route.to_string(), status))
-            .or_default() += 1;
+        {
+            let mut requests = self.requests.lock().expect("metrics lock");
+            match requests.get_mut(route) {
+                Some(by_status) => *by_status.entry(status).or_default() += 1,
+                None => {
+                    requests.insert(route.to_string(), BTreeMap::from([(status, 1)]));
+                }
+            }
+        }
         let secs = elapsed.as_secs_f64();
         if let Some(i) = BUCKETS.iter().position(|&b| secs <= b) {
             self.buckets[i].fetch_add(1, Ordering::Relaxed);
@@ -50,7 +54,13 @@ impl Metrics {
         let mut out = String::new();
         out.push_str("# HELP foobar_http_requests_total HTTP requests answered, by route and status.\n");
         out.push_str("# TYPE foobar_http_requests_total counter\n");
-        for ((route, status), n) in self.requests.lock().expect("metrics lock").iter() {
+        for (route, status, n) in self
+            .requests
+            .lock()
+            .expect("metrics lock")
+            .iter()
+            .flat_map(|(route, by_status)| by_status.iter().map(move |(status, n)| (route, status, n)))
+        {
             let _ = writeln!(
                 out,
                 "foobar_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}"

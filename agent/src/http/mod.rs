@@ -37,7 +37,7 @@ pub fn app(state: AppState) -> Router {
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(
-                    |req: &Request| tracing::info_span!("request", method = %req.method(), path = %req.uri().path()),
+                    |req: &Request| tracing::debug_span!("request", method = %req.method(), path = %req.uri().path()),
                 )
                 // A 503 from /readyz while booting is not an error; real failures are logged where they happen.
                 .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
@@ -46,15 +46,22 @@ pub fn app(state: AppState) -> Router {
 }
 
 async fn record_metrics(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let route = req
-        .extensions()
-        .get::<MatchedPath>()
-        .map(|p| p.as_str().to_string())
-        .unwrap_or_else(|| "unmatched".to_string());
+    // The matched route is shared (an `Arc<str>` inside): cloning it allocates nothing.
+    let route = req.extensions().get::<MatchedPath>().cloned();
+    let route = route.as_ref().map_or("unmatched", MatchedPath::as_str);
     let start = Instant::now();
     let response = next.run(req).await;
     let elapsed = start.elapsed();
-    state.metrics.record(&route, response.status().as_u16(), elapsed);
+    state.metrics.record(route, response.status().as_u16(), elapsed);
+    // (A 503 from /readyz is its answer while not ready, not a failure.)
+    if response.status().is_server_error() && route != "/readyz" {
+        // Request spans are at debug level (they cost a formatted string per request); a failure names its route.
+        tracing::warn!(
+            route,
+            status = response.status().as_u16(),
+            "answered with a server error"
+        );
+    }
     tracing::debug!(
         status = response.status().as_u16(),
         latency_us = elapsed.as_micros() as u64,
