@@ -732,7 +732,10 @@ fn the_sites_files_change_the_image_seed_but_not_the_package_layer() {
 
     // Its error pages are used, and the rendered site passes nginx -t.
     let vars = SiteVars::for_site("foobar.com", "www.foobar.com").with_error_pages(|p| changed.has_file(p));
-    assert_eq!(vars.error_pages, ["404 /404.html", "500 502 503 504 /50x.html"]);
+    assert_eq!(
+        vars.error_pages,
+        ["403 404 =404 /404.html", "500 502 503 504 /50x.html"]
+    );
     let (ok, stderr, _) = nginx_t("nginx-static", vars);
     assert!(ok, "nginx -t failed:\n{stderr}");
 }

@@ -69,7 +69,8 @@ pub struct SiteVars {
     pub app_upstream: String,
     /// Path prefixes proxied to the app; `/` is every path that is not a file in the web root.
     pub app_routes: Vec<String>,
-    /// `error_page` arguments for the static files: the site's own `404.html` and `50x.html`, when it has them.
+    /// `error_page` arguments for the static files: the site's own `404.html` (also for a directory without an
+    /// index, which nginx forbids) and `50x.html`, when it has them.
     pub error_pages: Vec<String>,
 }
 
@@ -109,7 +110,8 @@ impl SiteVars {
     /// The site's own error pages, for the ones its files include.
     pub fn with_error_pages(mut self, has: impl Fn(&str) -> bool) -> SiteVars {
         if has("404.html") {
-            self.error_pages.push("404 /404.html".to_string());
+            // A directory without index.html (nginx's 403, never a listing) looks like any missing page.
+            self.error_pages.push("403 404 =404 /404.html".to_string());
         }
         if has("50x.html") {
             self.error_pages.push("500 502 503 504 /50x.html".to_string());
