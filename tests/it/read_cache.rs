@@ -10,10 +10,9 @@ use foobar_agent::config::Config;
 use foobar_agent::db::migrate;
 use foobar_agent::state::MigrationStatus;
 use foobar_agent::AppState;
-use http_body_util::BodyExt as _;
 use serde_json::{json, Value};
-use tower::ServiceExt as _;
 
+use crate::agent_http::{send, Reply};
 use crate::support::mariadb;
 
 /// An agent (its app and state) on `database_url`, migrated, with the read cache kept for `ttl`.
@@ -33,36 +32,15 @@ async fn agent(database_url: &str, ttl: Duration) -> (Router, AppState) {
     (foobar_agent::app(state.clone()), state)
 }
 
-struct Reply {
-    status: StatusCode,
-    headers: axum::http::HeaderMap,
-    body: String,
-}
-
-impl Reply {
-    fn etag(&self) -> String {
-        self.headers
-            .get(header::ETAG)
-            .unwrap_or_else(|| panic!("no ETag: {:?}", self.headers))
-            .to_str()
-            .unwrap()
-            .to_string()
-    }
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
-    }
-}
-
-async fn send(app: &Router, req: Request<Body>) -> Reply {
-    let response = app.clone().oneshot(req).await.unwrap();
-    let status = response.status();
-    let headers = response.headers().clone();
-    let bytes = response.into_body().collect().await.unwrap().to_bytes();
-    Reply {
-        status,
-        headers,
-        body: String::from_utf8(bytes.to_vec()).unwrap(),
-    }
+/// The answer's `ETag`, which every cached read carries.
+fn etag(reply: &Reply) -> String {
+    reply
+        .headers
+        .get(header::ETAG)
+        .unwrap_or_else(|| panic!("no ETag: {:?}", reply.headers))
+        .to_str()
+        .unwrap()
+        .to_string()
 }
 
 async fn get(app: &Router, path: &str, if_none_match: Option<&str>) -> Reply {
@@ -106,11 +84,11 @@ async fn an_unchanged_list_is_a_304_and_a_post_changes_it_at_once() {
     let first = get(&app, "/api/posts", None).await;
     assert_eq!(first.status, StatusCode::OK);
     assert_eq!(first.headers[header::CACHE_CONTROL], "no-cache");
-    let tag = first.etag();
+    let tag = etag(&first);
     let again = get(&app, "/api/posts", Some(&tag)).await;
     assert_eq!(again.status, StatusCode::NOT_MODIFIED, "{}", again.body);
     assert!(again.body.is_empty(), "a 304 has no body: {}", again.body);
-    assert_eq!(again.etag(), tag);
+    assert_eq!(etag(&again), tag);
     assert!(metric(&app, "foobar_read_cache_hits_total").await >= 1);
 
     // A write here: the next read has it, and the old tag no longer matches.
@@ -118,7 +96,7 @@ async fn an_unchanged_list_is_a_304_and_a_post_changes_it_at_once() {
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.body);
     let after = get(&app, "/api/posts", Some(&tag)).await;
     assert_eq!(after.status, StatusCode::OK);
-    assert_ne!(after.etag(), tag);
+    assert_ne!(etag(&after), tag);
     assert_eq!(bodies(&after.json()), ["second", "first"]);
     assert_eq!(metric(&app, "foobar_read_cache_invalidations_total").await, 2);
 
@@ -129,7 +107,7 @@ async fn an_unchanged_list_is_a_304_and_a_post_changes_it_at_once() {
         .unwrap()
         .starts_with("text/html"));
     assert_eq!(
-        get(&app, "/posts", Some(&page.etag())).await.status,
+        get(&app, "/posts", Some(&etag(&page))).await.status,
         StatusCode::NOT_MODIFIED
     );
     let form = Request::post("/posts")
@@ -137,18 +115,18 @@ async fn an_unchanged_list_is_a_304_and_a_post_changes_it_at_once() {
         .body(Body::from("author=form&body=from+the+page"))
         .unwrap();
     assert_eq!(send(&app, form).await.status, StatusCode::SEE_OTHER);
-    let page_after = get(&app, "/posts", Some(&page.etag())).await;
+    let page_after = get(&app, "/posts", Some(&etag(&page))).await;
     assert_eq!(page_after.status, StatusCode::OK);
     assert!(page_after.body.contains("from the page"), "{}", page_after.body);
     let id = created.json()["id"].as_u64().unwrap();
     let one = get(&app, &format!("/api/posts/{id}"), None).await;
     assert_eq!(one.json()["body"], "second");
     assert_eq!(
-        get(&app, &format!("/api/posts/{id}"), Some(&one.etag())).await.status,
+        get(&app, &format!("/api/posts/{id}"), Some(&etag(&one))).await.status,
         StatusCode::NOT_MODIFIED
     );
     // A tag list and the weak form match too; another tag does not.
-    let list_tag = get(&app, "/api/posts", None).await.etag();
+    let list_tag = etag(&get(&app, "/api/posts", None).await);
     let listed = format!("\"nope\", W/{list_tag}");
     assert_eq!(
         get(&app, "/api/posts", Some(&listed)).await.status,
