@@ -56,6 +56,22 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         seed_dir: Option<PathBuf>,
     },
+    /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
+    /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
+    Report {
+        /// Read first boot's record under this directory instead of /
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// Send every request to URL instead of the platform's own address
+        #[arg(long, value_name = "URL")]
+        metadata_url: Option<String>,
+        /// Read the DMI strings from DIR
+        #[arg(long, value_name = "DIR", default_value = "/sys/class/dmi/id")]
+        dmi_dir: PathBuf,
+        /// Give up after this many seconds
+        #[arg(long, value_name = "SECONDS", default_value_t = foobar_agent::metadata::REPORT_BUDGET.as_secs())]
+        timeout: u64,
+    },
 }
 
 fn load(common: &Common) -> anyhow::Result<Config> {
@@ -89,10 +105,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 ..Default::default()
             };
             let started = std::time::Instant::now();
-            let config = tokio::task::spawn_blocking(move || foobar_agent::metadata::fetch(&sources)).await??;
+            let probe_sources = sources.clone();
+            let config = match tokio::task::spawn_blocking(move || foobar_agent::metadata::fetch(&sources)).await? {
+                Ok(config) => config,
+                Err(err) => {
+                    // Kept for the platform's report (NotReady with the reason); the image's settings stay.
+                    let platform = foobar_agent::metadata::detect(&probe_sources)
+                        .map_or(foobar_agent::metadata::Platform::None, |s| s.platform());
+                    foobar_agent::metadata::record_failure(&root, platform, &format!("{err:#}"))?;
+                    return Err(err);
+                }
+            };
+            for note in &config.notes {
+                eprintln!("foobar-agent: note: {note}");
+            }
             foobar_agent::metadata::apply(&config, &root)?;
             println!(
-                "platform {}: hostname {}, {} SSH key(s), site {} ({:.2} s)",
+                "platform {}: hostname {}, {} SSH key(s), site {}, {} note(s) ({:.2} s)",
                 serde_json::to_value(config.platform)?.as_str().unwrap_or("?"),
                 config.hostname.as_deref().unwrap_or("unchanged"),
                 config.ssh_keys.len(),
@@ -104,8 +133,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     ),
                     None => "unchanged".to_string(),
                 },
+                config.notes.len(),
                 started.elapsed().as_secs_f64()
             );
+            Ok(())
+        }
+        Command::Report {
+            root,
+            metadata_url,
+            dmi_dir,
+            timeout,
+        } => {
+            let sources = foobar_agent::metadata::Sources {
+                root,
+                dmi_dir,
+                metadata_url,
+                ..Default::default()
+            };
+            let budget = std::time::Duration::from_secs(timeout);
+            match tokio::task::spawn_blocking(move || foobar_agent::metadata::report(&sources, budget)).await?? {
+                Some((platform, said)) => println!(
+                    "platform {}: reported {said}",
+                    serde_json::to_value(platform)?.as_str().unwrap_or("?")
+                ),
+                None => println!("nothing to report: the platform waits for no report"),
+            }
             Ok(())
         }
         Command::Migrate { common } => {

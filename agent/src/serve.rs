@@ -11,7 +11,7 @@ use crate::app::App;
 use crate::config::{Config, Listen};
 use crate::db::{self, migrate, DatabaseEnv};
 use crate::state::{AppState, MigrationStatus};
-use crate::{metadata, systemd};
+use crate::systemd;
 
 /// Applies migrations until they are applied or fail for good, retrying while the database is unreachable.
 /// Returns whether they were applied. At boot the agent starts beside MariaDB, so for its first 30 s it retries
@@ -62,31 +62,9 @@ async fn notify_when_ready(state: AppState) {
         if state.readiness().await.agent_ready() {
             tracing::info!("ready");
             systemd::notify("READY=1");
-            report_ready_to_platform().await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// A platform that waits for a `Ready` report (Azure's health report, recorded at first boot) hears it once the agent
-/// is ready and nginx accepts connections, at most once per start. Elsewhere nothing is sent.
-async fn report_ready_to_platform() {
-    let root = std::path::Path::new("/");
-    if !metadata::has_ready_report(root) {
-        return;
-    }
-    for _ in 0..50 {
-        if tokio::net::TcpStream::connect("127.0.0.1:80").await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    match tokio::task::spawn_blocking(move || metadata::report_ready(root)).await {
-        Ok(Ok(Some(platform))) => tracing::info!(?platform, "reported Ready to the platform"),
-        Ok(Ok(None)) => {}
-        Ok(Err(err)) => tracing::warn!(error = %format!("{err:#}"), "cannot report Ready to the platform"),
-        Err(err) => tracing::warn!(error = %err, "cannot report Ready to the platform"),
     }
 }
 

@@ -1,20 +1,24 @@
-//! Azure: IMDS (`Metadata: true`) for the instance, and the wire server's goal state, kept so that the agent can
-//! report `Ready` once the site is ready (`report_ready`), as Azure waits for.
+//! Azure: IMDS (`Metadata: true`) for the instance, and the wire server for the provisioning report.
+//!
+//! IMDS answers 410 for up to 70 s after the VM starts, 429 when asked too fast, and 500 on a passing fault: the
+//! client retries all three with backoff. The report goes out on every boot once first boot is over (not at first
+//! boot's fetch, and independent of the site's app): the goal state is fetched just before each report (its
+//! incarnation and container id change when the VM is redeployed), then `Ready`, or `NotReady` with the reason when
+//! provisioning failed, is posted to `/machine?comp=health`, retried for minutes as real agents do.
 
-use anyhow::Context as _;
+use anyhow::{bail, Context as _};
 use serde_json::Value;
 
-use super::http::Http;
-use super::{read_user_data, Fetch, InstanceConfig, Platform, Probe, Source};
+use super::{userdata, Fetch, InstanceConfig, Outcome, Platform, Probe, Source};
 
 /// Azure's chassis asset tag, the documented way to tell an Azure VM.
 const ASSET_TAG: &str = "7783-7084-3265-9085-8269-3286-77";
 const WIRE_SERVER: &str = "http://168.63.129.16";
+const WIRE_HEADERS: [(&str, &str); 2] = [("x-ms-version", "2012-11-30"), ("x-ms-agent-name", "foobar-agent")];
 
-/// What Azure's wire server needs to hear `Ready` for this instance.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+/// What a health report names: the current goal state's incarnation, container and role instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GoalState {
-    pub wire_server: String,
     pub incarnation: String,
     pub container_id: String,
     pub instance_id: String,
@@ -33,7 +37,6 @@ impl Source for Azure {
 
     fn fetch(&self, at: &Fetch) -> anyhow::Result<InstanceConfig> {
         let (http, imds) = (&at.http, &at.base);
-        let wire = at.overridden.as_deref().unwrap_or(WIRE_SERVER);
         let mut config = InstanceConfig::empty(Platform::Azure);
         let headers = [("Metadata", "true")];
         let instance = http
@@ -54,77 +57,110 @@ impl Source for Azure {
             &format!("{imds}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"),
             &headers,
         )? {
-            let decoded = base64_decode(encoded.trim()).context("Azure user data is not base64")?;
-            read_user_data(&String::from_utf8_lossy(&decoded), &mut config)?;
+            let decoded = userdata::base64(encoded.trim()).context("Azure user data is not base64")?;
+            userdata::read(&decoded, &mut config)?;
         }
-        let goal = http
-            .get(
-                &format!("{wire}/machine/?comp=goalstate"),
-                &[("x-ms-version", "2012-11-30"), ("x-ms-agent-name", "foobar-agent")],
-            )?
-            .context("Azure wire server has no goal state")?;
-        let tag = |name: &str| -> anyhow::Result<String> {
-            let open = format!("<{name}>");
-            let start = goal
-                .find(&open)
-                .map(|i| i + open.len())
-                .with_context(|| format!("goal state without <{name}>"))?;
-            let end = goal[start..].find('<').map(|i| start + i).unwrap_or(goal.len());
-            Ok(goal[start..end].trim().to_string())
-        };
-        let state = GoalState {
-            wire_server: wire.to_string(),
-            incarnation: tag("Incarnation")?,
-            container_id: tag("ContainerId")?,
-            instance_id: tag("InstanceId")?,
-        };
-        config.ready_report = Some(serde_json::to_value(state)?);
         Ok(config)
     }
 
-    /// Tells the wire server the instance is `Ready`. Blocking.
-    fn report_ready(&self, recorded: &Value) -> anyhow::Result<()> {
-        let goal: GoalState =
-            serde_json::from_value(recorded.clone()).context("the recorded Azure goal state is not readable")?;
-        let body = format!(
-            "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Health xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
-             xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\">\n  <GoalStateIncarnation>{}</GoalStateIncarnation>\n  \
-             <Container>\n    <ContainerId>{}</ContainerId>\n    <RoleInstanceList>\n      <Role>\n        \
-             <InstanceId>{}</InstanceId>\n        <Health>\n          <State>Ready</State>\n        </Health>\n      \
-             </Role>\n    </RoleInstanceList>\n  </Container>\n</Health>\n",
-            goal.incarnation, goal.container_id, goal.instance_id
-        );
-        Http::new()
-            .send(
-                "POST",
-                &format!("{}/machine/?comp=health", goal.wire_server),
-                &[
-                    ("x-ms-version", "2012-11-30"),
-                    ("x-ms-agent-name", "foobar-agent"),
-                    ("Content-Type", "text/xml; charset=utf-8"),
-                ],
-                Some(&body),
-            )
-            .map(|_| ())
+    /// Fetches the goal state, then posts the health report; a refused report is tried again with a fresh goal
+    /// state until the client's budget runs out.
+    fn report(&self, at: &Fetch, outcome: &Outcome) -> anyhow::Result<Option<String>> {
+        let wire = at.overridden.as_deref().unwrap_or(WIRE_SERVER);
+        let mut pause = std::time::Duration::from_secs(1);
+        loop {
+            let result = goal_state(at, wire).and_then(|goal| {
+                at.http
+                    .send(
+                        "POST",
+                        &format!("{wire}/machine?comp=health"),
+                        &[WIRE_HEADERS[0], WIRE_HEADERS[1], ("Content-Type", "text/xml;charset=utf-8")],
+                        Some(&health(&goal, outcome)),
+                    )?
+                    .context("the wire server has no health endpoint (404)")?;
+                Ok(goal)
+            });
+            match result {
+                Ok(goal) => {
+                    let state = match outcome {
+                        Outcome::Provisioned => "Ready".to_string(),
+                        Outcome::Failed(why) => format!("NotReady ({why})"),
+                    };
+                    return Ok(Some(format!("{state}, goal state incarnation {}", goal.incarnation)));
+                }
+                Err(err) if pause < at.http.remaining() => {
+                    tracing::warn!(error = %format!("{err:#}"), retry_in = ?pause, "Azure health report not taken; retrying");
+                    std::thread::sleep(pause);
+                    pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                }
+                Err(err) => return Err(err.context("Azure health report")),
+            }
+        }
     }
 }
 
-fn base64_decode(text: &str) -> anyhow::Result<Vec<u8>> {
-    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut out = Vec::new();
-    let mut buffer = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace() && *c != b'=') {
-        let value = ALPHABET
-            .iter()
-            .position(|a| *a == c)
-            .context("not a base64 character")? as u32;
-        buffer = (buffer << 6) | value;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((buffer >> bits) as u8);
+fn goal_state(at: &Fetch, wire: &str) -> anyhow::Result<GoalState> {
+    let goal = at
+        .http
+        .get(&format!("{wire}/machine/?comp=goalstate"), &WIRE_HEADERS)?
+        .context("the wire server has no goal state")?;
+    parse_goal_state(&goal)
+}
+
+pub fn parse_goal_state(xml: &str) -> anyhow::Result<GoalState> {
+    let tag = |name: &str| -> anyhow::Result<String> {
+        let open = format!("<{name}>");
+        let start = xml
+            .find(&open)
+            .map(|i| i + open.len())
+            .with_context(|| format!("goal state without <{name}>"))?;
+        let end = xml[start..].find('<').map(|i| start + i).unwrap_or(xml.len());
+        let value = xml[start..end].trim();
+        if value.is_empty() || value.contains(['&', '"', '\'']) {
+            bail!("goal state with an unusable <{name}>");
         }
-    }
-    Ok(out)
+        Ok(value.to_string())
+    };
+    Ok(GoalState {
+        incarnation: tag("Incarnation")?,
+        container_id: tag("ContainerId")?,
+        instance_id: tag("InstanceId")?,
+    })
+}
+
+/// The health report: `Ready`, or `NotReady` with `ProvisioningFailed` and the reason (escaped, bounded).
+pub fn health(goal: &GoalState, outcome: &Outcome) -> String {
+    let state = match outcome {
+        Outcome::Provisioned => "<State>Ready</State>".to_string(),
+        Outcome::Failed(why) => {
+            let why: String = why.chars().take(512).collect();
+            format!(
+                "<State>NotReady</State>\n          <Details>\n            <SubStatus>ProvisioningFailed</SubStatus>\n            \
+                 <Description>{}</Description>\n          </Details>",
+                xml_escape(&why)
+            )
+        }
+    };
+    format!(
+        "<?xml version=\"1.0\" encoding=\"utf-8\"?>\n<Health xmlns:xsi=\"http://www.w3.org/2001/XMLSchema-instance\" \
+         xmlns:xsd=\"http://www.w3.org/2001/XMLSchema\">\n  <GoalStateIncarnation>{}</GoalStateIncarnation>\n  \
+         <Container>\n    <ContainerId>{}</ContainerId>\n    <RoleInstanceList>\n      <Role>\n        \
+         <InstanceId>{}</InstanceId>\n        <Health>\n          {state}\n        </Health>\n      \
+         </Role>\n    </RoleInstanceList>\n  </Container>\n</Health>\n",
+        goal.incarnation, goal.container_id, goal.instance_id
+    )
+}
+
+fn xml_escape(text: &str) -> String {
+    text.chars()
+        .map(|c| match c {
+            '&' => "&amp;".into(),
+            '<' => "&lt;".into(),
+            '>' => "&gt;".into(),
+            '"' => "&quot;".into(),
+            '\'' => "&apos;".into(),
+            c if c.is_control() => " ".into(),
+            c => c.to_string(),
+        })
+        .collect()
 }

@@ -1,6 +1,7 @@
-//! EC2: IMDSv2 (a session token first), IMDSv1 when the service offers no token.
+//! EC2: IMDSv2 (a session token first), IMDSv1 when the service offers no token. Told by the DMI vendor, an Amazon
+//! BIOS, or (older Xen instances) a product UUID that begins with `ec2`. User data may be gzip.
 
-use super::{read_user_data, Fetch, InstanceConfig, Platform, Probe, Source};
+use super::{userdata, Fetch, InstanceConfig, Platform, Probe, Source};
 
 pub struct Ec2;
 
@@ -11,7 +12,7 @@ impl Source for Ec2 {
 
     fn detect(&self, probe: &Probe) -> bool {
         let bios = format!("{} {}", probe.bios_vendor, probe.bios_version).to_lowercase();
-        probe.sys_vendor == "Amazon EC2" || bios.contains("amazon")
+        probe.sys_vendor == "Amazon EC2" || bios.contains("amazon") || ec2_uuid(&probe.product_uuid)
     }
 
     fn fetch(&self, at: &Fetch) -> anyhow::Result<InstanceConfig> {
@@ -47,9 +48,20 @@ impl Source for Ec2 {
                 }
             }
         }
-        if let Some(user_data) = get("user-data")? {
-            read_user_data(&user_data, &mut config)?;
+        if let Some(user_data) = http.get_bytes(&format!("{base}/latest/user-data"), &headers)? {
+            userdata::read(&user_data, &mut config)?;
         }
         Ok(config)
     }
+}
+
+/// Whether a product UUID is EC2's: it begins with `ec2`, or does once its first field's bytes are swapped (firmware
+/// that presents the UUID little-endian shows `45E12AEC-...` for `EC2AE145-...`).
+pub fn ec2_uuid(uuid: &str) -> bool {
+    let uuid = uuid.trim().to_ascii_lowercase();
+    let Some(first) = uuid.get(..8).filter(|f| f.chars().all(|c| c.is_ascii_hexdigit())) else {
+        return false;
+    };
+    let swapped: String = (0..4).rev().map(|i| &first[i * 2..i * 2 + 2]).collect();
+    uuid.starts_with("ec2") || swapped.starts_with("ec2")
 }

@@ -3,11 +3,12 @@
 //!
 //! Each platform is one module behind `Source`: how it is told (DMI/SMBIOS strings, or the NoCloud seed's label,
 //! so a machine that is no cloud's asks nothing and waits for nothing), how its metadata is read, and what it must
-//! hear once the site is ready (Azure's `Ready` report; nothing elsewhere). A new cloud is one module and one line in
-//! `SOURCES`.
+//! hear on every boot once the machine is provisioned (Azure's health report, `Ready` or `NotReady` with the reason;
+//! nothing elsewhere). A new cloud is one module and one line in `SOURCES`.
 //!
-//! User data may be a `#cloud-config` document (`hostname:` and `ssh_authorized_keys:` are read) or a foobar fragment
-//! starting with `#foobar-config`, TOML with `[site] domain = "..."` and `canonical = "..."`.
+//! User data is read by `userdata` (gzip, cloud-config through a YAML parser, MIME multi-part, the `#foobar-config`
+//! fragment). SSH keys go to one user, the image's admin (`ADMIN`): keys the platform gives for other users are not
+//! installed, and every such decision is named in `InstanceConfig::notes`.
 
 use std::path::{Path, PathBuf};
 
@@ -20,6 +21,10 @@ pub mod ec2;
 pub mod gce;
 pub mod http;
 pub mod nocloud;
+pub mod userdata;
+
+/// The image's one login user, who has passwordless sudo: the only user metadata keys are installed for.
+pub const ADMIN: &str = "admin";
 
 /// Where every cloud puts its metadata service (Azure's wire server aside).
 const LINK_LOCAL: &str = "http://169.254.169.254";
@@ -44,11 +49,19 @@ pub trait Source: Sync {
     fn detect(&self, probe: &Probe) -> bool;
     /// Reads this instance's configuration (blocking; bounded by the client's timeouts).
     fn fetch(&self, at: &Fetch) -> anyhow::Result<InstanceConfig>;
-    /// Once the site is ready: what the platform waits to hear, from what `fetch` recorded in `ready_report`.
-    fn report_ready(&self, recorded: &Value) -> anyhow::Result<()> {
-        let _ = recorded;
-        Ok(())
+    /// On every boot, once first boot is over: what the platform waits to hear (blocking, retried within the
+    /// client's budget). `Ok(None)` where the platform waits for nothing; otherwise what was said.
+    fn report(&self, at: &Fetch, outcome: &Outcome) -> anyhow::Result<Option<String>> {
+        let _ = (at, outcome);
+        Ok(None)
     }
+}
+
+/// How provisioning went, as first boot recorded it: what a platform's report says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Provisioned,
+    Failed(String),
 }
 
 /// Every platform, in the order they are tried: a NoCloud seed wins over the cloud the machine runs in.
@@ -62,6 +75,8 @@ pub struct Probe {
     pub bios_vendor: String,
     pub bios_version: String,
     pub chassis_asset_tag: String,
+    /// Readable by root only; EC2 instances' begins with `ec2` (or, byte-swapped, `ec2` after the swap).
+    pub product_uuid: String,
     pub seed: bool,
 }
 
@@ -114,9 +129,8 @@ pub struct InstanceConfig {
     pub hostname: Option<String>,
     pub ssh_keys: Vec<String>,
     pub site: Option<SiteOverride>,
-    /// What the platform needs to hear `Ready` (Azure's goal state); `None` where nothing is reported.
-    #[serde(rename = "ready-report")]
-    pub ready_report: Option<Value>,
+    /// What was given but not acted on, and why (a key for another user, an expired key, a script, ...).
+    pub notes: Vec<String>,
 }
 
 impl InstanceConfig {
@@ -126,7 +140,7 @@ impl InstanceConfig {
             hostname: None,
             ssh_keys: Vec::new(),
             site: None,
-            ready_report: None,
+            notes: Vec::new(),
         }
     }
 }
@@ -157,6 +171,7 @@ pub fn probe(sources: &Sources) -> Probe {
         bios_vendor: dmi("bios_vendor"),
         bios_version: dmi("bios_version"),
         chassis_asset_tag: dmi("chassis_asset_tag"),
+        product_uuid: dmi("product_uuid"),
         seed: sources.seed_dir.is_some() || (sources.root == Path::new("/") && nocloud::seed_device().is_some()),
     }
 }
@@ -187,64 +202,28 @@ fn valid_key(key: &str) -> bool {
         && !key.contains('\n')
 }
 
-/// Reads user data: `#foobar-config` (TOML `[site]`) or `#cloud-config` (`hostname`, `ssh_authorized_keys`).
-fn read_user_data(text: &str, config: &mut InstanceConfig) -> anyhow::Result<()> {
-    let text = text.trim_start_matches('\u{feff}');
-    if let Some(fragment) = text.strip_prefix("#foobar-config") {
-        #[derive(serde::Deserialize)]
-        #[serde(deny_unknown_fields)]
-        struct Fragment {
-            site: Option<SiteOverride>,
-        }
-        let fragment: Fragment = toml::from_str(fragment).context("user data: invalid #foobar-config fragment")?;
-        if let Some(site) = &fragment.site {
-            for name in [&site.domain, &site.canonical].into_iter().flatten() {
-                if !valid_hostname(name) {
-                    bail!("user data: key `site`: expected DNS names, got `{name}`");
-                }
-            }
-        }
-        config.site = fragment.site;
-    } else if text.starts_with("#cloud-config") {
-        let mut in_keys = false;
-        for line in text.lines() {
-            let trimmed = line.trim();
-            if let Some(value) = trimmed.strip_prefix("hostname:") {
-                config.hostname = Some(unquote(value));
-                in_keys = false;
-            } else if trimmed.starts_with("ssh_authorized_keys:") {
-                in_keys = true;
-            } else if let (true, Some(item)) = (in_keys, trimmed.strip_prefix("- ")) {
-                config.ssh_keys.push(unquote(item));
-            } else if !line.starts_with(' ') && !trimmed.is_empty() {
-                in_keys = false;
-            }
-        }
-    }
-    Ok(())
-}
-
-fn unquote(value: &str) -> String {
-    value.trim().trim_matches(|c| c == '"' || c == '\'').to_string()
-}
-
-/// Asks the platform (blocking; bounded by the client's timeouts). No platform: an empty configuration at once.
-pub fn fetch(sources: &Sources) -> anyhow::Result<InstanceConfig> {
-    let Some(source) = detect(sources) else {
-        return Ok(InstanceConfig::empty(Platform::None));
-    };
+/// Where a detected platform's requests go: the override (`--metadata-url`, or the OEM string) or its own address.
+fn at(sources: &Sources, http: http::Http) -> Fetch {
     let overridden = sources.metadata_url.clone().or_else(|| {
         let raw = std::fs::read(&sources.oem_strings).ok()?;
         oem_strings(&raw)
             .into_iter()
             .find_map(|s| s.strip_prefix(OEM_OVERRIDE).map(String::from))
     });
-    source.fetch(&Fetch {
-        http: http::Http::new(),
+    Fetch {
+        http,
         base: overridden.clone().unwrap_or_else(|| LINK_LOCAL.to_string()),
         overridden,
         seed_dir: sources.seed_dir.clone(),
-    })
+    }
+}
+
+/// Asks the platform (blocking; bounded by the client's budget). No platform: an empty configuration at once.
+pub fn fetch(sources: &Sources) -> anyhow::Result<InstanceConfig> {
+    let Some(source) = detect(sources) else {
+        return Ok(InstanceConfig::empty(Platform::None));
+    };
+    source.fetch(&at(sources, http::Http::new()))
 }
 
 /// Where the result is recorded for operators, and what the platform needs for its `Ready` report.
@@ -356,30 +335,33 @@ fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Whether the platform recorded at first boot (under `root`) waits for a `Ready` report.
-pub fn has_ready_report(root: &Path) -> bool {
-    std::fs::read_to_string(root.join(RECORD))
-        .ok()
-        .and_then(|text| serde_json::from_str::<Value>(&text).ok())
-        .is_some_and(|doc| doc.get("ready-report").is_some_and(|v| !v.is_null()))
+/// Records that first boot could not configure the instance (under `root`), for the platform's report.
+pub fn record_failure(root: &Path, platform: Platform, error: &str) -> anyhow::Result<()> {
+    let doc = serde_json::json!({ "platform": platform, "error": error });
+    write(root, RECORD, &serde_json::to_string_pretty(&doc)?, 0o644)
 }
 
-/// Tells the platform this instance recorded at first boot (under `root`) that it is ready, if that platform waits
-/// for it (Azure). Returns the platform told, or `None` when there is nothing to report. Blocking.
-pub fn report_ready(root: &Path) -> anyhow::Result<Option<Platform>> {
-    let Ok(text) = std::fs::read_to_string(root.join(RECORD)) else {
+/// How long the report keeps trying: real agents keep reporting for many minutes while Azure waits (it fails the VM
+/// after its own provisioning timeout, 20 minutes by default, hears nothing).
+pub const REPORT_BUDGET: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+/// Tells the platform how provisioning went (every boot, after first boot): `Ready`, or `NotReady` with the error
+/// first boot recorded. Returns the platform and what was said, or `None` where the platform waits for nothing.
+/// Blocking; retried within `budget`.
+pub fn report(sources: &Sources, budget: std::time::Duration) -> anyhow::Result<Option<(Platform, String)>> {
+    let Some(source) = detect(sources) else {
         return Ok(None);
     };
-    let doc: Value = serde_json::from_str(&text).with_context(|| format!("cannot read /{RECORD}"))?;
-    let Some(recorded) = doc.get("ready-report").filter(|v| !v.is_null()) else {
-        return Ok(None);
+    let outcome = match std::fs::read_to_string(sources.root.join(RECORD)) {
+        Ok(text) => {
+            let doc: Value = serde_json::from_str(&text).with_context(|| format!("cannot read /{RECORD}"))?;
+            match doc.get("error").and_then(Value::as_str) {
+                Some(error) => Outcome::Failed(error.to_string()),
+                None => Outcome::Provisioned,
+            }
+        }
+        Err(_) => Outcome::Failed("first boot recorded no instance configuration".into()),
     };
-    let platform: Platform = serde_json::from_value(doc["platform"].clone())
-        .with_context(|| format!("/{RECORD} names no known platform"))?;
-    let source = SOURCES
-        .iter()
-        .find(|s| s.platform() == platform)
-        .with_context(|| format!("no metadata source for {platform:?}"))?;
-    source.report_ready(recorded)?;
-    Ok(Some(platform))
+    let said = source.report(&at(sources, http::Http::with_budget(budget)), &outcome)?;
+    Ok(said.map(|said| (source.platform(), said)))
 }

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context as _};
 
-use super::{read_user_data, unquote, Fetch, InstanceConfig, Platform, Probe, Source};
+use super::{userdata, Fetch, InstanceConfig, Platform, Probe, Source};
 
 pub struct NoCloud;
 
@@ -65,17 +65,28 @@ fn seed_label(device: &Path) -> Option<&'static str> {
         .then_some("iso9660")
 }
 
-/// The seed's `meta-data` (`local-hostname: x`) and `user-data`.
+/// The seed's `meta-data` (YAML: `local-hostname`, `public-keys`) and `user-data`.
 fn read_seed(dir: &Path) -> anyhow::Result<InstanceConfig> {
+    use yaml_rust2::{Yaml, YamlLoader};
     let mut config = InstanceConfig::empty(Platform::NoCloud);
     let meta = std::fs::read_to_string(dir.join("meta-data")).unwrap_or_default();
-    for line in meta.lines() {
-        if let Some(value) = line.trim().strip_prefix("local-hostname:") {
-            config.hostname = Some(unquote(value));
+    let docs = YamlLoader::load_from_str(&meta)
+        .map_err(|e| anyhow::anyhow!("NoCloud meta-data is not valid YAML: {e}"))?;
+    if let Some(Yaml::Hash(map)) = docs.first() {
+        let get = |key: &str| map.get(&Yaml::String(key.into()));
+        if let Some(Yaml::String(name)) = get("local-hostname") {
+            config.hostname = Some(name.trim().to_string());
+        }
+        match get("public-keys") {
+            Some(Yaml::String(key)) => config.ssh_keys.push(key.trim().to_string()),
+            Some(Yaml::Array(keys)) => config
+                .ssh_keys
+                .extend(keys.iter().filter_map(Yaml::as_str).map(|k| k.trim().to_string())),
+            _ => {}
         }
     }
-    if let Ok(user_data) = std::fs::read_to_string(dir.join("user-data")) {
-        read_user_data(&user_data, &mut config)?;
+    if let Ok(user_data) = std::fs::read(dir.join("user-data")) {
+        userdata::read(&user_data, &mut config)?;
     }
     Ok(config)
 }

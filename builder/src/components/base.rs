@@ -128,6 +128,18 @@ fn install(_: &Context, root: &Path) -> anyhow::Result<()> {
         "/etc/systemd/system/foobar-firstboot.service",
         "multi-user.target",
     )?;
+    write(
+        root,
+        "etc/systemd/system/foobar-report.service",
+        include_str!("../../../image/systemd/foobar-report.service"),
+        0o644,
+    )?;
+    enable(
+        root,
+        "foobar-report.service",
+        "/etc/systemd/system/foobar-report.service",
+        "multi-user.target",
+    )?;
 
     // The network: DHCP on every NIC.
     enable(

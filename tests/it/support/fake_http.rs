@@ -23,7 +23,48 @@ impl Request {
     }
 }
 
-pub type Handler = dyn Fn(&Request) -> (u16, String) + Send + Sync;
+/// An answer: status, extra headers and body bytes. `(status, text)` and `(status, bytes)` convert into one.
+#[derive(Debug, Clone, Default)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    pub fn header(mut self, name: &str, value: &str) -> Reply {
+        self.headers.push((name.to_string(), value.to_string()));
+        self
+    }
+}
+
+impl From<(u16, String)> for Reply {
+    fn from((status, text): (u16, String)) -> Reply {
+        Reply {
+            status,
+            body: text.into_bytes(),
+            ..Reply::default()
+        }
+    }
+}
+
+impl From<(u16, &str)> for Reply {
+    fn from((status, text): (u16, &str)) -> Reply {
+        Reply::from((status, text.to_string()))
+    }
+}
+
+impl From<(u16, Vec<u8>)> for Reply {
+    fn from((status, body): (u16, Vec<u8>)) -> Reply {
+        Reply {
+            status,
+            body,
+            ..Reply::default()
+        }
+    }
+}
+
+pub type Handler = dyn Fn(&Request) -> Reply + Send + Sync;
 
 pub struct FakeHttp {
     pub port: u16,
@@ -31,11 +72,11 @@ pub struct FakeHttp {
 }
 
 impl FakeHttp {
-    pub fn start(handler: impl Fn(&Request) -> (u16, String) + Send + Sync + 'static) -> FakeHttp {
+    pub fn start<R: Into<Reply>>(handler: impl Fn(&Request) -> R + Send + Sync + 'static) -> FakeHttp {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let requests = Arc::new(Mutex::new(Vec::new()));
-        let handler: Arc<Handler> = Arc::new(handler);
+        let handler: Arc<Handler> = Arc::new(move |r: &Request| handler(r).into());
         let seen = requests.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
@@ -75,14 +116,20 @@ impl FakeHttp {
                         headers,
                         body: String::from_utf8_lossy(&body).into_owned(),
                     };
-                    let (status, text) = handler(&request);
+                    let reply = handler(&request);
                     seen.lock().unwrap().push(request);
-                    let mut stream = stream;
-                    let _ = write!(
-                        stream,
-                        "HTTP/1.1 {status} X\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
-                        text.len()
+                    let mut head = format!(
+                        "HTTP/1.1 {} X\r\nContent-Length: {}\r\nConnection: close\r\n",
+                        reply.status,
+                        reply.body.len()
                     );
+                    for (name, value) in &reply.headers {
+                        head.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                    head.push_str("\r\n");
+                    let mut stream = stream;
+                    let _ = stream.write_all(head.as_bytes());
+                    let _ = stream.write_all(&reply.body);
                 });
             }
         });
