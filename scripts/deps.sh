@@ -16,6 +16,7 @@ packages=(
   fdisk                   # sfdisk, the independent GPT reader of the QEMU tier
   openssh-client openssl  # SSH into guests and read their TLS certificates
   python3                 # the stand-in app server of the agent's [app] tests
+  dnsmasq-base            # the DNS server of the smoke DNS check test
 )
 
 missing=()

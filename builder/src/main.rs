@@ -130,6 +130,9 @@ struct SmokeArgs {
     /// Skip the checks that write (for production sites)
     #[arg(long)]
     read_only: bool,
+    /// Resolve names by asking this DNS server (IP[:PORT], port 53 by default) instead of the system's resolver
+    #[arg(long, value_name = "IP[:PORT]", value_parser = parse_dns_server)]
+    dns_server: Option<std::net::SocketAddr>,
     /// Output: one line per check, or a JSON or JUnit XML document on stdout
     #[arg(long, value_enum, default_value = "text")]
     format: smoke::report::Format,
@@ -147,6 +150,14 @@ fn parse_resolve(text: &str) -> Result<(String, IpAddr), String> {
     Ok((name.to_string(), ip))
 }
 
+fn parse_dns_server(text: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(ip) = text.trim_start_matches('[').trim_end_matches(']').parse::<IpAddr>() {
+        return Ok(std::net::SocketAddr::new(ip, 53));
+    }
+    text.parse()
+        .map_err(|_| format!("expected IP or IP:PORT (like 127.0.0.1:5353 or [::1]:53), got `{text}`"))
+}
+
 fn smoke(args: SmokeArgs) -> anyhow::Result<bool> {
     use smoke::report::{self, Format};
     let options = smoke::Options {
@@ -158,6 +169,7 @@ fn smoke(args: SmokeArgs) -> anyhow::Result<bool> {
         timeout: Duration::from_secs(args.timeout.max(1)),
         wait: args.wait.map(Duration::from_secs),
         read_only: args.read_only,
+        dns_server: args.dns_server,
     };
     // Output errors (a closed pipe) are ignored: the exit status still tells the result.
     let mut out = std::io::stdout();

@@ -1230,7 +1230,12 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
     }
     std::thread::sleep(Duration::from_secs(2));
     let posted = reports();
-    assert_eq!(posted.len(), 1, "exactly one health report: {posted:?}\n{}", guest.console_tail());
+    assert_eq!(
+        posted.len(),
+        1,
+        "exactly one health report: {posted:?}\n{}",
+        guest.console_tail()
+    );
     assert!(
         posted[0].path == "/machine?comp=health" && posted[0].body.contains("<State>Ready</State>"),
         "{posted:?}"

@@ -49,10 +49,13 @@ pub fn ec2(
             if r.header("x-forwarded-for").is_some() {
                 return (403, "Forbidden").into();
             }
-            let ttl = r.header("x-aws-ec2-metadata-token-ttl-seconds").and_then(|v| v.parse::<u32>().ok());
+            let ttl = r
+                .header("x-aws-ec2-metadata-token-ttl-seconds")
+                .and_then(|v| v.parse::<u32>().ok());
             return match ttl {
-                Some(ttl) if (1..=21600).contains(&ttl) => Reply::from((200, TOKEN))
-                    .header("X-aws-ec2-metadata-token-ttl-seconds", &ttl.to_string()),
+                Some(ttl) if (1..=21600).contains(&ttl) => {
+                    Reply::from((200, TOKEN)).header("X-aws-ec2-metadata-token-ttl-seconds", &ttl.to_string())
+                }
                 _ => (400, "Bad Request").into(),
             };
         }
@@ -181,10 +184,18 @@ pub fn azure(key: &str, state: Arc<Mutex<AzureState>>) -> impl Fn(&Request) -> R
         let mut state = state.lock().unwrap();
         if r.path.starts_with("/metadata/") {
             if r.header("metadata") != Some("true") || r.header("x-forwarded-for").is_some() {
-                return (400, r#"{"error":"Bad request. Required metadata header not specified"}"#).into();
+                return (
+                    400,
+                    r#"{"error":"Bad request. Required metadata header not specified"}"#,
+                )
+                    .into();
             }
             if !r.path.contains("api-version=") {
-                return (400, r#"{"error":"Bad request. api-version was not specified in the request."}"#).into();
+                return (
+                    400,
+                    r#"{"error":"Bad request. api-version was not specified in the request."}"#,
+                )
+                    .into();
             }
             if r.path.starts_with("/metadata/instance/compute/userData") {
                 return (200, base64(state.user_data.as_bytes())).into();
@@ -473,11 +484,17 @@ fn gce_installs_only_the_admins_current_keys_and_honours_blocking_and_os_login()
     let server = FakeHttp::start(gce(metadata.clone()));
     let (code, out, err, _) = instance_config(&root, &gce_dmi("dmi-gce"), &["--metadata-url", &server.url()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("platform gce: hostname www-1.c.example-project.internal, 3 SSH key(s)"), "{out}");
+    assert!(
+        out.contains("platform gce: hostname www-1.c.example-project.internal, 3 SSH key(s)"),
+        "{out}"
+    );
     // The hostname is instance/hostname's first label.
     assert_eq!(read(&root, "etc/hostname"), "www-1\n");
     let keys = read(&root, "etc/ssh/authorized_keys/admin");
-    assert!(keys.contains(KEY) && keys.contains(KEY3) && keys.contains(PROJECT_KEY), "{keys}");
+    assert!(
+        keys.contains(KEY) && keys.contains(KEY3) && keys.contains(PROJECT_KEY),
+        "{keys}"
+    );
     assert!(!keys.contains(KEY2) && !keys.contains(EXPIRED), "{keys}");
     for note in [
         "key for user `jane` not installed",
@@ -498,7 +515,10 @@ fn gce_installs_only_the_admins_current_keys_and_honours_blocking_and_os_login()
     assert_eq!(code, 0, "{err}");
     let keys = read(&root, "etc/ssh/authorized_keys/admin");
     assert!(keys.contains(KEY) && !keys.contains(PROJECT_KEY), "{keys}");
-    assert!(err.contains("project keys not installed (block-project-ssh-keys)"), "{err}");
+    assert!(
+        err.contains("project keys not installed (block-project-ssh-keys)"),
+        "{err}"
+    );
 
     // The legacy instance `sshKeys` is read, and also keeps the project's keys out.
     let mut legacy = GceMetadata::simple(KEY);
@@ -509,7 +529,10 @@ fn gce_installs_only_the_admins_current_keys_and_honours_blocking_and_os_login()
     let server = FakeHttp::start(gce(legacy));
     let (code, out, err, _) = instance_config(&root, &gce_dmi("dmi-gce3"), &["--metadata-url", &server.url()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("hostname www-1,"), "without instance/hostname, the name: {out}");
+    assert!(
+        out.contains("hostname www-1,"),
+        "without instance/hostname, the name: {out}"
+    );
     let keys = read(&root, "etc/ssh/authorized_keys/admin");
     assert!(keys.contains(KEY3) && !keys.contains(PROJECT_KEY), "{keys}");
 
@@ -521,7 +544,10 @@ fn gce_installs_only_the_admins_current_keys_and_honours_blocking_and_os_login()
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("0 SSH key(s)"), "{out}");
     assert_eq!(read(&root, "etc/ssh/authorized_keys/admin"), format!("{IMAGE_KEY}\n"));
-    assert!(err.contains("enable-oslogin is true: SSH access is left to OS Login"), "{err}");
+    assert!(
+        err.contains("enable-oslogin is true: SSH access is left to OS Login"),
+        "{err}"
+    );
     // ...unless the instance turns it off.
     metadata.instance.push(("enable-oslogin", "false".into()));
     let root = scratch_root("inst-gce-oslogin-off");
@@ -552,7 +578,13 @@ fn the_expiry_of_a_google_ssh_key_is_read_in_both_written_forms() {
     assert_eq!(parse_time("2018-12-04T21:12:00+01:00"), Some(1_543_954_320));
     assert_eq!(parse_time("2018-12-04T20:12:00.250Z"), Some(1_543_954_320));
     assert_eq!(parse_time("2000-02-29T00:00:00Z"), Some(951_782_400));
-    for bad in ["", "2018-12-04", "2018-13-04T20:12:00Z", "2018-12-04T20:12:00", "next tuesday"] {
+    for bad in [
+        "",
+        "2018-12-04",
+        "2018-13-04T20:12:00Z",
+        "2018-12-04T20:12:00",
+        "next tuesday",
+    ] {
         assert_eq!(parse_time(bad), None, "{bad}");
     }
 }
@@ -615,7 +647,10 @@ fn azure_retries_imds_then_reports_ready_against_the_goal_state_of_the_moment() 
     }
     let (code, out, err) = report(&root, &dmi, &server.url());
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("platform azure: reported Ready, goal state incarnation 4"), "{out}");
+    assert!(
+        out.contains("platform azure: reported Ready, goal state incarnation 4"),
+        "{out}"
+    );
     let reports = health_reports(&server);
     assert_eq!(reports.len(), 2, "a 500 is retried: {reports:?}");
     let body = &reports[1].body;
@@ -678,9 +713,15 @@ fn nocloud_reads_flow_style_cloud_config_and_users_entries_and_names_what_it_ski
     assert!(out.contains("platform nocloud: hostname web-7, 2 SSH key(s)"), "{out}");
     assert_eq!(read(&root, "etc/hostname"), "web-7\n");
     let keys = read(&root, "etc/ssh/authorized_keys/admin");
-    assert!(keys.contains(KEY) && keys.contains(KEY3) && !keys.contains(KEY2), "{keys}");
+    assert!(
+        keys.contains(KEY) && keys.contains(KEY3) && !keys.contains(KEY2),
+        "{keys}"
+    );
     assert!(err.contains("cloud-config keys not acted on: packages"), "{err}");
-    assert!(err.contains("user `jane` not made and its 1 key(s) not installed"), "{err}");
+    assert!(
+        err.contains("user `jane` not made and its 1 key(s) not installed"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -709,9 +750,15 @@ fn mime_multipart_user_data_is_read_part_by_part() {
     std::fs::write(seed.join("user-data"), gzip(&user_data)).unwrap();
     let (code, out, err, _) = instance_config(&root, &dmi, &["--seed-dir", seed.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("hostname mime-host, 1 SSH key(s), site renamed to www.example.com"), "{out}");
+    assert!(
+        out.contains("hostname mime-host, 1 SSH key(s), site renamed to www.example.com"),
+        "{out}"
+    );
     assert!(read(&root, "etc/ssh/authorized_keys/admin").contains(KEY));
-    assert!(err.contains("(text/x-shellscript): a script (this image runs no user-data scripts)"), "{err}");
+    assert!(
+        err.contains("(text/x-shellscript): a script (this image runs no user-data scripts)"),
+        "{err}"
+    );
 }
 
 #[test]

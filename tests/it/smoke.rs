@@ -444,7 +444,11 @@ fn read_only_runs_write_nothing_and_skip_the_write_checks() {
         .filter(|r| matches!(r.outcome, Outcome::Skip(_)))
         .map(|r| r.name)
         .collect();
-    assert_eq!(skipped, ["api-write", "page-write"]);
+    assert_eq!(
+        skipped,
+        ["dns", "api-write", "page-write"],
+        "dns: the URL is an address"
+    );
     assert_eq!(*site.site.writes.lock().unwrap(), 0, "a read-only run stored something");
 }
 
@@ -462,8 +466,8 @@ fn a_site_that_runs_its_own_app_skips_the_posts_checks_and_passes() {
         })
         .collect();
     let names: Vec<_> = skipped.iter().map(|(n, _)| *n).collect();
-    assert_eq!(names, ["api-write", "api-read", "page-write", "page-read"]);
-    assert!(skipped[0].1.contains("its own app `notes`"), "{skipped:?}");
+    assert_eq!(names, ["dns", "api-write", "api-read", "page-write", "page-read"]);
+    assert!(skipped[1].1.contains("its own app `notes`"), "{skipped:?}");
     // The same site without the app component fails those checks: the skip comes from /healthz, nothing else.
     let (failed, _) = failed_checks(&start(Fault::None).options());
     assert!(failed.is_empty());
@@ -534,7 +538,10 @@ fn the_command_prints_a_line_per_check_and_exits_by_the_result_in_each_format() 
     let (code, out, _, _) = smoke_command(&[url.as_str(), "--https-port", &https, "--insecure", "--format", "junit"]);
     assert_eq!(code, 1, "{out}");
     assert!(out.starts_with("<?xml"), "{out}");
-    assert!(out.contains("tests=\"15\" failures=\"1\""), "{out}");
+    assert!(
+        out.contains("tests=\"16\" failures=\"1\" skipped=\"1\""),
+        "the DNS check skips an address: {out}"
+    );
     assert!(
         out.contains("name=\"readyz\"") && out.contains("<failure message=\"http://www.foobar.com:"),
         "{out}"
@@ -542,7 +549,7 @@ fn the_command_prints_a_line_per_check_and_exits_by_the_result_in_each_format() 
 
     let (code, out, _, _) = smoke_command(&[url.as_str(), "--https-port", &https, "--insecure"]);
     assert_eq!(code, 1, "{out}");
-    assert!(out.contains("14 passed, 1 failed"), "{out}");
+    assert!(out.contains("14 passed, 1 failed, 1 skipped"), "{out}");
 }
 
 #[test]
@@ -568,5 +575,141 @@ fn the_certificate_must_be_trusted_unless_insecure() {
     assert!(
         lines.contains("invalid peer certificate") && lines.contains("--insecure"),
         "the message says why and what to do: {lines}"
+    );
+}
+
+/// dnsmasq on 127.0.0.1 serving `foobar.com` and whatever `www` is given, authoritative for the zone (unknown names
+/// are NXDOMAIN). Stopped when dropped.
+struct Dns {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Dns {
+    fn start(www: Option<&str>) -> Dns {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = Command::new("dnsmasq");
+        command.args([
+            "--keep-in-foreground",
+            "--log-facility=-",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--pid-file",
+            &format!("--local=/{BARE}/"),
+            &format!("--host-record={BARE},127.0.0.1"),
+        ]);
+        match www {
+            Some("cname") => command.arg(format!("--cname={SITE},{BARE}")),
+            Some(address) => command.arg(format!("--host-record={SITE},{address}")),
+            None => &mut command,
+        };
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("dnsmasq (apt-get install dnsmasq-base; `just deps` does)");
+        let dns = Dns { child, port };
+        // Ready once it answers.
+        let resolver = smoke::dns::Resolver::Server(format!("127.0.0.1:{port}").parse().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resolver.lookup(BARE).is_err() {
+            assert!(Instant::now() < deadline, "dnsmasq did not start answering");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dns
+    }
+
+    fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Smoke against `http://NAME:PORT` for the site's canonical name, resolved by `dns`.
+fn dns_outcome(site: &Running, dns: &Dns, url_name: &str) -> (Outcome, smoke::Report) {
+    let mut options = site.options();
+    options.url = format!("http://{url_name}:{}", site.port);
+    options.host = Some(SITE.to_string());
+    options.dns_server = Some(dns.server().parse().unwrap());
+    let report = smoke::run(&options, |_| {}).unwrap();
+    let outcome = report.results.iter().find(|r| r.name == "dns").unwrap().outcome.clone();
+    (outcome, report)
+}
+
+#[test]
+fn the_dns_check_passes_when_both_names_reach_the_site_and_says_what_it_found() {
+    let site = start(Fault::None);
+    let dns = Dns::start(Some("cname"));
+    let (outcome, report) = dns_outcome(&site, &dns, SITE);
+    assert_eq!(
+        outcome,
+        Outcome::Pass(format!("{SITE} → CNAME {BARE} → 127.0.0.1; {BARE} → 127.0.0.1")),
+        "{report:?}"
+    );
+    // Every other check reached the site through the same server's answers.
+    assert!(report.ok() && report.skipped() == 0, "{report:?}");
+
+    // The command line, with the flag.
+    let url = format!("http://{SITE}:{}", site.port);
+    let https = site.https_port.to_string();
+    let (code, out, err, _) = smoke_command(&[
+        url.as_str(),
+        "--dns-server",
+        &dns.server(),
+        "--https-port",
+        &https,
+        "--insecure",
+        "--read-only",
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("pass  dns") && l.contains("CNAME foobar.com")),
+        "{out}"
+    );
+    let (code, _, err, _) = smoke_command(&[url.as_str(), "--dns-server", "not-an-address"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("expected IP or IP:PORT"), "{err}");
+}
+
+#[test]
+fn the_dns_check_fails_when_www_points_elsewhere_or_nowhere() {
+    let site = start(Fault::None);
+    // `www` on another address (the IPv6 loopback: nothing leaves the machine).
+    let dns = Dns::start(Some("::1"));
+    let (outcome, _) = dns_outcome(&site, &dns, BARE);
+    let Outcome::Fail(message) = outcome else {
+        panic!("passed with www elsewhere: {outcome:?}");
+    };
+    assert!(
+        message.contains("the names resolve to different addresses: www.foobar.com → ::1; foobar.com → 127.0.0.1"),
+        "{message}"
+    );
+    assert!(message.contains("`www` a CNAME to it"), "the fix: {message}");
+    drop(dns);
+
+    // No `www` record at all (the URL names the apex, which resolves).
+    let dns = Dns::start(None);
+    let (outcome, _) = dns_outcome(&site, &dns, BARE);
+    let Outcome::Fail(message) = outcome else {
+        panic!("passed without a www record: {outcome:?}");
+    };
+    assert!(
+        message.contains("www.foobar.com does not exist (NXDOMAIN from 127.0.0.1:"),
+        "{message}"
     );
 }

@@ -74,7 +74,11 @@ impl Source for Azure {
                     .send(
                         "POST",
                         &format!("{wire}/machine?comp=health"),
-                        &[WIRE_HEADERS[0], WIRE_HEADERS[1], ("Content-Type", "text/xml;charset=utf-8")],
+                        &[
+                            WIRE_HEADERS[0],
+                            WIRE_HEADERS[1],
+                            ("Content-Type", "text/xml;charset=utf-8"),
+                        ],
                         Some(&health(&goal, outcome)),
                     )?
                     .context("the wire server has no health endpoint (404)")?;

@@ -66,7 +66,11 @@ impl Source for Gce {
             let legacy = attribute(instance, "sshKeys").is_some();
             if truthy(attribute(instance, "block-project-ssh-keys")) || legacy {
                 if attribute(project, "ssh-keys").is_some() || attribute(project, "sshKeys").is_some() {
-                    let why = if legacy { "the instance's legacy sshKeys" } else { "block-project-ssh-keys" };
+                    let why = if legacy {
+                        "the instance's legacy sshKeys"
+                    } else {
+                        "block-project-ssh-keys"
+                    };
                     config.notes.push(format!("GCE: project keys not installed ({why})"));
                 }
             } else {
@@ -77,7 +81,12 @@ impl Source for Gce {
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs() as i64);
             for (source, list) in lists {
-                for line in list.unwrap_or_default().lines().map(str::trim).filter(|l| !l.is_empty()) {
+                for line in list
+                    .unwrap_or_default()
+                    .lines()
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                {
                     match admin_key(line, now) {
                         Ok(key) => config.ssh_keys.push(key),
                         Err(why) => config.notes.push(format!("GCE {source}: {why}")),
@@ -106,7 +115,9 @@ pub fn admin_key(line: &str, now: i64) -> Result<String, String> {
     };
     let key = key.trim();
     if user != ADMIN {
-        return Err(format!("key for user `{user}` not installed (only `{ADMIN}`'s keys are)"));
+        return Err(format!(
+            "key for user `{user}` not installed (only `{ADMIN}`'s keys are)"
+        ));
     }
     // `TYPE DATA google-ssh {"userName":"...","expireOn":"..."}`: an expiring key.
     let fields: Vec<&str> = key.splitn(4, ' ').collect();
@@ -116,7 +127,11 @@ pub fn admin_key(line: &str, now: i64) -> Result<String, String> {
             .and_then(|json| serde_json::from_str::<Value>(json).ok())
             .and_then(|doc| doc["expireOn"].as_str().and_then(parse_time));
         match expiry {
-            None => return Err(format!("{user}'s google-ssh key without a readable expireOn not installed")),
+            None => {
+                return Err(format!(
+                    "{user}'s google-ssh key without a readable expireOn not installed"
+                ))
+            }
             Some(at) if at <= now => return Err(format!("{user}'s google-ssh key expired, not installed")),
             Some(_) => {}
         }
@@ -133,17 +148,30 @@ pub fn parse_time(text: &str) -> Option<i64> {
     }
     let (stamp, zone) = text.split_at(19);
     let b = stamp.as_bytes();
-    if b[4] != b'-' || b[7] != b'-' || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ') || b[13] != b':' || b[16] != b':'
+    if b[4] != b'-'
+        || b[7] != b'-'
+        || !(b[10] == b'T' || b[10] == b't' || b[10] == b' ')
+        || b[13] != b':'
+        || b[16] != b':'
     {
         return None;
     }
     let num = |r: std::ops::Range<usize>| stamp.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, s) = (num(0..4)?, num(5..7)?, num(8..10)?, num(11..13)?, num(14..16)?, num(17..19)?);
+    let (y, mo, d, h, mi, s) = (
+        num(0..4)?,
+        num(5..7)?,
+        num(8..10)?,
+        num(11..13)?,
+        num(14..16)?,
+        num(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || s > 60 {
         return None;
     }
     // Fractional seconds, then the offset.
-    let zone = zone.strip_prefix('.').map_or(zone, |z| z.trim_start_matches(|c: char| c.is_ascii_digit()));
+    let zone = zone
+        .strip_prefix('.')
+        .map_or(zone, |z| z.trim_start_matches(|c: char| c.is_ascii_digit()));
     let offset = match zone {
         "Z" | "z" => 0,
         _ => {

@@ -70,8 +70,8 @@ fn read_seed(dir: &Path) -> anyhow::Result<InstanceConfig> {
     use yaml_rust2::{Yaml, YamlLoader};
     let mut config = InstanceConfig::empty(Platform::NoCloud);
     let meta = std::fs::read_to_string(dir.join("meta-data")).unwrap_or_default();
-    let docs = YamlLoader::load_from_str(&meta)
-        .map_err(|e| anyhow::anyhow!("NoCloud meta-data is not valid YAML: {e}"))?;
+    let docs =
+        YamlLoader::load_from_str(&meta).map_err(|e| anyhow::anyhow!("NoCloud meta-data is not valid YAML: {e}"))?;
     if let Some(Yaml::Hash(map)) = docs.first() {
         let get = |key: &str| map.get(&Yaml::String(key.into()));
         if let Some(Yaml::String(name)) = get("local-hostname") {

@@ -57,7 +57,10 @@ fn read_text(text: &str, config: &mut InstanceConfig, what: &str) -> anyhow::Res
         let kind = if first.starts_with("#!") {
             "a script (this image runs no user-data scripts)".to_string()
         } else if first.starts_with('#') {
-            format!("`{}` (not a format this image reads)", first.chars().take(40).collect::<String>())
+            format!(
+                "`{}` (not a format this image reads)",
+                first.chars().take(40).collect::<String>()
+            )
         } else {
             "data without a `#cloud-config` or `#foobar-config` first line".to_string()
         };
@@ -113,9 +116,10 @@ fn cloud_config(text: &str, config: &mut InstanceConfig, what: &str) -> anyhow::
         config.hostname = fqdn;
     }
     if !ignored.is_empty() {
-        config
-            .notes
-            .push(format!("{what}: cloud-config keys not acted on: {}", ignored.join(", ")));
+        config.notes.push(format!(
+            "{what}: cloud-config keys not acted on: {}",
+            ignored.join(", ")
+        ));
     }
     Ok(())
 }
@@ -206,9 +210,7 @@ fn mime(text: &str, config: &mut InstanceConfig) -> anyhow::Result<()> {
             "text/cloud-config" if !body.starts_with("#cloud-config") => {
                 cloud_config(&format!("#cloud-config\n{body}"), config, &what)?
             }
-            "text/x-foobar-config" if !body.starts_with("#foobar-config") => {
-                foobar_fragment(body, config, &what)?
-            }
+            "text/x-foobar-config" if !body.starts_with("#foobar-config") => foobar_fragment(body, config, &what)?,
             _ => read_text(body, config, &what)?,
         }
     }

@@ -25,6 +25,11 @@ pub const WAIT_READY: Check = Check {
 
 pub const CHECKS: &[Check] = &[
     Check {
+        name: "dns",
+        writes: false,
+        run: dns,
+    },
+    Check {
         name: "connect",
         writes: false,
         run: connect,
@@ -187,6 +192,44 @@ fn outcome(result: Result<String, String>) -> Outcome {
         Ok(detail) => Outcome::Pass(detail),
         Err(message) => Outcome::Fail(message),
     }
+}
+
+/// Both names resolve, to the same addresses: the apex's A/AAAA records and `www` (a CNAME to the apex, or the same
+/// records). Skipped when the URL is an address, or for a name `--resolve` pins (nothing of DNS is used then).
+fn dns(s: &mut Suite) -> Outcome {
+    let routing = &s.target.routing;
+    if routing.target_is_address {
+        return Outcome::Skip("the URL is an address: no DNS names to check".into());
+    }
+    let names = [s.target.canonical.as_str(), s.target.other.as_str()];
+    if let Some(pinned) = names.iter().find(|n| routing.pinned.contains_key(**n)) {
+        return Outcome::Skip(format!("--resolve pins {pinned}: DNS not checked"));
+    }
+    let mut found = Vec::new();
+    for name in names {
+        match routing.resolver.lookup(name) {
+            Ok(lookup) => found.push((name, lookup)),
+            Err(err) => {
+                return Outcome::Fail(format!(
+                    "{err}; both {} and {} must resolve to the site (an A/AAAA record for the apex, `www` a CNAME \
+                     to it)",
+                    names[0], names[1]
+                ))
+            }
+        }
+    }
+    let seen = found
+        .iter()
+        .map(|(name, lookup)| format!("{name} → {}", lookup.describe()))
+        .collect::<Vec<_>>()
+        .join("; ");
+    if found[0].1.addresses != found[1].1.addresses {
+        return Outcome::Fail(format!(
+            "the names resolve to different addresses: {seen}; point both at the same server (an A/AAAA record for \
+             the apex, `www` a CNAME to it)"
+        ));
+    }
+    Outcome::Pass(seen)
 }
 
 fn wait_ready(s: &mut Suite) -> Outcome {

@@ -67,6 +67,8 @@ pub struct Routing {
     pub target_is_address: bool,
     /// Names that only exist for the test (the unknown Host) go to the target too.
     pub synthetic: Vec<String>,
+    /// How every other name is resolved.
+    pub resolver: super::dns::Resolver,
 }
 
 impl ureq::Resolver for Routing {
@@ -81,7 +83,16 @@ impl ureq::Resolver for Routing {
         if self.target_is_address || self.synthetic.iter().any(|s| s.eq_ignore_ascii_case(host)) {
             return Ok(self.target.iter().map(|ip| SocketAddr::new(*ip, port)).collect());
         }
-        Ok(netloc.to_socket_addrs()?.collect())
+        match self.resolver {
+            super::dns::Resolver::System => Ok(netloc.to_socket_addrs()?.collect()),
+            resolver => Ok(resolver
+                .lookup(host)
+                .map_err(|err| io::Error::new(io::ErrorKind::NotFound, err))?
+                .addresses
+                .into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()),
+        }
     }
 }
 

@@ -4,6 +4,7 @@
 
 mod checks;
 pub mod client;
+pub mod dns;
 pub mod report;
 
 use std::collections::HashMap;
@@ -29,6 +30,8 @@ pub struct Options {
     pub timeout: Duration,
     pub wait: Option<Duration>,
     pub read_only: bool,
+    /// Resolve names by asking this DNS server instead of the system's resolver.
+    pub dns_server: Option<std::net::SocketAddr>,
 }
 
 impl Options {
@@ -42,6 +45,7 @@ impl Options {
             timeout: Duration::from_secs(10),
             wait: None,
             read_only: false,
+            dns_server: None,
         }
     }
 }
@@ -104,13 +108,25 @@ impl Target {
             .iter()
             .map(|(name, ip)| (name.to_ascii_lowercase(), *ip))
             .collect();
+        let resolver = match options.dns_server {
+            Some(server) => dns::Resolver::Server(server),
+            None => dns::Resolver::System,
+        };
         let target = match (address, pinned.get(&host.to_ascii_lowercase())) {
             (Some(ip), _) | (None, Some(&ip)) => vec![ip],
-            (None, None) => (host, port)
-                .to_socket_addrs()
-                .with_context(|| format!("cannot resolve `{host}` from {url}"))?
-                .map(|a| a.ip())
-                .collect(),
+            (None, None) => match resolver {
+                dns::Resolver::System => (host, port)
+                    .to_socket_addrs()
+                    .with_context(|| format!("cannot resolve `{host}` from {url}"))?
+                    .map(|a| a.ip())
+                    .collect(),
+                dns::Resolver::Server(_) => {
+                    resolver
+                        .lookup(host)
+                        .map_err(|err| anyhow::anyhow!("cannot resolve `{host}` from {url}: {err}"))?
+                        .addresses
+                }
+            },
         };
         Ok(Target {
             scheme,
@@ -123,6 +139,7 @@ impl Target {
                 target,
                 target_is_address: address.is_some(),
                 synthetic: vec![UNKNOWN_HOST.to_string()],
+                resolver,
             },
         })
     }
