@@ -106,7 +106,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             let started = std::time::Instant::now();
             let probe_sources = sources.clone();
-            let config = match tokio::task::spawn_blocking(move || foobar_agent::metadata::fetch(&sources)).await? {
+            let applied_root = root.clone();
+            let result = tokio::task::spawn_blocking(move || {
+                let config = foobar_agent::metadata::fetch(&sources)?;
+                for note in &config.notes {
+                    eprintln!("foobar-agent: note: {note}");
+                }
+                foobar_agent::metadata::apply(&config, &applied_root)?;
+                Ok::<_, anyhow::Error>(config)
+            })
+            .await?;
+            let config = match result {
                 Ok(config) => config,
                 Err(err) => {
                     // Kept for the platform's report (NotReady with the reason); the image's settings stay.
@@ -116,10 +126,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     return Err(err);
                 }
             };
-            for note in &config.notes {
-                eprintln!("foobar-agent: note: {note}");
-            }
-            foobar_agent::metadata::apply(&config, &root)?;
             println!(
                 "platform {}: hostname {}, {} SSH key(s), site {}, {} note(s) ({:.2} s)",
                 serde_json::to_value(config.platform)?.as_str().unwrap_or("?"),

@@ -310,6 +310,41 @@ fn is_path_char(c: char) -> bool {
     c.is_ascii_alphanumeric() || "/-._~".contains(c)
 }
 
+/// An absolute path of plain characters: safe in nginx's configuration and in a shell, unquoted or not.
+pub fn is_instance_path(path: &str) -> bool {
+    path.starts_with('/') && path.chars().all(is_path_char) && !path.split('/').any(|c| c == "..")
+}
+
+/// `debian.mirror`: empty, a URL, a `deb ...` line, or an absolute path to a sources file; never an option.
+fn check_mirror(mirror: &str) -> anyhow::Result<()> {
+    const EXPECTED: &str = "expected a mirror URL (http://, https://, file://, or mirror+ of one), a one-line \
+                            `deb ...` entry, or the absolute path of a sources file";
+    if mirror.is_empty() {
+        return Ok(());
+    }
+    if mirror.starts_with('-') {
+        bail!("key `debian.mirror`: {EXPECTED}, got `{mirror}` (a leading `-` would be read as an mmdebstrap option)");
+    }
+    if mirror.chars().any(|c| c.is_control() || "'\"`$\\;|&<>".contains(c)) {
+        bail!(
+            "key `debian.mirror`: {EXPECTED}, got `{}` (quotes, `$`, `;` and control characters are not allowed)",
+            mirror.escape_debug()
+        );
+    }
+    let schemes = ["http://", "https://", "file://"];
+    let bare = mirror.strip_prefix("mirror+").unwrap_or(mirror);
+    let url = schemes.iter().any(|s| bare.starts_with(s)) && !mirror.contains(char::is_whitespace);
+    let line = mirror.starts_with("deb ") || mirror.starts_with("deb [");
+    let file = mirror.starts_with('/') && !mirror.contains(char::is_whitespace);
+    if !(url || line || file) {
+        bail!("key `debian.mirror`: {EXPECTED}, got `{mirror}`");
+    }
+    if file && !Path::new(mirror).is_file() {
+        bail!("key `debian.mirror`: the sources file `{mirror}` does not exist on this machine");
+    }
+    Ok(())
+}
+
 fn check_package_names(key: &str, packages: &[String]) -> anyhow::Result<()> {
     if let Some(bad) = packages.iter().find(|p| {
         p.is_empty()
@@ -381,14 +416,26 @@ impl ImageConfig {
         if self.site.tls_certificate.is_empty() != self.site.tls_key.is_empty() {
             bail!("keys `site.tls-certificate` and `site.tls-key`: expected both (a real certificate) or neither (self-signed)");
         }
+        if self.site.domain == self.site.canonical {
+            bail!(
+                "keys `site.domain` and `site.canonical`: expected two different names (the domain redirects to the \
+                 canonical name), got `{}` for both",
+                self.site.domain
+            );
+        }
         for (key, path) in [
             ("site.tls-certificate", &self.site.tls_certificate),
             ("site.tls-key", &self.site.tls_key),
         ] {
-            if !path.is_empty() && !path.starts_with('/') {
-                bail!("key `{key}`: expected an absolute path on the instance, got `{path}`");
+            // These reach nginx's configuration and first boot's shell: plain path characters only.
+            if !path.is_empty() && !is_instance_path(path) {
+                bail!(
+                    "key `{key}`: expected an absolute path on the instance of letters, digits and `/-._~` (no `..`), \
+                     like /etc/ssl/foobar/cert.pem, got `{path}`"
+                );
             }
         }
+        check_mirror(&self.debian.mirror)?;
         if self.debian.suite.is_empty() || !self.debian.suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!(
                 "key `debian.suite`: expected a Debian suite name like bookworm, got `{}`",
@@ -405,12 +452,11 @@ impl ImageConfig {
                 self.disk.size_mib
             );
         }
-        if let Some(bad) = self
-            .access
-            .ssh_authorized_keys
-            .iter()
-            .find(|k| !k.starts_with("ssh-") && !k.starts_with("ecdsa-"))
-        {
+        if let Some(bad) = self.access.ssh_authorized_keys.iter().find(|k| {
+            !(k.starts_with("ssh-") || k.starts_with("ecdsa-") || k.starts_with("sk-"))
+                || k.split_whitespace().count() < 2
+                || k.chars().any(char::is_control)
+        }) {
             bail!("key `access.ssh-authorized-keys`: expected OpenSSH public keys (ssh-ed25519 AAAA...), got `{bad}`");
         }
         Ok(())

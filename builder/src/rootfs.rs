@@ -81,6 +81,8 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
         .args(hooks)
         .arg("--customize-hook=rm -rf \"$1\"/var/lib/apt/lists/* \"$1\"/var/cache/apt/*.bin")
         .env("SOURCE_DATE_EPOCH", ctx.source_date_epoch.to_string())
+        // Positional arguments from here on, whatever they start with.
+        .arg("--")
         .arg(&ctx.config.debian.suite)
         .arg(dest);
     if !ctx.config.debian.mirror.is_empty() {

@@ -272,6 +272,77 @@ fn a_bad_config_names_the_file_the_key_and_what_was_expected() {
     );
 }
 
+/// Values that would reach first boot's root shell, nginx's configuration or mmdebstrap's options: each refused,
+/// naming the key.
+#[test]
+fn hostile_config_values_are_refused_naming_the_key() {
+    let dir = support::temp_dir("hostile");
+    let out = dir.join("never.qcow2");
+    let tls = |cert: &str| format!("[site]\ntls-certificate = {cert:?}\ntls-key = \"/etc/ssl/k.pem\"\n");
+    let cases = [
+        (tls("/etc/ssl/$(reboot).pem"), "site.tls-certificate"),
+        (tls("/etc/ssl/a b.pem"), "site.tls-certificate"),
+        (tls("/etc/ssl/x.pem;\n  return 200 pwned"), "site.tls-certificate"),
+        (tls("/etc/ssl/'q'.pem"), "site.tls-certificate"),
+        (tls("/etc/ssl/../../root/k.pem"), "site.tls-certificate"),
+        (tls("cert.pem"), "site.tls-certificate"),
+        (
+            "[site]\ntls-certificate = \"/etc/ssl/c.pem\"\ntls-key = \"/etc/ssl/`id`.pem\"\n".to_string(),
+            "site.tls-key",
+        ),
+        (
+            "[debian]\nmirror = \"--customize-hook=touch /pwned\"\n".into(),
+            "debian.mirror",
+        ),
+        (
+            "[debian]\nmirror = \"http://deb.example/debian $(id)\"\n".into(),
+            "debian.mirror",
+        ),
+        (
+            "[debian]\nmirror = \"deb http://deb.example/debian bookworm main; id\"\n".into(),
+            "debian.mirror",
+        ),
+        ("[debian]\nmirror = \"ftp.example\"\n".into(), "debian.mirror"),
+        ("[debian]\nmirror = \"/no/such/sources.list\"\n".into(), "debian.mirror"),
+        (
+            "[access]\nssh-authorized-keys = [\"ssh-ed25519 AAAA a\\nssh-ed25519 BBBB injected\"]\n".into(),
+            "access.ssh-authorized-keys",
+        ),
+        ("[site]\ndomain = \"www.foobar.com\"\n".into(), "site.canonical"),
+        ("[site]\ndomain = \"foo\\nbar.com\"\n".into(), "site.domain"),
+    ];
+    for (text, key) in cases {
+        let file = dir.join("bad.toml");
+        std::fs::write(&file, &text).unwrap();
+        let (code, stderr) = imagebuild(&["--out", out.to_str().unwrap(), "--config", file.to_str().unwrap()]);
+        assert_eq!(code, 1, "{text}: {stderr}");
+        assert!(
+            stderr.contains(&format!("`{key}`")),
+            "{text}: key `{key}` not named: {stderr}"
+        );
+        assert!(!out.exists(), "{text}: a refused config leaves no output");
+    }
+}
+
+#[test]
+fn site_env_quotes_every_value_for_the_shell_that_sources_it() {
+    use foobar_builder::components::web::shell_quote;
+    assert_eq!(shell_quote("foobar.com"), "'foobar.com'");
+    assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    // What a shell makes of it: the value itself, and nothing run.
+    let dir = support::temp_dir("quote");
+    let value = "a'b $(touch pwned) `touch pwned2` \"c\"";
+    let script = format!("V={}\nprintf %s \"$V\"", shell_quote(value));
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(&script)
+        .current_dir(&dir)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), value);
+    assert!(!dir.join("pwned").exists() && !dir.join("pwned2").exists());
+}
+
 #[test]
 fn unusable_flags_are_refused_before_any_work() {
     let dir = support::temp_dir("imgflags");

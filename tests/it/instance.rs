@@ -288,7 +288,7 @@ fn scratch_root(tag: &str) -> PathBuf {
     write("etc/ssh/authorized_keys/admin", &format!("{IMAGE_KEY}\n"));
     write(
         "etc/foobar/site.env",
-        "DOMAIN=foobar.com\nCANONICAL=www.foobar.com\nTLS_CERTIFICATE=/etc/foobar/tls/cert.pem\n",
+        "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\nTLS_CERTIFICATE='/etc/foobar/tls/cert.pem'\n",
     );
     let site = foobar_builder::components::web::site(&foobar_builder::components::web::SiteVars::for_site(
         "foobar.com",
@@ -388,8 +388,8 @@ fn ec2_imdsv2_required_with_throttling_and_gzip_user_data() {
     assert!(!site.contains("foobar.com;"), "{site}");
     let env = read(&root, "etc/foobar/site.env");
     assert!(
-        env.contains("DOMAIN=example.org\n")
-            && env.contains("CANONICAL=www.example.org\n")
+        env.contains("DOMAIN='example.org'\n")
+            && env.contains("CANONICAL='www.example.org'\n")
             && env.contains("TLS_CERTIFICATE=")
     );
     let record: serde_json::Value = serde_json::from_str(&read(&root, "var/lib/foobar/instance.json")).unwrap();
@@ -758,6 +758,59 @@ fn mime_multipart_user_data_is_read_part_by_part() {
     assert!(
         err.contains("(text/x-shellscript): a script (this image runs no user-data scripts)"),
         "{err}"
+    );
+}
+
+#[test]
+fn swapping_the_domain_and_the_canonical_name_swaps_them_and_one_name_for_both_is_refused() {
+    let root = scratch_root("inst-swap");
+    let dmi = dmi("dmi-plain-swap", &[("sys_vendor", "QEMU")]);
+    let seed = support::temp_dir("seed-swap");
+    std::fs::write(seed.join("meta-data"), "instance-id: i-3\n").unwrap();
+    std::fs::write(
+        seed.join("user-data"),
+        "#foobar-config\n[site]\ndomain = \"www.foobar.com\"\ncanonical = \"foobar.com\"\n",
+    )
+    .unwrap();
+    let (code, _, err, _) = instance_config(&root, &dmi, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let site = read(&root, "etc/nginx/sites-available/foobar");
+    let names: Vec<&str> = site
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("server_name "))
+        .collect();
+    assert!(
+        names.contains(&"server_name foobar.com;") && names.contains(&"server_name www.foobar.com;"),
+        "{names:?}"
+    );
+    assert_eq!(
+        names.iter().filter(|n| **n == "server_name foobar.com;").count(),
+        names.iter().filter(|n| **n == "server_name www.foobar.com;").count(),
+        "one server per name and port: {names:?}"
+    );
+    assert!(
+        site.contains("return 301 $scheme://foobar.com$request_uri;"),
+        "the redirect goes to the new canonical name"
+    );
+    assert!(
+        !site.contains("://www.foobar.com$request_uri"),
+        "no redirect loop: {site}"
+    );
+    assert!(read(&root, "etc/foobar/site.env").contains("CANONICAL='foobar.com'\n"));
+
+    let root = scratch_root("inst-same");
+    std::fs::write(
+        seed.join("user-data"),
+        "#foobar-config\n[site]\ndomain = \"www.foobar.com\"\n",
+    )
+    .unwrap();
+    let (code, _, err, _) = instance_config(&root, &dmi, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("the domain and the canonical name must differ"), "{err}");
+    assert!(
+        read(&root, "etc/nginx/sites-available/foobar").contains("server_name foobar.com;"),
+        "unchanged"
     );
 }
 

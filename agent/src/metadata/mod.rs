@@ -280,39 +280,54 @@ pub fn apply(config: &InstanceConfig, root: &Path) -> anyhow::Result<()> {
 }
 
 /// Renames the site: the nginx server names and redirect target, and `site.env` (which the TLS step reads after this).
+/// Each line is rewritten once, from what it was, so swapping the two names swaps them (no chained replacement).
 fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
     let env_path = root.join("etc/foobar/site.env");
     let env = std::fs::read_to_string(&env_path).with_context(|| format!("cannot read {}", env_path.display()))?;
     let value = |key: &str| {
         env.lines()
             .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .unwrap_or("")
-            .to_string()
+            .map(|v| v.trim_matches('\'').to_string())
+            .unwrap_or_default()
     };
     let (old_domain, old_canonical) = (value("DOMAIN"), value("CANONICAL"));
     let domain = site.domain.clone().unwrap_or(old_domain.clone());
     let canonical = site.canonical.clone().unwrap_or(old_canonical.clone());
+    if domain == canonical {
+        bail!("user data: key `site`: the domain and the canonical name must differ (both are `{domain}`)");
+    }
     let nginx_path = root.join("etc/nginx/sites-available/foobar");
     let nginx =
         std::fs::read_to_string(&nginx_path).with_context(|| format!("cannot read {}", nginx_path.display()))?;
-    let nginx = nginx
-        .replace(
-            &format!("server_name {old_canonical};"),
-            &format!("server_name {canonical};"),
-        )
-        .replace(&format!("server_name {old_domain};"), &format!("server_name {domain};"))
-        .replace(
-            &format!("://{old_canonical}$request_uri"),
-            &format!("://{canonical}$request_uri"),
-        );
+    let (canonical_line, domain_line) = (
+        format!("server_name {old_canonical};"),
+        format!("server_name {old_domain};"),
+    );
+    let redirect = format!("://{old_canonical}$request_uri");
+    let nginx: String = nginx
+        .lines()
+        .map(|line| {
+            let trimmed = line.trim();
+            if trimmed == canonical_line {
+                line.replace(&canonical_line, &format!("server_name {canonical};"))
+            } else if trimmed == domain_line {
+                line.replace(&domain_line, &format!("server_name {domain};"))
+            } else if line.contains(&redirect) {
+                line.replace(&redirect, &format!("://{canonical}$request_uri"))
+            } else {
+                line.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
     write(root, "etc/nginx/sites-available/foobar", &nginx, 0o644)?;
     let env: String = env
         .lines()
         .map(|l| {
             if l.starts_with("DOMAIN=") {
-                format!("DOMAIN={domain}")
+                format!("DOMAIN='{domain}'")
             } else if l.starts_with("CANONICAL=") {
-                format!("CANONICAL={canonical}")
+                format!("CANONICAL='{canonical}'")
             } else {
                 l.to_string()
             }

@@ -12,6 +12,7 @@ use serde::Serialize;
 use super::{write, Component};
 use crate::config::ImageConfig;
 use crate::context::{Context, Port, SiteEntry, SiteTree};
+use crate::process::{cmd, Tool};
 use crate::util::sha256_file;
 
 pub const COMPONENT: Component = Component {
@@ -19,6 +20,11 @@ pub const COMPONENT: Component = Component {
     // openssl makes the self-signed certificate at first boot.
     packages: &["nginx-light", "openssl"],
     instance_files: &["etc/foobar/tls/key.pem", "etc/foobar/tls/cert.pem"],
+    // The image's own nginx tests the rendered site in the image's root (`check_nginx`).
+    host_tools: &[Tool {
+        program: "chroot",
+        package: "coreutils",
+    }],
     ports: &[
         Port {
             number: 80,
@@ -155,6 +161,102 @@ pub fn site_vars(ctx: &Context) -> SiteVars {
     site
 }
 
+/// The real `nginx -t`, by the image's own nginx in a chroot of the image's root, on the configuration as installed.
+/// nginx loads the certificate, which first boot (or the operator) puts in place later: a throwaway one stands in
+/// for the test. Whatever the test made (that certificate, its directories, log files) is removed after, so the image
+/// is as if it had not run.
+fn check_nginx(root: &Path, vars: &SiteVars) -> anyhow::Result<()> {
+    use std::collections::BTreeSet;
+    let in_root = |path: &str| root.join(path.trim_start_matches('/'));
+    let listing =
+        |dirs: &[std::path::PathBuf]| -> BTreeSet<std::path::PathBuf> { dirs.iter().flat_map(|d| walk(d)).collect() };
+    // nginx -t opens its logs, makes its temp directories and an empty pid file.
+    let watched = [
+        root.join("var/log/nginx"),
+        root.join("var/lib/nginx"),
+        root.join("run"),
+        root.join("tmp"),
+        in_root(&vars.tls_certificate)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+        in_root(&vars.tls_key)
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or_default(),
+    ];
+    // The first missing ancestor of each certificate path: removed after, with all the test made below it.
+    let mut made_dirs = Vec::new();
+    for path in [&vars.tls_certificate, &vars.tls_key] {
+        let mut top = None;
+        let mut dir = in_root(path).parent().map(Path::to_path_buf);
+        while let Some(d) = dir.filter(|d| !d.exists()) {
+            top = Some(d.clone());
+            dir = d.parent().map(Path::to_path_buf);
+        }
+        made_dirs.extend(top);
+    }
+    let before = listing(&watched);
+    let result = (|| -> anyhow::Result<()> {
+        if !in_root(&vars.tls_certificate).exists() || !in_root(&vars.tls_key).exists() {
+            for path in [&vars.tls_certificate, &vars.tls_key] {
+                if let Some(dir) = in_root(path).parent() {
+                    std::fs::create_dir_all(dir)?;
+                }
+            }
+            cmd("chroot")
+                .arg(root)
+                .args([
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ])
+                .args(["-nodes", "-days", "1", "-subj", "/CN=nginx-t", "-keyout"])
+                .arg(&vars.tls_key)
+                .arg("-out")
+                .arg(&vars.tls_certificate)
+                .run()
+                .context("cannot make the stand-in certificate for nginx -t")?;
+        }
+        cmd("chroot")
+            .arg(root)
+            .args(["nginx", "-t", "-q"])
+            .run()
+            .context("nginx -t refused the site's rendered configuration (etc/nginx/sites-available/foobar)")
+    })();
+    let after = listing(&watched);
+    let made: Vec<&std::path::PathBuf> = after.difference(&before).collect();
+    for path in made.into_iter().rev() {
+        let _ = std::fs::remove_file(path).or_else(|_| std::fs::remove_dir(path));
+    }
+    for dir in made_dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    result
+}
+
+/// Every path under `dir` (itself excluded), files and directories.
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if entry.file_type().is_ok_and(|t| t.is_dir()) {
+            out.extend(walk(&path));
+        }
+        out.push(path);
+    }
+    out
+}
+
+/// `value` as one shell word: single-quoted, a quote inside written as `'\\''`.
+pub fn shell_quote(value: &str) -> String {
+    format!("'{}'", value.replace('\'', "'\\''"))
+}
+
 fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     // nginx's own unit neither waits for the network to be online nor tests its configuration before each start
     // (imagebuild ran `nginx -t` on it already).
@@ -166,18 +268,21 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     )?;
     let vars = site_vars(ctx);
     let self_signed = ctx.config.site.tls_certificate.is_empty();
+    // Sourced by first boot's shell as root: every value single-quoted (and the config allows no quote in them).
+    let env = [
+        ("DOMAIN", ctx.config.site.domain.as_str()),
+        ("CANONICAL", ctx.config.site.canonical.as_str()),
+        ("TLS_CERTIFICATE", vars.tls_certificate.as_str()),
+        ("TLS_KEY", vars.tls_key.as_str()),
+        ("TLS_SELF_SIGNED", if self_signed { "yes" } else { "no" }),
+    ]
+    .iter()
+    .map(|(key, value)| format!("{key}={}\n", shell_quote(value)))
+    .collect::<String>();
     write(
         root,
         "etc/foobar/site.env",
-        format!(
-            "# What first boot needs to know about the site (written by imagebuild).\nDOMAIN={}\nCANONICAL={}\n\
-             TLS_CERTIFICATE={}\nTLS_KEY={}\nTLS_SELF_SIGNED={}\n",
-            ctx.config.site.domain,
-            ctx.config.site.canonical,
-            vars.tls_certificate,
-            vars.tls_key,
-            if self_signed { "yes" } else { "no" }
-        ),
+        format!("# What first boot needs to know about the site (written by imagebuild).\n{env}"),
         0o644,
     )?;
     write(root, "etc/nginx/sites-available/foobar", site(&vars)?, 0o644)?;
@@ -208,6 +313,7 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             )?;
         }
     }
+    check_nginx(root, &vars)?;
     Ok(())
 }
 
