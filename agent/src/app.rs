@@ -58,6 +58,12 @@ impl App {
         self.status.lock().expect("app status lock").clone()
     }
 
+    /// Which run of the app this is: its pid and the restarts before it. Changes when it dies and when it starts.
+    pub fn run(&self) -> (Option<u32>, u64) {
+        let status = self.status.lock().expect("app status lock");
+        (status.pid, status.restarts)
+    }
+
     fn update(&self, f: impl FnOnce(&mut AppStatus)) {
         f(&mut self.status.lock().expect("app status lock"));
     }

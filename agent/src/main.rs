@@ -56,6 +56,15 @@ enum Command {
         #[arg(long, value_name = "DIR")]
         seed_dir: Option<PathBuf>,
     },
+    /// Print the full /healthz document (the database, migrations, first boot and the app's last output), asked of
+    /// the agent directly on its socket; exits 0 when healthy. Through nginx, only clients on the machine get it all
+    Health {
+        #[command(flatten)]
+        common: Common,
+        /// Where the agent listens, `host:port` or `unix:/path`, overriding `listen` in the file
+        #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
+        listen: Option<Listen>,
+    },
     /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
     /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
     Report {
@@ -166,6 +175,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Health { common, listen } => {
+            let config = load(&common)?;
+            let listen = listen.unwrap_or(config.listen);
+            let (status, body) = tokio::task::spawn_blocking(move || ask_health(&listen)).await??;
+            println!("{body}");
+            if status != 200 {
+                anyhow::bail!("/healthz answered {status}: not healthy");
+            }
+            Ok(())
+        }
         Command::Migrate { common } => {
             let applied = foobar_agent::serve::migrate_once(load(&common)?).await?;
             println!(
@@ -175,6 +194,41 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// `GET /healthz` straight to the agent (HTTP/1.0, one request): its status and body.
+fn ask_health(listen: &Listen) -> anyhow::Result<(u16, String)> {
+    use anyhow::Context as _;
+    use std::io::{Read as _, Write as _};
+    const REQUEST: &[u8] = b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    let timeout = Some(std::time::Duration::from_secs(10));
+    let mut answer = Vec::new();
+    match listen {
+        Listen::Unix(path) => {
+            let mut stream = std::os::unix::net::UnixStream::connect(path)
+                .with_context(|| format!("cannot connect to the agent at {}", path.display()))?;
+            stream.set_read_timeout(timeout)?;
+            stream.write_all(REQUEST)?;
+            stream.read_to_end(&mut answer)?;
+        }
+        Listen::Tcp(address) => {
+            let mut stream = std::net::TcpStream::connect(address)
+                .with_context(|| format!("cannot connect to the agent at {address}"))?;
+            stream.set_read_timeout(timeout)?;
+            stream.write_all(REQUEST)?;
+            stream.read_to_end(&mut answer)?;
+        }
+    }
+    let text = String::from_utf8_lossy(&answer);
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("the agent's answer has no header end")?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("the agent's answer has no status")?;
+    Ok((status, body.to_string()))
 }
 
 #[tokio::main]

@@ -28,6 +28,7 @@ pub struct Gauges {
     pub cache_hits: u64,
     pub cache_misses: u64,
     pub cache_invalidations: u64,
+    pub readiness_checks: u64,
 }
 
 impl Metrics {
@@ -114,6 +115,11 @@ impl Metrics {
                 "foobar_read_cache_invalidations_total",
                 "Writes on this node that emptied the read cache.",
                 gauges.cache_invalidations,
+            ),
+            (
+                "foobar_readiness_checks_total",
+                "Readiness checks run (database ping, app check): at most one per second for the health endpoints.",
+                gauges.readiness_checks,
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");

@@ -20,7 +20,17 @@ pub enum MigrationStatus {
     Failed(String),
 }
 
+/// How long a readiness result answers `/readyz` and `/healthz`: a flood of health requests costs one database ping
+/// and one app check per interval, not one per request. A migration status change starts a new interval.
+pub const HEALTH_TTL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// What a readiness result was taken under: the migration status changes and the app's run. When either changes,
+/// the result is taken again at once (the agent knows of these itself; the database and the marker are outside it,
+/// and wait for `HEALTH_TTL`).
+type HealthKey = (u64, Option<(Option<u32>, u64)>);
+
 /// The result of one readiness check per component; `Err` holds what is wrong.
+#[derive(Debug, Clone)]
 pub struct Readiness {
     pub database: Result<(), String>,
     pub migrations: Result<i64, String>,
@@ -58,6 +68,13 @@ pub struct Inner {
     pub app: Option<App>,
     /// Answers of the posts reads, kept until a write here or their time to live (`cache.rs`).
     pub cache: ReadCache,
+    /// The last readiness result and when it was taken (`HEALTH_TTL`); the lock makes concurrent askers share one
+    /// check.
+    health: tokio::sync::Mutex<Option<(tokio::time::Instant, HealthKey, Arc<Readiness>)>>,
+    /// Bumped by every migration status change: a result taken before it is not used after.
+    health_generation: std::sync::atomic::AtomicU64,
+    /// How many readiness checks ran (`/metrics`).
+    pub readiness_checks: std::sync::atomic::AtomicU64,
 }
 
 impl std::ops::Deref for AppState {
@@ -101,6 +118,9 @@ impl AppState {
             templates: templates(),
             app,
             cache: ReadCache::new(read_cache),
+            health: tokio::sync::Mutex::new(None),
+            health_generation: std::sync::atomic::AtomicU64::new(0),
+            readiness_checks: std::sync::atomic::AtomicU64::new(0),
         }))
     }
 
@@ -110,10 +130,30 @@ impl AppState {
 
     pub fn set_migration_status(&self, status: MigrationStatus) {
         *self.migrations.write().expect("migration status lock") = status;
+        self.health_generation.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// `readiness()`, taken at most once per `HEALTH_TTL` however many ask (the health endpoints).
+    pub async fn readiness_cached(&self) -> Arc<Readiness> {
+        use std::sync::atomic::Ordering;
+        let mut cached = self.health.lock().await;
+        let generation = (
+            self.health_generation.load(Ordering::SeqCst),
+            self.app.as_ref().map(App::run),
+        );
+        if let Some((at, taken, readiness)) = cached.as_ref() {
+            if *taken == generation && at.elapsed() < HEALTH_TTL {
+                return Arc::clone(readiness);
+            }
+        }
+        let readiness = Arc::new(self.readiness().await);
+        *cached = Some((tokio::time::Instant::now(), generation, Arc::clone(&readiness)));
+        readiness
     }
 
     /// Checks every component that `/readyz` depends on, the database live.
     pub async fn readiness(&self) -> Readiness {
+        self.readiness_checks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let database = crate::db::ping(&self.pool).await;
         let migrations = match self.migration_status() {
             MigrationStatus::Applied { version, .. } => Ok(version),

@@ -356,7 +356,15 @@ async fn health_endpoints_report_each_component() {
     assert_eq!(doc["checks"]["database:connection"][0]["status"], "pass");
 
     std::fs::write(&marker, b"").unwrap();
-    assert_eq!(get(&app, "/readyz").await.status, StatusCode::OK);
+    // A readiness result answers for up to a second (HEALTH_TTL): the marker shows within that.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+    while get(&app, "/readyz").await.status != StatusCode::OK {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the marker was not seen within the health interval"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let doc = get(&app, "/healthz").await.json();
     assert_eq!(doc["status"], "pass");
     assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
@@ -365,6 +373,94 @@ async fn health_endpoints_report_each_component() {
     for component in ["database:connection", "migrations:version", "first-boot:marker"] {
         assert_eq!(doc["checks"][component][0]["status"], "pass", "{component}: {doc}");
     }
+}
+
+async fn get_with(app: &Router, path: &str, headers: &[(&str, &str)]) -> Reply {
+    let mut req = Request::builder().method("GET").uri(path);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    send(app, req.body(Body::empty()).unwrap()).await
+}
+
+#[tokio::test]
+async fn a_proxied_client_gets_statuses_and_the_version_only_unless_nginx_vouches_for_it() {
+    let marker = crate::support::temp_dir("marker-public").join("first-boot.done");
+    let marker_dir = marker.parent().unwrap().display().to_string();
+    let (app, _) = ready_app(Some(marker.clone())).await;
+    let outside: &[&[(&str, &str)]] = &[
+        &[("x-forwarded-for", "203.0.113.9")],
+        &[("x-forwarded-for", "203.0.113.9"), ("x-foobar-health-detail", "0")],
+    ];
+    for headers in outside {
+        let ready = get_with(&app, "/readyz", headers).await;
+        assert_eq!(ready.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ready.json(), json!({"status": "not ready"}), "{headers:?}");
+        let health = get_with(&app, "/healthz", headers).await;
+        assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
+        let doc = health.json();
+        assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(
+            doc["checks"]["first-boot:marker"][0],
+            json!({"status": "fail"}),
+            "{doc}"
+        );
+        assert_eq!(
+            doc["checks"]["migrations:version"][0],
+            json!({"status": "pass"}),
+            "{doc}"
+        );
+        assert!(!health.body.contains(&marker_dir), "a path leaked: {}", health.body);
+        assert!(!health.body.contains("output"), "{}", health.body);
+    }
+    // nginx says the client is on the machine: everything.
+    let headers = [("x-forwarded-for", "127.0.0.1"), ("x-foobar-health-detail", "1")];
+    let ready = get_with(&app, "/readyz", &headers).await;
+    assert!(ready.body.contains("first boot not complete"), "{}", ready.body);
+    let health = get_with(&app, "/healthz", &headers).await;
+    assert!(health.body.contains(&marker_dir), "{}", health.body);
+    assert_eq!(health.json()["checks"]["migrations:version"][0]["observedValue"], 1);
+}
+
+#[tokio::test]
+async fn a_flood_of_health_requests_runs_one_readiness_check_per_interval() {
+    let (app, _) = ready_app(None).await;
+    let metric = |body: &str, name: &str| -> u64 {
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {body}"))
+    };
+    let before = get(&app, "/metrics").await.body;
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..400 {
+        let app = app.clone();
+        let path = if i % 2 == 0 { "/readyz" } else { "/healthz" };
+        tasks.push(tokio::spawn(async move { get(&app, path).await.status }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), StatusCode::OK);
+    }
+    let took = started.elapsed();
+    let after = get(&app, "/metrics").await.body;
+    let checks = metric(&after, "foobar_readiness_checks_total") - metric(&before, "foobar_readiness_checks_total");
+    // One check per started second of the flood, and not one per request.
+    let allowed = took.as_secs() + 1;
+    assert!(
+        checks <= allowed,
+        "{checks} readiness checks for 400 requests in {took:?}"
+    );
+    assert!(checks >= 1);
+    let in_use = |body: &str| {
+        metric(body, "foobar_db_pool_connections{state=\"idle\"}")
+            + metric(body, "foobar_db_pool_connections{state=\"in_use\"}")
+    };
+    // One check takes one connection at most (without the interval, 400 at once would open the pool's 16).
+    assert!(
+        in_use(&after) <= in_use(&before) + 1,
+        "the flood opened connections: {before}\n{after}"
+    );
 }
 
 #[tokio::test]

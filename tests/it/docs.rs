@@ -24,7 +24,7 @@ fn flags(help: &str) -> Vec<String> {
 #[test]
 fn every_agent_flag_is_in_the_readme() {
     let readme = readme();
-    for sub in ["serve", "migrate", "instance-config", "report"] {
+    for sub in ["serve", "migrate", "health", "instance-config", "report"] {
         let (code, help, _) = agent_command(&[sub, "--help"]);
         assert_eq!(code, 0);
         let flags = flags(&help);

@@ -1,7 +1,13 @@
 //! Operations endpoints: `/livez`, `/readyz`, `/healthz` (health+json) and `/metrics` (Prometheus text).
+//!
+//! `/readyz` and `/healthz` answer in full (what is wrong, the app's last output) only on the machine: a request
+//! nginx forwarded gets the full answer when nginx vouches for it (`X-Foobar-Health-Detail: 1`, which nginx sets for
+//! loopback clients and overwrites from anyone else); every other proxied request gets statuses and the version
+//! alone. A request that reached the agent directly (its unix socket, or `--listen` in development; no
+//! `X-Forwarded-For`) is on the machine. Both answers come from a readiness result at most `HEALTH_TTL` old.
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
@@ -14,20 +20,30 @@ pub async fn livez() -> Json<Value> {
     Json(json!({ "status": "pass" }))
 }
 
+/// Whether this request may see the full health documents (see the module's comment).
+pub fn detailed(headers: &HeaderMap) -> bool {
+    match headers.get("x-foobar-health-detail") {
+        Some(value) => value == "1",
+        None => !headers.contains_key("x-forwarded-for"),
+    }
+}
+
 /// 200 only when the database answers, migrations are applied and first boot is complete.
-pub async fn readyz(State(state): State<AppState>) -> Response {
-    let r = state.readiness().await;
+pub async fn readyz(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let r = state.readiness_cached().await;
     let problems: Vec<String> = [
-        r.database.err(),
-        r.migrations.err(),
-        r.first_boot.err(),
-        r.app.and_then(Result::err),
+        r.database.clone().err(),
+        r.migrations.clone().err(),
+        r.first_boot.clone().err(),
+        r.app.clone().and_then(Result::err),
     ]
     .into_iter()
     .flatten()
     .collect();
     if problems.is_empty() {
         (StatusCode::OK, Json(json!({ "status": "ready" }))).into_response()
+    } else if !detailed(&headers) {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "not ready" }))).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -49,8 +65,8 @@ fn check(result: &Result<(), String>, observed: Option<Value>) -> Value {
 }
 
 /// The health document (draft-inadarei-api-health-check): overall status, version and one check per component.
-pub async fn healthz(State(state): State<AppState>) -> Response {
-    let r = state.readiness().await;
+pub async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let r = state.readiness_cached().await;
     let ready = r.is_ready();
     let version = r.migrations.as_ref().ok().copied();
     let newly_applied = match state.migration_status() {
@@ -63,7 +79,7 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
         "serviceId": "foobar-agent",
         "checks": {
             "database:connection": check(&r.database, None),
-            "migrations:version": check(&r.migrations.map(|_| ()), version.map(Value::from)),
+            "migrations:version": check(&r.migrations.clone().map(|_| ()), version.map(Value::from)),
             "first-boot:marker": check(&r.first_boot, None),
         },
     });
@@ -83,6 +99,18 @@ pub async fn healthz(State(state): State<AppState>) -> Response {
     if let Some(n) = newly_applied {
         // How many migrations this start applied: 0 on every boot after the one that brought them.
         body["checks"]["migrations:version"][0]["appliedThisStart"] = json!(n);
+    }
+    if !detailed(&headers) {
+        // Statuses and the version only: no error text, no app output, no counts.
+        if let Some(checks) = body["checks"].as_object_mut() {
+            for entries in checks.values_mut() {
+                for entry in entries.as_array_mut().into_iter().flatten() {
+                    if let Some(fields) = entry.as_object_mut() {
+                        fields.retain(|k, _| matches!(k.as_str(), "status" | "componentId" | "componentType"));
+                    }
+                }
+            }
+        }
     }
     let status = if ready {
         StatusCode::OK
@@ -109,6 +137,7 @@ pub async fn metrics(State(state): State<AppState>) -> Response {
         cache_hits: state.cache.hits.load(std::sync::atomic::Ordering::Relaxed),
         cache_misses: state.cache.misses.load(std::sync::atomic::Ordering::Relaxed),
         cache_invalidations: state.cache.invalidations.load(std::sync::atomic::Ordering::Relaxed),
+        readiness_checks: state.readiness_checks.load(std::sync::atomic::Ordering::Relaxed),
     };
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],

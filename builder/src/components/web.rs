@@ -64,6 +64,10 @@ pub struct SiteVars {
     /// Sustained POSTs per second per client address, and the burst allowed above it; beyond: 429.
     pub write_rate: u32,
     pub write_burst: u32,
+    /// Health requests (`agent_exact`) per second per client address, and the burst above it; beyond: 429. Load
+    /// balancers ask a few times a second; a flood does not reach the agent.
+    pub health_rate: u32,
+    pub health_burst: u32,
     /// Largest request body (nginx size syntax); beyond: 413.
     pub body_limit: String,
     /// `Name "value"` pairs added to every answer of the canonical site.
@@ -99,6 +103,8 @@ impl SiteVars {
             tls_key: DEFAULT_TLS_KEY.to_string(),
             write_rate: 5,
             write_burst: 20,
+            health_rate: 20,
+            health_burst: 40,
             body_limit: "64k".to_string(),
             security_headers: vec![
                 "X-Content-Type-Options \"nosniff\"".to_string(),
