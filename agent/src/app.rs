@@ -17,8 +17,11 @@ use crate::db::DatabaseEnv;
 
 /// How many of the app's last output lines `/healthz` shows.
 const KEPT_LINES: usize = 20;
-/// A longer line is cut here (in the buffer; the journal gets it whole).
+/// A longer line is cut here (in the buffer; the journal gets up to `MAX_LINE` bytes of it).
 const KEPT_LINE_CHARS: usize = 300;
+/// Output without a newline is sent on in pieces of this many bytes: the agent's memory stays bounded whatever the
+/// app prints.
+const MAX_LINE: usize = 16 * 1024;
 /// The first restart waits this long; each quick death doubles it, up to `MAX_BACKOFF`.
 const FIRST_BACKOFF: Duration = Duration::from_millis(500);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -120,21 +123,25 @@ impl App {
                 s.next_start_in = None;
             });
             let exit = tokio::select! {
-                status = child.wait() => status,
+                status = child.wait() => match status {
+                    Ok(status) => describe(status),
+                    Err(err) => format!("lost: {err}"),
+                },
                 _ = stopped(&mut stop) => {
                     self.stop_gracefully(&mut child, grace).await;
                     self.update(|s| s.pid = None);
                     return;
+                }
+                why = self.hung() => {
+                    tracing::warn!(app = %self.config.name, %why, "the app is alive but hung; restarting it");
+                    self.stop_gracefully(&mut child, grace).await;
+                    format!("restarted: {why}")
                 }
             };
             // Whatever it left behind (workers of a killed master) would hold the socket; end them too.
             if let Some(pid) = pid {
                 signal_group(pid, libc::SIGKILL);
             }
-            let exit = match exit {
-                Ok(status) => describe(status),
-                Err(err) => format!("lost: {err}"),
-            };
             tracing::warn!(app = %self.config.name, %exit, ran = ?started.elapsed(), "app exited");
             self.update(|s| {
                 s.pid = None;
@@ -143,6 +150,43 @@ impl App {
             });
             if self.wait_before_restart(&mut backoff, started, &mut stop).await {
                 return;
+            }
+        }
+    }
+
+    /// Resolves when the running app has failed its health check for too long: `hang-timeout` seconds after it last
+    /// answered, or four times that from its start when it never did. Never, with `hang-timeout = 0`.
+    async fn hung(&self) -> String {
+        let limit = Duration::from_secs(self.config.hang_timeout);
+        if limit.is_zero() {
+            return std::future::pending().await;
+        }
+        let every = (limit / 3).clamp(Duration::from_millis(200), Duration::from_secs(5));
+        let started = Instant::now();
+        let mut answered = false;
+        let mut failing_since: Option<Instant> = None;
+        loop {
+            tokio::time::sleep(every).await;
+            match self.check().await {
+                Ok(()) => {
+                    answered = true;
+                    failing_since = None;
+                }
+                Err(err) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if answered && since.elapsed() >= limit {
+                        return format!(
+                            "no answer to its health check for {} s ({err})",
+                            since.elapsed().as_secs()
+                        );
+                    }
+                    if !answered && started.elapsed() >= limit * 4 {
+                        return format!(
+                            "never answered its health check in {} s ({err})",
+                            started.elapsed().as_secs()
+                        );
+                    }
+                }
             }
         }
     }
@@ -209,19 +253,55 @@ impl App {
         Ok(child)
     }
 
-    /// Copies the app's output, line by line, to the journal and into the kept lines.
+    /// Copies the app's output, line by line, to the journal and into the kept lines: every byte (invalid UTF-8
+    /// replaced, never a reason to stop), a line longer than `MAX_LINE` in pieces, until the app closes its end. The
+    /// pipe is read to the end, so the app never gets SIGPIPE or blocks on a full pipe because of the agent.
     async fn forward(self, stream: impl AsyncRead + Unpin, journal: Journal) {
-        let mut lines = BufReader::new(stream).lines();
-        while let Ok(Some(line)) = lines.next_line().await {
-            journal.send(&line);
-            let kept: String = line.chars().take(KEPT_LINE_CHARS).collect();
-            self.update(|s| {
-                if s.last_output.len() == KEPT_LINES {
-                    s.last_output.pop_front();
+        let mut reader = BufReader::new(stream);
+        let mut line: Vec<u8> = Vec::with_capacity(256);
+        loop {
+            let buffer = match reader.fill_buf().await {
+                Ok(buffer) => buffer,
+                Err(err) if err.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => break,
+            };
+            if buffer.is_empty() {
+                break;
+            }
+            let room = MAX_LINE - line.len();
+            let window = &buffer[..buffer.len().min(room)];
+            let (taken, complete) = match window.iter().position(|b| *b == b'\n') {
+                Some(end) => {
+                    line.extend_from_slice(&window[..end]);
+                    (end + 1, true)
                 }
-                s.last_output.push_back(kept);
-            });
+                None => {
+                    line.extend_from_slice(window);
+                    (window.len(), line.len() >= MAX_LINE)
+                }
+            };
+            reader.consume(taken);
+            if complete {
+                self.emit(&journal, &line);
+                line.clear();
+            }
         }
+        if !line.is_empty() {
+            self.emit(&journal, &line);
+        }
+    }
+
+    fn emit(&self, journal: &Journal, bytes: &[u8]) {
+        let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+        let line = String::from_utf8_lossy(bytes);
+        journal.send(&line);
+        let kept: String = line.chars().take(KEPT_LINE_CHARS).collect();
+        self.update(|s| {
+            if s.last_output.len() == KEPT_LINES {
+                s.last_output.pop_front();
+            }
+            s.last_output.push_back(kept);
+        });
     }
 
     /// SIGTERM, then SIGKILL to the whole group if it has not exited within `grace`.

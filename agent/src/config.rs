@@ -97,6 +97,14 @@ pub struct AppConfig {
     /// Extra environment, on top of `DATABASE_URL`, `DATABASE_SOCKET`, `DATABASE_NAME` and `DATABASE_USER`.
     #[serde(default)]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Seconds an app that answered its health check may then fail it before it is restarted (alive but hung); an
+    /// app that never answered gets four times as long from its start. 0: never restarted for not answering.
+    #[serde(default = "default_hang_timeout")]
+    pub hang_timeout: u64,
+}
+
+fn default_hang_timeout() -> u64 {
+    30
 }
 
 /// An app's name: up to 32 lowercase letters, digits and `-` (its journal tag and its `/healthz` component id).

@@ -138,6 +138,57 @@ fn readiness_follows_the_apps_own_health_path() {
 }
 
 #[test]
+fn an_app_that_hangs_is_restarted_after_its_hang_timeout() {
+    let dir = support::temp_dir("app-hang");
+    let socket = dir.join("app.sock");
+    let hang = dir.join("hang");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        &format!(
+            "health = \"/health\"\nhang-timeout = 3\nenv = {{ HANG_FILE = \"{}\" }}",
+            hang.display()
+        ),
+    );
+    let agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let pid = app_check(&agent)["pid"].as_i64().unwrap();
+    // Alive, not answering: no exit for the supervisor to see. The file goes once the restart has begun, so the
+    // next run answers.
+    std::fs::write(&hang, "").unwrap();
+    let hung_at = Instant::now();
+    let deadline = hung_at + Duration::from_secs(30);
+    let check = loop {
+        let check = app_check(&agent);
+        if check["restarts"] == 1 {
+            break check;
+        }
+        assert!(Instant::now() < deadline, "a hung app was not restarted: {check}");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let took = hung_at.elapsed();
+    std::fs::remove_file(&hang).unwrap();
+    assert!(
+        check["lastExit"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("restarted: no answer to its health check for"),
+        "{check}"
+    );
+    assert!(
+        took >= Duration::from_secs(3),
+        "restarted before its hang timeout: {took:?}"
+    );
+    assert!(!process_exists(pid), "the hung process is gone");
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(20));
+    eprintln!("hung app restarted {took:?} after it stopped answering");
+}
+
+#[test]
 fn a_killed_app_is_restarted_and_ready_again_within_seconds() {
     let agent = serve_tiny_app_on_a_socket("app-kill");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
@@ -196,6 +247,65 @@ fn an_app_that_dies_at_start_is_retried_with_growing_pauses_and_health_says_why(
     assert_eq!(ready.status, 503);
     assert!(ready.body.contains("app `tiny` is not running"), "{}", ready.body);
     assert_eq!(health(&agent)["status"], "fail");
+}
+
+/// The agent's peak resident memory, from /proc.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[test]
+fn invalid_utf8_and_an_endless_line_neither_stop_the_output_nor_grow_the_agent() {
+    let dir = support::temp_dir("app-noise");
+    let socket = dir.join("app.sock");
+    // 32 MiB without a newline, invalid UTF-8, a line, then the app itself (still writing to the pipe).
+    std::fs::write(
+        dir.join("noise.sh"),
+        "head -c 33554432 /dev/zero | tr '\\000' x\nprintf '\\nbad \\377\\376 bytes\\n'\n\
+         printf 'after the long line\\n'\nexec python3 tiny_app.py --socket \"$1\"\n",
+    )
+    .unwrap();
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["sh", "noise.sh", "{socket}"]"#,
+        "",
+    );
+    let agent = AgentProcess::serve(
+        &mariadb::shared().fresh_database(),
+        &["--config", config.to_str().unwrap()],
+    );
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(60));
+    // The app runs on, and its later output still arrives.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let output = loop {
+        let output: Vec<String> = serde_json::from_value(app_check(&agent)["lastOutput"].clone()).unwrap();
+        if output.iter().any(|l| l.starts_with("tiny app listening")) || Instant::now() > deadline {
+            break output;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(output.iter().any(|l| l == "bad \u{fffd}\u{fffd} bytes"), "{output:?}");
+    assert!(output.iter().any(|l| l == "after the long line"), "{output:?}");
+    assert!(output.iter().any(|l| l.starts_with("tiny app listening")), "{output:?}");
+    // The long line went through in bounded pieces (kept lines are cut at 300 characters).
+    assert!(
+        output.iter().any(|l| l.len() == 300 && l.bytes().all(|b| b == b'x')),
+        "{output:?}"
+    );
+    assert_eq!(
+        app_check(&agent)["restarts"],
+        0,
+        "the app was not broken by its own output"
+    );
+    let peak = peak_rss_kib(agent.child.id());
+    assert!(peak < 40 * 1024, "the agent peaked at {peak} KiB for a 32 MiB line");
+    eprintln!("agent peak RSS {peak} KiB");
 }
 
 #[test]
