@@ -67,6 +67,9 @@ pub struct Config {
     pub migrations: Option<PathBuf>,
     /// Seconds to wait for another agent's migration lock before giving up.
     pub migrate_lock_timeout: u64,
+    /// Seconds any query of a request may run before MariaDB aborts it (`max_statement_time`); the request then
+    /// gets 503. Migrations are not limited.
+    pub query_timeout: u64,
     /// A file whose existence means first boot completed; `/readyz` waits for it. Unset outside an image.
     pub first_boot_marker: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
@@ -192,6 +195,7 @@ impl Default for Config {
             pool_size: 16,
             migrations: None,
             migrate_lock_timeout: 60,
+            query_timeout: 10,
             first_boot_marker: None,
             shutdown_timeout: 10,
             read_cache_ms: 1000,
@@ -237,6 +241,12 @@ impl Config {
             bail!(
                 "key `read-cache-ms`: expected at most 60000 (it bounds how stale a read may be), got {}",
                 self.read_cache_ms
+            );
+        }
+        if self.query_timeout == 0 || self.query_timeout > 3600 {
+            bail!(
+                "key `query-timeout`: expected 1 to 3600 seconds, got {}",
+                self.query_timeout
             );
         }
         if self.migrate_lock_timeout == 0 {

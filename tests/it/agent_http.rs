@@ -464,6 +464,54 @@ async fn a_flood_of_health_requests_runs_one_readiness_check_per_interval() {
 }
 
 #[tokio::test]
+async fn a_query_held_up_by_a_lock_answers_503_with_retry_after_within_the_query_timeout() {
+    use sqlx::Connection as _;
+    let url = mariadb::shared().fresh_database();
+    let config = Config {
+        database_url: url.clone(),
+        query_timeout: 1,
+        ..Config::default()
+    };
+    let pool = foobar_agent::db::pool(&config).unwrap();
+    let migrator = migrate::load(None).await.unwrap();
+    migrate::apply(&pool, &migrator, Duration::from_secs(10)).await.unwrap();
+    let state = AppState::new(pool, None);
+    state.set_migration_status(MigrationStatus::Applied {
+        version: 1,
+        newly_applied: 1,
+    });
+    let app = foobar_agent::app(state);
+
+    // Another session holds the table: every query of the agent waits on it.
+    let mut other = sqlx::MySqlConnection::connect(&url).await.unwrap();
+    sqlx::query("LOCK TABLES posts WRITE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let started = tokio::time::Instant::now();
+    let r = tokio::time::timeout(
+        Duration::from_secs(15),
+        post_json(&app, &json!({"author": "a", "body": "held up"})),
+    )
+    .await
+    .expect("the request waited on the lock without a time limit");
+    let took = started.elapsed();
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert_eq!(r.headers[header::RETRY_AFTER], "2");
+    assert_eq!(r.json(), json!({"error": "database unavailable, try again shortly"}));
+    assert!(
+        took < Duration::from_secs(5),
+        "the query was not cut at its time limit: {took:?}"
+    );
+    let r = get(&app, "/api/posts").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+
+    sqlx::query("UNLOCK TABLES").execute(&mut other).await.unwrap();
+    let r = post_json(&app, &json!({"author": "a", "body": "after"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
+}
+
+#[tokio::test]
 async fn readyz_is_503_until_migrations_are_applied() {
     let config = Config {
         database_url: mariadb::shared().fresh_database(),

@@ -59,8 +59,14 @@ pub struct Applied {
 
 /// Applies every pending migration.
 pub async fn apply(pool: &MySqlPool, migrator: &Migrator, lock_timeout: Duration) -> Result<Applied, MigrationError> {
-    let mut pooled = pool.acquire().await.map_err(unreachable)?;
-    let conn: &mut sqlx::MySqlConnection = &mut pooled;
+    // A connection of its own (detached: closed after, never handed to a request) without the requests' time limit:
+    // the lock wait and a long migration may take longer than any query of a request.
+    let mut own = pool.acquire().await.map_err(unreachable)?.detach();
+    let conn: &mut sqlx::MySqlConnection = &mut own;
+    sqlx::query("SET SESSION max_statement_time = 0")
+        .execute(&mut *conn)
+        .await
+        .map_err(unreachable)?;
     let secs = lock_timeout.as_secs().max(1);
     let locked: Option<i64> = sqlx::query_scalar("SELECT GET_LOCK(?, ?)")
         .bind(LOCK_NAME)

@@ -23,10 +23,36 @@ pub fn pool(config: &Config) -> anyhow::Result<MySqlPool> {
     let options = connect_options(config)?
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(1));
+    let limit = config.query_timeout;
     Ok(MySqlPoolOptions::new()
         .max_connections(config.pool_size)
         .acquire_timeout(Duration::from_secs(2))
+        // Every query of a request is bounded by the server itself (migrations lift it on their own connection).
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                sqlx::query(&format!("SET SESSION max_statement_time = {limit}"))
+                    .execute(conn)
+                    .await
+                    .map(|_| ())
+            })
+        })
         .connect_lazy_with(options))
+}
+
+/// MariaDB error numbers that mean "try again shortly", not "this request is wrong": too many connections (1040,
+/// 1203), lock wait timeout (1205), deadlock (1213), query interrupted or over `max_statement_time` (1317, 1969),
+/// connection killed (1927), a Galera node not ready (1047), the server shutting down (1053).
+pub const TRANSIENT: &[u16] = &[1040, 1047, 1053, 1203, 1205, 1213, 1317, 1927, 1969];
+
+/// Whether an error is one a client may retry after a pause.
+pub fn is_transient(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| TRANSIENT.contains(&e.number())),
+        _ => false,
+    }
 }
 
 /// Whether the database answers a trivial query within 2 s; the error says what is wrong, without SQL.

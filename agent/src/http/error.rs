@@ -26,7 +26,13 @@ pub enum ApiError {
     /// Logged in full, answered as a bare "internal error".
     #[error("internal error")]
     Internal(#[source] sqlx::Error),
+    /// A page that could not be made (logged where it happened), answered as a bare "internal error".
+    #[error("internal error")]
+    Page,
 }
+
+/// Seconds a client is asked to wait before retrying a 503.
+pub const RETRY_AFTER: u64 = 2;
 
 impl ApiError {
     fn status(&self) -> StatusCode {
@@ -38,7 +44,7 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            ApiError::Internal(_) | ApiError::Page => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 }
@@ -48,7 +54,14 @@ impl IntoResponse for ApiError {
         if let ApiError::Internal(err) = &self {
             tracing::error!(error = %err, "request failed");
         }
-        (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response()
+        let mut response = (self.status(), Json(serde_json::json!({ "error": self.to_string() }))).into_response();
+        if matches!(self, ApiError::Unavailable) {
+            response.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from(RETRY_AFTER),
+            );
+        }
+        response
     }
 }
 
@@ -56,12 +69,11 @@ pub use crate::db::summary as db_summary;
 
 impl From<sqlx::Error> for ApiError {
     fn from(err: sqlx::Error) -> Self {
-        match err {
-            sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-                tracing::warn!(error = %db_summary(&err), "database unavailable");
-                ApiError::Unavailable
-            }
-            other => ApiError::Internal(other),
+        if crate::db::is_transient(&err) {
+            tracing::warn!(error = %db_summary(&err), "database unavailable or busy; answered 503");
+            ApiError::Unavailable
+        } else {
+            ApiError::Internal(err)
         }
     }
 }

@@ -224,7 +224,7 @@ pub async fn page(State(state): State<AppState>, headers: HeaderMap) -> Result<R
         context.insert("body_max", &BODY_MAX_CHARS);
         let html = state.templates.render("posts.html", &context).map_err(|err| {
             tracing::error!(error = ?err, "cannot render posts.html");
-            ApiError::BadRequest("cannot render the page".to_string())
+            ApiError::Page
         })?;
         Ok(Bytes::from(html))
     })
