@@ -70,6 +70,10 @@ pub struct Config {
     /// Seconds any query of a request may run before MariaDB aborts it (`max_statement_time`); the request then
     /// gets 503. Migrations are not limited.
     pub query_timeout: u64,
+    /// Writes are refused (507) while the file system holding `data-dir` has less than this many MiB free.
+    pub min_free_mib: u64,
+    /// Where the data lives whose file system is watched (MariaDB's data directory); absent: nothing is watched.
+    pub data_dir: PathBuf,
     /// A file whose existence means first boot completed; `/readyz` waits for it. Unset outside an image.
     pub first_boot_marker: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
@@ -196,6 +200,8 @@ impl Default for Config {
             migrations: None,
             migrate_lock_timeout: 60,
             query_timeout: 10,
+            min_free_mib: 256,
+            data_dir: PathBuf::from("/var/lib/mysql"),
             first_boot_marker: None,
             shutdown_timeout: 10,
             read_cache_ms: 1000,

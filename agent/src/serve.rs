@@ -142,6 +142,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         app.clone(),
         config.read_cache(),
     );
+    let _ = state.disk.set(crate::state::DiskGuard {
+        path: config.data_dir.clone(),
+        min_free: config.min_free_mib.saturating_mul(1 << 20),
+    });
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");

@@ -75,6 +75,37 @@ pub struct Inner {
     health_generation: std::sync::atomic::AtomicU64,
     /// How many readiness checks ran (`/metrics`).
     pub readiness_checks: std::sync::atomic::AtomicU64,
+    /// Where writes check for free space, set once at start (`serve`); unset: never refused for space.
+    pub disk: std::sync::OnceLock<DiskGuard>,
+}
+
+/// The free-space floor below which writes are refused, so that reads keep working and MariaDB never meets a full
+/// disk mid-write.
+#[derive(Debug, Clone)]
+pub struct DiskGuard {
+    pub path: PathBuf,
+    pub min_free: u64,
+}
+
+impl DiskGuard {
+    /// Bytes free for unprivileged writers on `path`'s file system; `None` when it cannot be told (no such path).
+    pub fn free(&self) -> Option<u64> {
+        let c = std::ffi::CString::new(self.path.as_os_str().as_encoded_bytes()).ok()?;
+        // SAFETY: a valid NUL-terminated path and a zeroed out-struct of the right type.
+        let mut stat: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(c.as_ptr(), &mut stat) } != 0 {
+            return None;
+        }
+        Some(stat.f_bavail as u64 * stat.f_frsize as u64)
+    }
+
+    /// `Err(free bytes)` when below the floor.
+    pub fn check(&self) -> Result<(), u64> {
+        match self.free() {
+            Some(free) if free < self.min_free => Err(free),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl std::ops::Deref for AppState {
@@ -121,6 +152,7 @@ impl AppState {
             health: tokio::sync::Mutex::new(None),
             health_generation: std::sync::atomic::AtomicU64::new(0),
             readiness_checks: std::sync::atomic::AtomicU64::new(0),
+            disk: std::sync::OnceLock::new(),
         }))
     }
 

@@ -511,6 +511,76 @@ async fn a_query_held_up_by_a_lock_answers_503_with_retry_after_within_the_query
     assert_eq!(r.status, StatusCode::CREATED, "{}", r.body);
 }
 
+/// A tmpfs of `mib` MiB mounted on a fresh directory (the tests run as root, as CI does); unmounted when dropped.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(mib: u64) -> SmallDisk {
+        let dir = crate::support::temp_dir("small-disk");
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a tmpfs needs root (CI runs as root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallDisk(dir)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[tokio::test]
+async fn a_nearly_full_disk_refuses_writes_with_507_keeps_reads_and_recovers_once_space_is_freed() {
+    let disk = SmallDisk::mount(16);
+    let (app, state) = ready_app(None).await;
+    state
+        .disk
+        .set(foobar_agent::state::DiskGuard {
+            path: disk.0.clone(),
+            min_free: 8 << 20,
+        })
+        .unwrap();
+    assert_eq!(
+        post_json(&app, &json!({"author": "a", "body": "before"})).await.status,
+        StatusCode::CREATED
+    );
+
+    // 10 of the 16 MiB taken: below the 8 MiB floor.
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 10 << 20]).unwrap();
+    let r = post_json(&app, &json!({"author": "a", "body": "while full"})).await;
+    assert_eq!(r.status, StatusCode::INSUFFICIENT_STORAGE, "{}", r.body);
+    assert_eq!(
+        r.json(),
+        json!({"error": "the server's disk is nearly full: writes are refused until space is freed"})
+    );
+    let form = call(
+        &app,
+        "POST",
+        "/posts",
+        Some("application/x-www-form-urlencoded"),
+        "author=a&body=form",
+    )
+    .await;
+    assert_eq!(form.status, StatusCode::INSUFFICIENT_STORAGE, "{}", form.body);
+    let list = get(&app, "/api/posts").await;
+    assert_eq!(list.status, StatusCode::OK, "reads go on");
+    assert_eq!(list.json().as_array().unwrap().len(), 1, "nothing stored while full");
+    assert_eq!(get(&app, "/posts").await.status, StatusCode::OK);
+
+    std::fs::remove_file(&filler).unwrap();
+    let r = post_json(&app, &json!({"author": "a", "body": "after"})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "writes resume by themselves: {}", r.body);
+}
+
 #[tokio::test]
 async fn readyz_is_503_until_migrations_are_applied() {
     let config = Config {

@@ -486,6 +486,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
             "fdisk",
             "iproute2",
             "linux-image-cloud-amd64",
+            "logrotate",
             "mariadb-server",
             "nftables",
             "nginx-light",

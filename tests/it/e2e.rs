@@ -1156,6 +1156,44 @@ fn the_raw_vmdk_and_vhd_outputs_boot_and_the_guest_has_every_clouds_drivers() {
             .unwrap();
         assert!(secs < 2.0, "instance-config took {secs} s without metadata: {line}");
         times.push(format!("(instance-config without metadata {secs:.2} s)"));
+        // Logs are bounded: the journal has its ceiling, and nginx's logs rotate (forced here) with nginx writing on.
+        let (_, journald, _) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "sudo journalctl -b -o cat -u systemd-journald",
+        );
+        assert!(
+            journald.contains("max 200.0M") || journald.contains("max 32.0M"),
+            "the journal's ceiling: {journald}"
+        );
+        let (code, rotated, err) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "systemctl show -p TimersCalendar logrotate.timer && sudo logrotate -f /etc/logrotate.d/nginx && \
+             sleep 1 && ls /var/log/nginx",
+        );
+        assert_eq!(code, 0, "{rotated}{err}");
+        assert!(
+            rotated.contains("*:00/5") || rotated.contains("*:0/5"),
+            "every 5 minutes: {rotated}"
+        );
+        assert!(rotated.contains("access.log.1"), "rotated: {rotated}");
+        get_host(&guest.url("/"), SITE).unwrap();
+        let (_, size, _) = ssh(
+            &guest,
+            &built.key,
+            "admin",
+            &[],
+            "sudo stat -c %s /var/log/nginx/access.log",
+        );
+        assert!(
+            size.trim().parse::<u64>().unwrap_or(0) > 0,
+            "nginx writes to the new log: {size}"
+        );
         let (_, cmdline, _) = ssh(&guest, &built.key, "admin", &[], "cat /proc/cmdline");
         assert!(cmdline.contains("console=ttyS0"), "serial console: {cmdline}");
         let (_, networks, _) = ssh(&guest, &built.key, "admin", &[], "networkctl list --no-legend");

@@ -23,6 +23,9 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("database unavailable, try again shortly")]
     Unavailable,
+    /// The disk is nearly full: writes wait until space is freed; reads go on.
+    #[error("the server's disk is nearly full: writes are refused until space is freed")]
+    DiskFull,
     /// Logged in full, answered as a bare "internal error".
     #[error("internal error")]
     Internal(#[source] sqlx::Error),
@@ -44,6 +47,7 @@ impl ApiError {
             ApiError::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
             ApiError::Internal(_) | ApiError::Page => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }

@@ -60,6 +60,10 @@ impl NewPost {
 
     async fn insert(&self, state: &AppState) -> Result<Post, ApiError> {
         self.validate()?;
+        if let Some(Err(free)) = state.disk.get().map(|d| d.check()) {
+            tracing::warn!(free_mib = free >> 20, "a write refused: the disk is nearly full");
+            return Err(ApiError::DiskFull);
+        }
         // MariaDB's INSERT ... RETURNING sends no column metadata for prepared statements, which sqlx needs,
         // so the stored row is read back by its id.
         let id = sqlx::query("INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))")

@@ -128,6 +128,15 @@ fn install(_: &Context, root: &Path) -> anyhow::Result<()> {
         "/etc/systemd/system/foobar-firstboot.service",
         "multi-user.target",
     )?;
+    // The journal's disk use has a fixed ceiling, whatever the disk's size (journald's default is 10 % of it, up to
+    // 4 GiB).
+    write(
+        root,
+        "etc/systemd/journald.conf.d/foobar.conf",
+        "[Journal]\n# foobar: bounded logs (written by imagebuild).\nSystemMaxUse=200M\nSystemKeepFree=256M\n\
+         RuntimeMaxUse=32M\n",
+        0o644,
+    )?;
     write(
         root,
         "etc/systemd/system/foobar-report.service",

@@ -17,8 +17,8 @@ use crate::util::sha256_file;
 
 pub const COMPONENT: Component = Component {
     name: "web",
-    // openssl makes the self-signed certificate at first boot.
-    packages: &["nginx-light", "openssl"],
+    // openssl makes the self-signed certificate at first boot; logrotate bounds nginx's logs.
+    packages: &["nginx-light", "openssl", "logrotate"],
     instance_files: &["etc/foobar/tls/key.pem", "etc/foobar/tls/cert.pem"],
     // The image's own nginx tests the rendered site in the image's root (`check_nginx`).
     host_tools: &[Tool {
@@ -296,6 +296,20 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         root,
         "etc/nginx/foobar-proxy.conf",
         proxy(&ProxyVars { connect_timeout: 5 })?,
+        0o644,
+    )?;
+    // nginx's logs stay bounded: rotated by size, checked every 5 minutes (a day of a flood would fill the disk).
+    write(
+        root,
+        "etc/logrotate.d/nginx",
+        include_str!("../../../image/files/logrotate-nginx"),
+        0o644,
+    )?;
+    write(
+        root,
+        "etc/systemd/system/logrotate.timer.d/foobar.conf",
+        "[Timer]\n# foobar: every 5 minutes, so that size limits hold (Debian: daily).\nOnCalendar=\nOnCalendar=*:0/5\n\
+         AccuracySec=30s\nRandomizedDelaySec=0\n",
         0o644,
     )?;
     let _ = std::fs::remove_file(root.join("etc/nginx/sites-enabled/default"));
