@@ -117,11 +117,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let probe_sources = sources.clone();
             let applied_root = root.clone();
             let result = tokio::task::spawn_blocking(move || {
-                let config = foobar_agent::metadata::fetch(&sources)?;
+                let mut config = foobar_agent::metadata::fetch(&sources)?;
                 for note in &config.notes {
                     eprintln!("foobar-agent: note: {note}");
                 }
-                foobar_agent::metadata::apply(&config, &applied_root)?;
+                foobar_agent::metadata::apply(&mut config, &applied_root)?;
                 Ok::<_, anyhow::Error>(config)
             })
             .await?;
@@ -151,6 +151,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.notes.len(),
                 started.elapsed().as_secs_f64()
             );
+            // Every valid part is applied; each invalid one is named, and the command fails (recorded for the report).
+            for error in &config.errors {
+                eprintln!("foobar-agent: error: {error}");
+            }
+            if !config.errors.is_empty() {
+                anyhow::bail!(
+                    "{} part(s) of the instance configuration are invalid and were skipped; the rest is applied",
+                    config.errors.len()
+                );
+            }
             Ok(())
         }
         Command::Report {

@@ -815,22 +815,46 @@ fn swapping_the_domain_and_the_canonical_name_swaps_them_and_one_name_for_both_i
 }
 
 #[test]
-fn a_silent_metadata_service_is_given_up_on_within_bounds_and_a_bad_fragment_is_refused() {
+fn a_silent_metadata_service_is_given_up_on_within_bounds_and_a_bad_part_is_skipped_not_the_rest() {
     let root = scratch_root("inst-bad");
     let dmi = dmi("dmi-ec2b", &[("sys_vendor", "Amazon EC2")]);
     let fragment = "#foobar-config\n[site]\ndomain = \"not a name\"\n";
     let server = FakeHttp::start(ec2(Imds::Optional, KEY, Some(fragment.as_bytes().to_vec()), false));
     let (code, _, err, _) = instance_config(&root, &dmi, &["--metadata-url", &server.url()]);
-    assert_eq!(code, 1);
+    assert_eq!(code, 1, "an invalid part fails the command");
     assert!(
         err.contains("key `site`: expected DNS names, got `not a name`"),
         "{err}"
     );
-    assert_eq!(
-        read(&root, "etc/hostname"),
-        "foobar\n",
-        "nothing applied from a refused answer"
+    // Everything valid is applied all the same: the admin is not locked out by a bad fragment.
+    assert!(read(&root, "etc/ssh/authorized_keys/admin").contains(KEY));
+    assert_eq!(read(&root, "etc/hostname"), "ip-10-1-2-3\n");
+    assert!(
+        read(&root, "etc/nginx/sites-available/foobar").contains("server_name www.foobar.com;"),
+        "site unchanged"
     );
+    let record: serde_json::Value = serde_json::from_str(&read(&root, "var/lib/foobar/instance.json")).unwrap();
+    assert!(record["errors"][0].as_str().unwrap().contains("not a name"), "{record}");
+
+    // A bad value in a cloud-config document skips that key only.
+    let root = scratch_root("inst-bad-key");
+    let plain = self::dmi("dmi-plain-bad", &[("sys_vendor", "QEMU")]);
+    let seed = support::temp_dir("seed-bad");
+    std::fs::write(seed.join("meta-data"), "instance-id: i-9\nlocal-hostname: bad_name!\n").unwrap();
+    std::fs::write(
+        seed.join("user-data"),
+        format!("#cloud-config\nusers: 7\nssh_authorized_keys: [\"{KEY}\"]\n"),
+    )
+    .unwrap();
+    let (code, _, err, _) = instance_config(&root, &plain, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("`users` must be a list"), "{err}");
+    assert!(err.contains("hostname `bad_name!` is not a valid host name"), "{err}");
+    assert!(
+        read(&root, "etc/ssh/authorized_keys/admin").contains(KEY),
+        "the keys still apply"
+    );
+    assert_eq!(read(&root, "etc/hostname"), "foobar\n");
 
     // Nothing listens: bounded retries, then a clear error.
     let port = support::free_port();

@@ -57,8 +57,10 @@ impl Source for Azure {
             &format!("{imds}/metadata/instance/compute/userData?api-version=2021-01-01&format=text"),
             &headers,
         )? {
-            let decoded = userdata::base64(encoded.trim()).context("Azure user data is not base64")?;
-            userdata::read(&decoded, &mut config)?;
+            match userdata::base64(encoded.trim()) {
+                Ok(decoded) => userdata::read(&decoded, &mut config),
+                Err(_) => config.errors.push("Azure user data is not base64".into()),
+            }
         }
         Ok(config)
     }

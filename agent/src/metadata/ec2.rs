@@ -49,7 +49,7 @@ impl Source for Ec2 {
             }
         }
         if let Some(user_data) = http.get_bytes(&format!("{base}/latest/user-data"), &headers)? {
-            userdata::read(&user_data, &mut config)?;
+            userdata::read(&user_data, &mut config);
         }
         Ok(config)
     }

@@ -98,11 +98,15 @@ impl Source for Gce {
         if let Some(data) = attribute(instance, "user-data") {
             let encoding = attribute(instance, "user-data-encoding").unwrap_or_default();
             let bytes = if encoding.trim().eq_ignore_ascii_case("base64") {
-                userdata::base64(&data).context("GCE user data: user-data-encoding is base64 but it is not")?
+                userdata::base64(&data)
+                    .map_err(|_| "GCE user data: user-data-encoding is base64 but it is not".to_string())
             } else {
-                data.into_bytes()
+                Ok(data.into_bytes())
             };
-            userdata::read(&bytes, &mut config)?;
+            match bytes {
+                Ok(bytes) => userdata::read(&bytes, &mut config),
+                Err(err) => config.errors.push(err),
+            }
         }
         Ok(config)
     }

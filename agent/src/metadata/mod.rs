@@ -131,6 +131,10 @@ pub struct InstanceConfig {
     pub site: Option<SiteOverride>,
     /// What was given but not acted on, and why (a key for another user, an expired key, a script, ...).
     pub notes: Vec<String>,
+    /// What was given but is invalid (a malformed fragment, a bad host name): skipped, each named; every valid part
+    /// still applies. Any of these makes instance configuration fail (and Azure hear `NotReady`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 impl InstanceConfig {
@@ -141,6 +145,7 @@ impl InstanceConfig {
             ssh_keys: Vec::new(),
             site: None,
             notes: Vec::new(),
+            errors: Vec::new(),
         }
     }
 }
@@ -229,14 +234,26 @@ pub fn fetch(sources: &Sources) -> anyhow::Result<InstanceConfig> {
 /// Where the result is recorded for operators, and what the platform needs for its `Ready` report.
 pub const RECORD: &str = "var/lib/foobar/instance.json";
 
-/// Applies what was found under `root`: hostname, the admin's keys, the site's names; records it all.
-pub fn apply(config: &InstanceConfig, root: &Path) -> anyhow::Result<()> {
-    if let Some(name) = &config.hostname {
-        // Clouds hand out fully qualified names; the machine's own name is the first label.
-        let short = name.split('.').next().unwrap_or(name);
-        if !valid_hostname(short) {
-            bail!("the platform's hostname `{name}` is not a valid host name");
-        }
+/// Applies what was found under `root`: hostname, the admin's keys, the site's names; records it all. An invalid
+/// part (a bad host name, a site rename that cannot be done) is added to `errors` and skipped, the rest applied;
+/// only a file that cannot be written fails the whole.
+pub fn apply(config: &mut InstanceConfig, root: &Path) -> anyhow::Result<()> {
+    let short = config
+        .hostname
+        .as_deref()
+        .map(|name| (name.to_string(), name.split('.').next().unwrap_or(name).to_string()));
+    match short {
+        Some((name, short)) if !valid_hostname(&short) => config.errors.push(format!(
+            "the platform's hostname `{name}` is not a valid host name: kept the image's"
+        )),
+        Some((_, short)) => set_hostname(root, &short)?,
+        None => {}
+    }
+    apply_keys_and_site(config, root)
+}
+
+fn set_hostname(root: &Path, short: &str) -> anyhow::Result<()> {
+    {
         write(root, "etc/hostname", &format!("{short}\n"), 0o644)?;
         let hosts = std::fs::read_to_string(root.join("etc/hosts")).unwrap_or_default();
         let mut lines: Vec<String> = hosts
@@ -254,6 +271,10 @@ pub fn apply(config: &InstanceConfig, root: &Path) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+fn apply_keys_and_site(config: &mut InstanceConfig, root: &Path) -> anyhow::Result<()> {
     let keys: Vec<&String> = config.ssh_keys.iter().filter(|k| valid_key(k)).collect();
     if keys.len() != config.ssh_keys.len() {
         tracing::warn!(
@@ -272,8 +293,10 @@ pub fn apply(config: &InstanceConfig, root: &Path) -> anyhow::Result<()> {
         }
         write(root, path, &text, 0o644)?;
     }
-    if let Some(site) = &config.site {
-        override_site(root, site)?;
+    if let Some(site) = config.site.clone() {
+        if let Err(err) = override_site(root, &site) {
+            config.errors.push(format!("{err:#}"));
+        }
     }
     write(root, RECORD, &serde_json::to_string_pretty(config)?, 0o644)?;
     Ok(())
@@ -370,9 +393,16 @@ pub fn report(sources: &Sources, budget: std::time::Duration) -> anyhow::Result<
     let outcome = match std::fs::read_to_string(sources.root.join(RECORD)) {
         Ok(text) => {
             let doc: Value = serde_json::from_str(&text).with_context(|| format!("cannot read /{RECORD}"))?;
-            match doc.get("error").and_then(Value::as_str) {
-                Some(error) => Outcome::Failed(error.to_string()),
-                None => Outcome::Provisioned,
+            let errors: Vec<&str> = doc
+                .get("error")
+                .and_then(Value::as_str)
+                .into_iter()
+                .chain(doc["errors"].as_array().into_iter().flatten().filter_map(Value::as_str))
+                .collect();
+            if errors.is_empty() {
+                Outcome::Provisioned
+            } else {
+                Outcome::Failed(errors.join("; "))
             }
         }
         Err(_) => Outcome::Failed("first boot recorded no instance configuration".into()),

@@ -86,7 +86,7 @@ fn read_seed(dir: &Path) -> anyhow::Result<InstanceConfig> {
         }
     }
     if let Ok(user_data) = std::fs::read(dir.join("user-data")) {
-        userdata::read(&user_data, &mut config)?;
+        userdata::read(&user_data, &mut config);
     }
     Ok(config)
 }

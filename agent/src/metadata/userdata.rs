@@ -8,7 +8,8 @@
 //! - MIME multi-part (what `write-mime-multipart` and Terraform's cloud-init provider make): each part as above.
 //!
 //! Whatever is not acted on (a shell script, another user, `packages:`, ...) is named in `notes`, which the agent
-//! prints to the journal and records; nothing is dropped silently. A part we act on that is malformed is an error.
+//! prints to the journal and records; nothing is dropped silently. A part or key we act on that is malformed is
+//! named in `errors` and skipped: every valid part still applies (the admin's keys above all).
 
 use std::io::Read as _;
 
@@ -20,11 +21,15 @@ use super::{valid_hostname, InstanceConfig, SiteOverride, ADMIN};
 /// Decompressed user data larger than this is refused (the clouds' own limits are far below).
 const MAX_DECODED: u64 = 4 << 20;
 
-/// Reads user data (raw bytes as the platform served them) into `config`.
-pub fn read(bytes: &[u8], config: &mut InstanceConfig) -> anyhow::Result<()> {
-    let bytes = gunzip(bytes)?;
-    let text = String::from_utf8_lossy(&bytes);
-    read_text(text.trim_start_matches('\u{feff}'), config, "user data")
+/// Reads user data (raw bytes as the platform served them) into `config`; what cannot be read is in its `errors`.
+pub fn read(bytes: &[u8], config: &mut InstanceConfig) {
+    let result = gunzip(bytes).and_then(|bytes| {
+        let text = String::from_utf8_lossy(&bytes);
+        read_text(text.trim_start_matches('\u{feff}'), config, "user data")
+    });
+    if let Err(err) = result {
+        config.errors.push(format!("{err:#}"));
+    }
 }
 
 /// Decompresses gzip data (told by its magic bytes); anything else is returned as it is.
@@ -104,12 +109,21 @@ fn cloud_config(text: &str, config: &mut InstanceConfig, what: &str) -> anyhow::
             ignored.push(format!("{key:?}"));
             continue;
         };
-        match key {
-            "hostname" => config.hostname = Some(string(value, what, "hostname")?),
-            "fqdn" => fqdn = Some(string(value, what, "fqdn")?),
-            "ssh_authorized_keys" | "ssh-authorized-keys" => config.ssh_keys.extend(strings(value, what, key)?),
-            "users" => users(value, config, what)?,
-            _ => ignored.push(key.to_string()),
+        // A bad value is named and skipped; the other keys still apply.
+        let result = match key {
+            "hostname" => string(value, what, "hostname").map(|v| config.hostname = Some(v)),
+            "fqdn" => string(value, what, "fqdn").map(|v| fqdn = Some(v)),
+            "ssh_authorized_keys" | "ssh-authorized-keys" => {
+                strings(value, what, key).map(|keys| config.ssh_keys.extend(keys))
+            }
+            "users" => users(value, config, what),
+            _ => {
+                ignored.push(key.to_string());
+                Ok(())
+            }
+        };
+        if let Err(err) = result {
+            config.errors.push(format!("{err:#}"));
         }
     }
     if config.hostname.is_none() {
