@@ -118,10 +118,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let applied_root = root.clone();
             let result = tokio::task::spawn_blocking(move || {
                 let mut config = foobar_agent::metadata::fetch(&sources)?;
+                let applied = foobar_agent::metadata::apply(&mut config, &applied_root);
                 for note in &config.notes {
                     eprintln!("foobar-agent: note: {note}");
                 }
-                foobar_agent::metadata::apply(&mut config, &applied_root)?;
+                applied?;
                 Ok::<_, anyhow::Error>(config)
             })
             .await?;

@@ -811,3 +811,69 @@ fn the_sites_files_change_the_image_seed_but_not_the_package_layer() {
     let (ok, stderr, _) = nginx_t("nginx-static", vars);
     assert!(ok, "nginx -t failed:\n{stderr}");
 }
+
+/// First boot's TLS step, as the image ships it (its two functions taken from `image/files/firstboot`, run by dash):
+/// a matching pair stays, a broken one is set aside, and a certificate is always in place for nginx.
+#[test]
+fn first_boots_tls_step_keeps_a_matching_pair_sets_aside_a_broken_one_and_always_leaves_one() {
+    let script =
+        std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/files/firstboot"))
+            .unwrap();
+    let function = |name: &str| -> String {
+        let start = script
+            .find(&format!("\n{name}() {{"))
+            .unwrap_or_else(|| panic!("no {name}() in firstboot"));
+        let end = script[start + 1..].find("\n}\n").unwrap() + start + 4;
+        script[start..end].to_string()
+    };
+    let dir = support::temp_dir("fb-tls");
+    let (other_cert, other_key) = support::self_signed_certificate(&support::temp_dir("fb-other"), &["other.example"]);
+    let run = |self_signed: &str, prepare: &str| -> (String, bool) {
+        let body = format!(
+            "say() {{ echo \"say: $*\"; }}\n{}\n{}\nTLS_CERTIFICATE={d}/tls/cert.pem TLS_KEY={d}/tls/key.pem \
+             TLS_SELF_SIGNED={self_signed} CANONICAL=www.foobar.com DOMAIN=foobar.com\n{prepare}\ntls\n\
+             tls_pair_matches && echo matches\n",
+            function("tls_pair_matches"),
+            function("tls"),
+            d = dir.display()
+        );
+        let out = Command::new("dash").arg("-c").arg(&body).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+        (text.clone(), out.status.success() && text.contains("matches"))
+    };
+    // Nothing there: a self-signed pair, the key readable by root alone.
+    let (text, ok) = run("yes", "");
+    assert!(
+        ok && text.contains("self-signed TLS certificate for www.foobar.com"),
+        "{text}"
+    );
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(dir.join("tls/key.pem")).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // An operator's path with nothing installed yet: a stand-in serves, and says how to switch.
+    let (text, ok) = run("no", "rm -f \"$TLS_CERTIFICATE\" \"$TLS_KEY\"");
+    assert!(
+        ok && text.contains("missing: a self-signed one serves until it is installed"),
+        "{text}"
+    );
+    // A key that is not the certificate's: set aside, a stand-in made.
+    let broken = format!("cp {} \"$TLS_KEY\"", other_key.display());
+    let (text, ok) = run("no", &broken);
+    assert!(
+        ok && text.contains("not a certificate and its key: set aside as .invalid"),
+        "{text}"
+    );
+    assert!(dir.join("tls/key.pem.invalid").exists());
+    // A matching pair in place: kept as it is.
+    let pair = format!(
+        "cp {} \"$TLS_CERTIFICATE\"; cp {} \"$TLS_KEY\"",
+        other_cert.display(),
+        other_key.display()
+    );
+    let (text, ok) = run("no", &pair);
+    assert!(ok && !text.contains("say:"), "{text}");
+    assert_eq!(
+        std::fs::read(dir.join("tls/cert.pem")).unwrap(),
+        std::fs::read(&other_cert).unwrap()
+    );
+}

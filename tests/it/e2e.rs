@@ -1301,12 +1301,25 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
     drop(guest);
     times.push(format!("azure {ready:.1} s"));
 
-    // NoCloud: a `cidata` volume made the way cloud-localds makes its vfat variant.
+    // NoCloud: a `cidata` volume made the way cloud-localds makes its vfat variant, with multi-part user data (as
+    // write-mime-multipart makes it): cloud-config in flow style, and a fragment with the site's certificate.
     let dir = support::temp_dir("e2e-seed");
+    let (cert_file, key_file) = support::self_signed_certificate(&dir, &[SITE, "foobar.com"]);
+    let (cert, tls_key) = (
+        std::fs::read_to_string(&cert_file).unwrap(),
+        std::fs::read_to_string(&key_file).unwrap(),
+    );
     std::fs::write(dir.join("meta-data"), "instance-id: i-7\nlocal-hostname: web-7\n").unwrap();
+    let boundary = "===============0714326093214716097==";
     std::fs::write(
         dir.join("user-data"),
-        format!("#cloud-config\nssh_authorized_keys:\n  - {public}\n"),
+        format!(
+            "Content-Type: multipart/mixed; boundary=\"{boundary}\"\nMIME-Version: 1.0\n\n--{boundary}\n\
+             Content-Type: text/cloud-config; charset=\"us-ascii\"\nMIME-Version: 1.0\n\n\
+             #cloud-config\nssh_authorized_keys: [\"{public}\"]\n\n--{boundary}\n\
+             Content-Type: text/plain; charset=\"us-ascii\"\nMIME-Version: 1.0\n\n{}\n--{boundary}--\n",
+            instance::tls_fragment(&cert, &tls_key)
+        ),
     )
     .unwrap();
     let seed = dir.join("seed.img");
@@ -1333,6 +1346,15 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
     let (code, name, err) = ssh(&guest, &key, "admin", &[], "hostname");
     assert_eq!(code, 0, "nocloud: SSH with the seed's key: {err}");
     assert_eq!(name, "web-7");
+    // HTTPS serves the certificate the instance configuration carried, not a self-signed one of the image's.
+    let expected = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    let expected = String::from_utf8_lossy(&expected.stdout);
+    let (served, text) = tls_certificate(&guest);
+    assert!(expected.contains(&served), "served {text}, expected {expected}");
     times.push(format!("nocloud {ready:.1} s"));
     report(format!("ready with metadata: {}", times.join(", ")));
 }

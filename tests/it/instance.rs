@@ -761,6 +761,54 @@ fn mime_multipart_user_data_is_read_part_by_part() {
     );
 }
 
+/// A `#foobar-config` fragment with a `[tls]` certificate and key (TOML multi-line strings).
+pub fn tls_fragment(cert: &str, key: &str) -> String {
+    format!("#foobar-config\n[tls]\ncertificate = \"\"\"\n{cert}\"\"\"\nkey = \"\"\"\n{key}\"\"\"\n")
+}
+
+#[test]
+fn a_certificate_in_the_instance_configuration_is_installed_where_nginx_reads_it_and_never_recorded() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let (cert_file, key_file) =
+        support::self_signed_certificate(&support::temp_dir("inst-tls-cert"), &["www.foobar.com"]);
+    let (cert, key) = (
+        std::fs::read_to_string(&cert_file).unwrap(),
+        std::fs::read_to_string(&key_file).unwrap(),
+    );
+    let root = scratch_root("inst-tls");
+    std::fs::write(
+        root.join("etc/foobar/site.env"),
+        "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\nTLS_CERTIFICATE='/etc/ssl/site/cert.pem'\n\
+         TLS_KEY='/etc/ssl/site/key.pem'\nTLS_SELF_SIGNED='no'\n",
+    )
+    .unwrap();
+    let plain = dmi("dmi-plain-tls", &[("sys_vendor", "QEMU")]);
+    let seed = support::temp_dir("seed-tls");
+    std::fs::write(seed.join("meta-data"), "instance-id: i-4\n").unwrap();
+    std::fs::write(seed.join("user-data"), tls_fragment(&cert, &key)).unwrap();
+    let (code, _, err, _) = instance_config(&root, &plain, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read(&root, "etc/ssl/site/cert.pem"), cert);
+    assert_eq!(read(&root, "etc/ssl/site/key.pem"), key);
+    let mode = |p: &str| std::fs::metadata(root.join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("etc/ssl/site/key.pem"), 0o600);
+    assert_eq!(mode("etc/ssl/site/cert.pem"), 0o644);
+    let record = read(&root, "var/lib/foobar/instance.json");
+    assert!(!record.contains("PRIVATE KEY"), "the key is never recorded: {record}");
+    assert!(
+        err.contains("TLS certificate from the instance configuration: /etc/ssl/site/cert.pem"),
+        "{err}"
+    );
+
+    // Not a key: named, nothing written.
+    let root = scratch_root("inst-tls-bad");
+    std::fs::write(seed.join("user-data"), tls_fragment(&cert, "not a key\n")).unwrap();
+    let (code, _, err, _) = instance_config(&root, &plain, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 1);
+    assert!(err.contains("key `tls.key`: expected a PEM private key"), "{err}");
+    assert!(!root.join("etc/foobar/tls/key.pem").exists() && !root.join("etc/foobar/tls/cert.pem").exists());
+}
+
 #[test]
 fn swapping_the_domain_and_the_canonical_name_swaps_them_and_one_name_for_both_is_refused() {
     let root = scratch_root("inst-swap");

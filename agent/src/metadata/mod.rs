@@ -122,6 +122,37 @@ pub struct SiteOverride {
     pub canonical: Option<String>,
 }
 
+/// A certificate and its key handed over in instance configuration (`[tls]` of the fragment), installed where
+/// `site.env` says nginx reads them. Never recorded: the key is a secret of the instance.
+#[derive(Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// PEM: the certificate, then its chain.
+    pub certificate: String,
+    /// PEM: its private key.
+    pub key: String,
+}
+
+impl std::fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsFiles { .. }")
+    }
+}
+
+impl TlsFiles {
+    /// The PEM blocks each must hold; the pair's match is checked by first boot with openssl before nginx starts.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.certificate.contains("-----BEGIN CERTIFICATE-----") {
+            return Err("key `tls.certificate`: expected a PEM certificate (-----BEGIN CERTIFICATE-----)".into());
+        }
+        let key = &self.key;
+        if !(key.contains("-----BEGIN ") && key.contains("PRIVATE KEY-----")) || key.contains("CERTIFICATE-----") {
+            return Err("key `tls.key`: expected a PEM private key (-----BEGIN ... PRIVATE KEY-----)".into());
+        }
+        Ok(())
+    }
+}
+
 /// What the platform said about this instance.
 #[derive(Debug, Clone, Serialize)]
 pub struct InstanceConfig {
@@ -129,6 +160,9 @@ pub struct InstanceConfig {
     pub hostname: Option<String>,
     pub ssh_keys: Vec<String>,
     pub site: Option<SiteOverride>,
+    /// A certificate for the site, from the fragment's `[tls]`; not recorded (the record says only whether one came).
+    #[serde(skip)]
+    pub tls: Option<TlsFiles>,
     /// What was given but not acted on, and why (a key for another user, an expired key, a script, ...).
     pub notes: Vec<String>,
     /// What was given but is invalid (a malformed fragment, a bad host name): skipped, each named; every valid part
@@ -144,6 +178,7 @@ impl InstanceConfig {
             hostname: None,
             ssh_keys: Vec::new(),
             site: None,
+            tls: None,
             notes: Vec::new(),
             errors: Vec::new(),
         }
@@ -298,6 +333,14 @@ fn apply_keys_and_site(config: &mut InstanceConfig, root: &Path) -> anyhow::Resu
             config.errors.push(format!("{err:#}"));
         }
     }
+    if let Some(tls) = config.tls.clone() {
+        match install_tls(root, &tls) {
+            Ok(paths) => config
+                .notes
+                .push(format!("TLS certificate from the instance configuration: {paths}")),
+            Err(err) => config.errors.push(format!("{err:#}")),
+        }
+    }
     write(root, RECORD, &serde_json::to_string_pretty(config)?, 0o644)?;
     Ok(())
 }
@@ -360,6 +403,30 @@ fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
     write(root, "etc/foobar/site.env", &env, 0o644)
 }
 
+/// Writes the certificate (0644) and key (0600) where `site.env` names them; returns the two paths.
+fn install_tls(root: &Path, tls: &TlsFiles) -> anyhow::Result<String> {
+    tls.validate().map_err(anyhow::Error::msg)?;
+    let env = std::fs::read_to_string(root.join("etc/foobar/site.env")).context("cannot read /etc/foobar/site.env")?;
+    let value = |key: &str| {
+        env.lines()
+            .find_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+            .filter(|v| v.starts_with('/'))
+            .with_context(|| format!("/etc/foobar/site.env names no {key}"))
+    };
+    let (cert, key) = (value("TLS_CERTIFICATE")?, value("TLS_KEY")?);
+    for (path, text, mode) in [(&key, &tls.key, 0o600), (&cert, &tls.certificate, 0o644)] {
+        let relative = path.trim_start_matches('/');
+        if let Some(dir) = root.join(relative).parent().filter(|d| !d.exists()) {
+            std::fs::create_dir_all(dir)?;
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+        write(root, relative, text, mode)?;
+    }
+    Ok(format!("{cert} and {key}"))
+}
+
 fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let full = root.join(path);
@@ -367,8 +434,21 @@ fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
         std::fs::create_dir_all(dir)?;
     }
     let partial = full.with_extension("foobar-new");
-    std::fs::write(&partial, text).with_context(|| format!("cannot write {}", full.display()))?;
-    std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(mode))?;
+    let _ = std::fs::remove_file(&partial);
+    // Created with its final mode (a key is never readable by others, not even for a moment), synced, then renamed.
+    let written = (|| -> std::io::Result<()> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&partial)?;
+        file.write_all(text.as_bytes())?;
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.sync_all()
+    })();
+    written.with_context(|| format!("cannot write {}", full.display()))?;
     std::fs::rename(&partial, &full).with_context(|| format!("cannot replace {}", full.display()))?;
     Ok(())
 }

@@ -16,7 +16,7 @@ use std::io::Read as _;
 use anyhow::{bail, Context as _};
 use yaml_rust2::{Yaml, YamlLoader};
 
-use super::{valid_hostname, InstanceConfig, SiteOverride, ADMIN};
+use super::{valid_hostname, InstanceConfig, SiteOverride, TlsFiles, ADMIN};
 
 /// Decompressed user data larger than this is refused (the clouds' own limits are far below).
 const MAX_DECODED: u64 = 4 << 20;
@@ -79,6 +79,7 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
     #[serde(deny_unknown_fields)]
     struct Fragment {
         site: Option<SiteOverride>,
+        tls: Option<TlsFiles>,
     }
     let fragment: Fragment =
         toml::from_str(fragment).with_context(|| format!("{what}: invalid #foobar-config fragment"))?;
@@ -89,7 +90,15 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
             }
         }
     }
-    config.site = fragment.site;
+    if let Some(tls) = &fragment.tls {
+        tls.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
+    if fragment.site.is_some() {
+        config.site = fragment.site;
+    }
+    if fragment.tls.is_some() {
+        config.tls = fragment.tls;
+    }
     Ok(())
 }
 
