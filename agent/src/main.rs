@@ -24,6 +24,33 @@ struct Common {
     database_url: Option<String>,
 }
 
+/// Where `instance-config` and `report` find the platform and the instance's files.
+#[derive(clap::Args)]
+struct PlatformArgs {
+    /// Work under this directory instead of / (instance-config changes /etc/hostname, /etc/hosts, the admin's
+    /// authorized keys, the nginx site, /etc/foobar/site.env and the TLS files there; report reads first boot's record)
+    #[arg(long, value_name = "DIR", default_value = "/")]
+    root: PathBuf,
+    /// Send every metadata request to URL instead of the platform's own address (also Azure's wire server)
+    #[arg(long, value_name = "URL")]
+    metadata_url: Option<String>,
+    /// Read the DMI strings from DIR
+    #[arg(long, value_name = "DIR", default_value = "/sys/class/dmi/id")]
+    dmi_dir: PathBuf,
+}
+
+impl PlatformArgs {
+    fn sources(self, seed_dir: Option<PathBuf>) -> foobar_agent::metadata::Sources {
+        foobar_agent::metadata::Sources {
+            root: self.root,
+            dmi_dir: self.dmi_dir,
+            seed_dir,
+            metadata_url: self.metadata_url,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve HTTP; migrations are applied in the background before the agent reports ready
@@ -42,16 +69,8 @@ enum Command {
     /// Read this instance's hostname, SSH keys and site names from the platform's metadata and apply them (first
     /// boot, as root); the platform is told by DMI, so elsewhere it returns at once
     InstanceConfig {
-        /// Apply under this directory instead of / (the files it changes: /etc/hostname, /etc/hosts, the admin's
-        /// authorized keys, the nginx site and /etc/foobar/site.env)
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        root: PathBuf,
-        /// Send every metadata request to URL instead of the platform's own address
-        #[arg(long, value_name = "URL")]
-        metadata_url: Option<String>,
-        /// Read the DMI strings from DIR
-        #[arg(long, value_name = "DIR", default_value = "/sys/class/dmi/id")]
-        dmi_dir: PathBuf,
+        #[command(flatten)]
+        platform: PlatformArgs,
         /// Read a NoCloud seed (meta-data, user-data) from DIR instead of mounting the `cidata` volume
         #[arg(long, value_name = "DIR")]
         seed_dir: Option<PathBuf>,
@@ -68,15 +87,8 @@ enum Command {
     /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
     /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
     Report {
-        /// Read first boot's record under this directory instead of /
-        #[arg(long, value_name = "DIR", default_value = "/")]
-        root: PathBuf,
-        /// Send every request to URL instead of the platform's own address
-        #[arg(long, value_name = "URL")]
-        metadata_url: Option<String>,
-        /// Read the DMI strings from DIR
-        #[arg(long, value_name = "DIR", default_value = "/sys/class/dmi/id")]
-        dmi_dir: PathBuf,
+        #[command(flatten)]
+        platform: PlatformArgs,
         /// Give up after this many seconds
         #[arg(long, value_name = "SECONDS", default_value_t = foobar_agent::metadata::REPORT_BUDGET.as_secs())]
         timeout: u64,
@@ -100,19 +112,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             foobar_agent::serve::run(config).await
         }
-        Command::InstanceConfig {
-            root,
-            metadata_url,
-            dmi_dir,
-            seed_dir,
-        } => {
-            let sources = foobar_agent::metadata::Sources {
-                root: root.clone(),
-                dmi_dir,
-                seed_dir,
-                metadata_url,
-                ..Default::default()
-            };
+        Command::InstanceConfig { platform, seed_dir } => {
+            let sources = platform.sources(seed_dir);
+            let root = sources.root.clone();
             let started = std::time::Instant::now();
             let probe_sources = sources.clone();
             let applied_root = root.clone();
@@ -164,18 +166,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Report {
-            root,
-            metadata_url,
-            dmi_dir,
-            timeout,
-        } => {
-            let sources = foobar_agent::metadata::Sources {
-                root,
-                dmi_dir,
-                metadata_url,
-                ..Default::default()
-            };
+        Command::Report { platform, timeout } => {
+            let sources = platform.sources(None);
             let budget = std::time::Duration::from_secs(timeout);
             match tokio::task::spawn_blocking(move || foobar_agent::metadata::report(&sources, budget)).await?? {
                 Some((platform, said)) => println!(
