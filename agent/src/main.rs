@@ -202,26 +202,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 /// `GET /healthz` straight to the agent (HTTP/1.0, one request): its status and body.
 fn ask_health(listen: &Listen) -> anyhow::Result<(u16, String)> {
     use anyhow::Context as _;
-    use std::io::{Read as _, Write as _};
     const REQUEST: &[u8] = b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n";
+    fn exchange(mut stream: impl std::io::Read + std::io::Write) -> std::io::Result<Vec<u8>> {
+        let mut answer = Vec::new();
+        stream.write_all(REQUEST)?;
+        stream.read_to_end(&mut answer)?;
+        Ok(answer)
+    }
     let timeout = Some(std::time::Duration::from_secs(10));
-    let mut answer = Vec::new();
-    match listen {
+    let answer = match listen {
         Listen::Unix(path) => {
-            let mut stream = std::os::unix::net::UnixStream::connect(path)
+            let stream = std::os::unix::net::UnixStream::connect(path)
                 .with_context(|| format!("cannot connect to the agent at {}", path.display()))?;
             stream.set_read_timeout(timeout)?;
-            stream.write_all(REQUEST)?;
-            stream.read_to_end(&mut answer)?;
+            exchange(stream)?
         }
         Listen::Tcp(address) => {
-            let mut stream = std::net::TcpStream::connect(address)
+            let stream = std::net::TcpStream::connect(address)
                 .with_context(|| format!("cannot connect to the agent at {address}"))?;
             stream.set_read_timeout(timeout)?;
-            stream.write_all(REQUEST)?;
-            stream.read_to_end(&mut answer)?;
+            exchange(stream)?
         }
-    }
+    };
     let text = String::from_utf8_lossy(&answer);
     let (head, body) = text
         .split_once("\r\n\r\n")

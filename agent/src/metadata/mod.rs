@@ -345,17 +345,26 @@ fn apply_keys_and_site(config: &mut InstanceConfig, root: &Path) -> anyhow::Resu
     Ok(())
 }
 
+/// `site.env` as the image wrote it, under `root`.
+const SITE_ENV: &str = "etc/foobar/site.env";
+
+fn read_site_env(root: &Path) -> anyhow::Result<String> {
+    let path = root.join(SITE_ENV);
+    std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// A value of `site.env` (`KEY='value'`, single-quoted shell), unquoted.
+fn site_env_value(env: &str, key: &str) -> Option<String> {
+    env.lines()
+        .find_map(|l| l.strip_prefix(&format!("{key}=")))
+        .map(|v| v.trim_matches('\'').to_string())
+}
+
 /// Renames the site: the nginx server names and redirect target, and `site.env` (which the TLS step reads after this).
 /// Each line is rewritten once, from what it was, so swapping the two names swaps them (no chained replacement).
 fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
-    let env_path = root.join("etc/foobar/site.env");
-    let env = std::fs::read_to_string(&env_path).with_context(|| format!("cannot read {}", env_path.display()))?;
-    let value = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('\'').to_string())
-            .unwrap_or_default()
-    };
+    let env = read_site_env(root)?;
+    let value = |key: &str| site_env_value(&env, key).unwrap_or_default();
     let (old_domain, old_canonical) = (value("DOMAIN"), value("CANONICAL"));
     let domain = site.domain.clone().unwrap_or(old_domain.clone());
     let canonical = site.canonical.clone().unwrap_or(old_canonical.clone());
@@ -400,19 +409,17 @@ fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
         })
         .map(|l| l + "\n")
         .collect();
-    write(root, "etc/foobar/site.env", &env, 0o644)
+    write(root, SITE_ENV, &env, 0o644)
 }
 
 /// Writes the certificate (0644) and key (0600) where `site.env` names them; returns the two paths.
 fn install_tls(root: &Path, tls: &TlsFiles) -> anyhow::Result<String> {
     tls.validate().map_err(anyhow::Error::msg)?;
-    let env = std::fs::read_to_string(root.join("etc/foobar/site.env")).context("cannot read /etc/foobar/site.env")?;
+    let env = read_site_env(root)?;
     let value = |key: &str| {
-        env.lines()
-            .find_map(|l| l.strip_prefix(&format!("{key}=")))
-            .map(|v| v.trim_matches('\'').to_string())
+        site_env_value(&env, key)
             .filter(|v| v.starts_with('/'))
-            .with_context(|| format!("/etc/foobar/site.env names no {key}"))
+            .with_context(|| format!("/{SITE_ENV} names no {key}"))
     };
     let (cert, key) = (value("TLS_CERTIFICATE")?, value("TLS_KEY")?);
     for (path, text, mode) in [(&key, &tls.key, 0o600), (&cert, &tls.certificate, 0o644)] {
