@@ -16,7 +16,8 @@ packages=(
   fdisk                   # sfdisk, the independent GPT reader of the QEMU tier
   openssh-client openssl  # SSH into guests and read their TLS certificates
   python3                 # the stand-in app server of the agent's [app] tests
-  dnsmasq-base            # the DNS server of the smoke DNS check test
+  dnsmasq-base            # the DNS server of the smoke DNS check test and of the ACME test
+  pebble uacme curl       # the ACME test server, the client the image runs (its failure test), HTTPS checks
 )
 
 missing=()

@@ -76,6 +76,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// A file whose existence means first boot completed; `/readyz` waits for it. Unset outside an image.
     pub first_boot_marker: Option<PathBuf>,
+    /// `foobar-agent acme`'s record of its last attempt, shown in `/healthz` on the machine; absent: not shown.
+    pub acme_status: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout: u64,
     /// Milliseconds a read answer of the posts app is kept (the bound on how stale another node's write can be
@@ -203,6 +205,7 @@ impl Default for Config {
             min_free_mib: 256,
             data_dir: PathBuf::from("/var/lib/mysql"),
             first_boot_marker: None,
+            acme_status: None,
             shutdown_timeout: 10,
             read_cache_ms: 1000,
             app: None,

@@ -1,6 +1,7 @@
 //! foobar-agent: the application server of the foobar image. It runs the posts app (or supervises the site's own app server), applies the SQL migrations,
 //! reports health, and talks to systemd. `app` is the whole HTTP surface, so tests drive it without a socket.
 
+pub mod acme;
 pub mod app;
 pub mod cache;
 pub mod config;

@@ -84,6 +84,20 @@ enum Command {
         #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
         listen: Option<Listen>,
     },
+    /// Get the site's certificate from the ACME CA of `[acme]` (uacme, HTTP-01 through nginx), install it and reload
+    /// nginx; renew it when fewer than `renew-days` are left. Retries with backoff until one is in place; nothing
+    /// when ACME is off
+    Acme {
+        /// Work under this directory instead of / (site.env, the account, the certificate; nginx is not reloaded)
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+        /// One attempt: exit non-zero when it fails instead of trying again
+        #[arg(long)]
+        once: bool,
+        /// uacme's challenge hook
+        #[arg(long, value_name = "PROGRAM", default_value = foobar_agent::acme::HOOK)]
+        hook: PathBuf,
+    },
     /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
     /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
     Report {
@@ -164,6 +178,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     config.errors.len()
                 );
             }
+            Ok(())
+        }
+        Command::Acme { root, once, hook } => {
+            let reload = root == std::path::Path::new("/");
+            let run = foobar_agent::acme::Run {
+                root,
+                hook,
+                once,
+                reload,
+            };
+            tokio::task::spawn_blocking(move || foobar_agent::acme::run(&run)).await??;
             Ok(())
         }
         Command::Report { platform, timeout } => {

@@ -146,6 +146,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         path: config.data_dir.clone(),
         min_free: config.min_free_mib.saturating_mul(1 << 20),
     });
+    if let Some(path) = &config.acme_status {
+        let _ = state.acme_status.set(path.clone());
+    }
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");

@@ -77,6 +77,8 @@ pub struct Inner {
     pub readiness_checks: std::sync::atomic::AtomicU64,
     /// Where writes check for free space, set once at start (`serve`); unset: never refused for space.
     pub disk: std::sync::OnceLock<DiskGuard>,
+    /// `foobar-agent acme`'s status file, set once at start (`serve`); unset: no certificate check in `/healthz`.
+    pub acme_status: std::sync::OnceLock<PathBuf>,
 }
 
 /// The free-space floor below which writes are refused, so that reads keep working and MariaDB never meets a full
@@ -153,6 +155,7 @@ impl AppState {
             health_generation: std::sync::atomic::AtomicU64::new(0),
             readiness_checks: std::sync::atomic::AtomicU64::new(0),
             disk: std::sync::OnceLock::new(),
+            acme_status: std::sync::OnceLock::new(),
         }))
     }
 

@@ -18,6 +18,8 @@ pub struct ImageConfig {
     pub site: Site,
     pub disk: Disk,
     pub access: Access,
+    /// Certificates from an ACME CA (Let's Encrypt by default), issued and renewed on the instance.
+    pub acme: Acme,
     /// The site's own application server; absent: the built-in posts app.
     pub app: Option<App>,
 }
@@ -30,6 +32,7 @@ impl Default for ImageConfig {
             site: Site::default(),
             disk: Disk::default(),
             access: Access::default(),
+            acme: Acme::default(),
             app: None,
         }
     }
@@ -111,6 +114,60 @@ impl Default for Disk {
 pub struct Access {
     /// SSH public keys for the admin user (added to those of `--ssh-key`).
     pub ssh_authorized_keys: Vec<String>,
+}
+
+/// Let's Encrypt's production directory: the ACME CA used when `acme.directory` names none.
+pub const LETS_ENCRYPT: &str = "https://acme-v02.api.letsencrypt.org/directory";
+
+/// `[acme]`: a certificate for the canonical name and the bare domain from an ACME CA, by HTTP-01 through nginx
+/// (the instance's `foobar-acme` service runs `uacme`); the self-signed one serves until it is issued.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Acme {
+    pub enabled: bool,
+    /// The CA's directory URL (https).
+    pub directory: String,
+    /// The account's contact address; empty: none.
+    pub email: String,
+    /// A certificate is renewed when it has fewer days left than this.
+    pub renew_days: u32,
+}
+
+impl Default for Acme {
+    fn default() -> Self {
+        Acme {
+            enabled: false,
+            directory: LETS_ENCRYPT.into(),
+            email: String::new(),
+            renew_days: 30,
+        }
+    }
+}
+
+/// An ACME directory URL: `https://`, a host, then plain URL characters (it reaches a shell-sourced file and a
+/// command line). The agent checks URLs from instance configuration with the same rule; a test feeds both the same.
+pub fn is_acme_url(url: &str) -> bool {
+    let Some(rest) = url.strip_prefix("https://") else {
+        return false;
+    };
+    let host = rest.split(['/', ':']).next().unwrap_or("");
+    !host.is_empty()
+        && url.len() <= 512
+        && rest
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-._~:/?=&%+@[]".contains(c))
+}
+
+/// A contact address: `local@domain`, plain characters only. The agent uses the same rule.
+pub fn is_email(address: &str) -> bool {
+    let Some((local, domain)) = address.split_once('@') else {
+        return false;
+    };
+    !local.is_empty()
+        && local.len() <= 64
+        && local.chars().all(|c| c.is_ascii_alphanumeric() || "._%+-".contains(c))
+        && is_hostname(domain)
+        && domain.contains('.')
 }
 
 /// `[app]`: the site's own application server, which the agent runs behind nginx.
@@ -372,6 +429,32 @@ pub fn is_hostname(name: &str) -> bool {
 }
 
 impl ImageConfig {
+    fn validate_acme(&self) -> anyhow::Result<()> {
+        let acme = &self.acme;
+        if !is_acme_url(&acme.directory) {
+            bail!(
+                "key `acme.directory`: expected the https:// URL of an ACME directory, like {LETS_ENCRYPT}, got `{}`",
+                acme.directory.escape_debug()
+            );
+        }
+        if !acme.email.is_empty() && !is_email(&acme.email) {
+            bail!(
+                "key `acme.email`: expected a contact address like ops@foobar.com, got `{}`",
+                acme.email.escape_debug()
+            );
+        }
+        if !(1..=365).contains(&acme.renew_days) {
+            bail!("key `acme.renew-days`: expected 1 to 365 days, got {}", acme.renew_days);
+        }
+        if acme.enabled && !self.site.tls_certificate.is_empty() {
+            bail!(
+                "keys `acme.enabled` and `site.tls-certificate`: expected one source of the site's certificate, got \
+                 both (remove `site.tls-certificate` to have ACME issue it, or turn ACME off)"
+            );
+        }
+        Ok(())
+    }
+
     /// Parses `text`; `origin` names the file in every error.
     /// Relative paths in it (`app.files`, `app.migrations`) are taken from `base`.
     pub fn parse(text: &str, origin: &str, base: &Path) -> anyhow::Result<ImageConfig> {
@@ -435,6 +518,7 @@ impl ImageConfig {
                 );
             }
         }
+        self.validate_acme()?;
         check_mirror(&self.debian.mirror)?;
         if self.debian.suite.is_empty() || !self.debian.suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!(

@@ -310,6 +310,23 @@ fn hostile_config_values_are_refused_naming_the_key() {
         ),
         ("[site]\ndomain = \"www.foobar.com\"\n".into(), "site.canonical"),
         ("[site]\ndomain = \"foo\\nbar.com\"\n".into(), "site.domain"),
+        (
+            "[acme]\ndirectory = \"http://acme.example/dir\"\n".into(),
+            "acme.directory",
+        ),
+        (
+            "[acme]\ndirectory = \"https://acme.example/dir'; reboot; '\"\n".into(),
+            "acme.directory",
+        ),
+        ("[acme]\ndirectory = \"--server=https://x\"\n".into(), "acme.directory"),
+        ("[acme]\nemail = \"ops@foobar.com $(id)\"\n".into(), "acme.email"),
+        ("[acme]\nemail = \"-v\"\n".into(), "acme.email"),
+        ("[acme]\nrenew-days = 0\n".into(), "acme.renew-days"),
+        (
+            "[acme]\nenabled = true\n[site]\ntls-certificate = \"/etc/ssl/c.pem\"\ntls-key = \"/etc/ssl/k.pem\"\n"
+                .into(),
+            "acme.enabled",
+        ),
     ];
     for (text, key) in cases {
         let file = dir.join("bad.toml");
@@ -481,6 +498,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
     assert_eq!(
         layer.packages,
         [
+            "ca-certificates",
             "dbus",
             "e2fsprogs",
             "fdisk",
@@ -494,6 +512,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
             "openssl",
             "sudo",
             "systemd-sysv",
+            "uacme",
             "udev",
         ]
     );
@@ -627,7 +646,7 @@ fn the_agent_reads_the_agent_toml_imagebuild_writes_as_meant() {
 }
 
 #[test]
-fn imagebuild_and_the_agent_judge_host_names_and_app_names_alike() {
+fn imagebuild_and_the_agent_judge_host_names_app_names_and_acme_settings_alike() {
     let hostnames = [
         ("www.foobar.com", true),
         ("foobar", true),
@@ -657,6 +676,40 @@ fn imagebuild_and_the_agent_judge_host_names_and_app_names_alike() {
             valid,
             "the agent on {name:?}"
         );
+    }
+    let urls = [
+        ("https://acme-v02.api.letsencrypt.org/directory", true),
+        ("https://10.0.2.2:14000/dir", true),
+        ("https://ca.internal/acme/acme/directory", true),
+        ("http://acme.example/dir", false),
+        ("https:///dir", false),
+        ("https://acme.example/dir'x", false),
+        ("https://acme.example/$(id)", false),
+        ("https://acme.example/a b", false),
+        ("https://acme.example/\n", false),
+        ("-https://acme.example/", false),
+    ];
+    for (url, valid) in urls {
+        assert_eq!(foobar_builder::config::is_acme_url(url), valid, "imagebuild on {url:?}");
+        assert_eq!(foobar_agent::acme::valid_url(url), valid, "the agent on {url:?}");
+    }
+    let emails = [
+        ("ops@foobar.com", true),
+        ("first.last+acme@mail.foobar.com", true),
+        ("ops@localhost", false),
+        ("@foobar.com", false),
+        ("ops", false),
+        ("o'ps@foobar.com", false),
+        ("ops@foobar.com\n", false),
+        ("ops @foobar.com", false),
+    ];
+    for (email, valid) in emails {
+        assert_eq!(
+            foobar_builder::config::is_email(email),
+            valid,
+            "imagebuild on {email:?}"
+        );
+        assert_eq!(foobar_agent::acme::valid_email(email), valid, "the agent on {email:?}");
     }
     let app_names = [
         ("app", true),

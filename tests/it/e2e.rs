@@ -1523,3 +1523,307 @@ fn headers_joined(headers: &[(String, String)], name: &str) -> String {
         .collect::<Vec<_>>()
         .join(", ")
 }
+
+/// Pebble, the ACME test server (Debian package `pebble`), on 127.0.0.1: its API over HTTPS with a certificate for
+/// 10.0.2.2 (the host as a QEMU guest sees it), validating HTTP-01 challenges on `http_port` and resolving names
+/// with `dns`. Certificates it issues are valid for `validity`. Stopped when dropped.
+struct Pebble {
+    child: Child,
+    dir: PathBuf,
+    api: u16,
+    management: u16,
+    http_port: u16,
+}
+
+impl Pebble {
+    fn start(dns: &str, validity: Duration) -> Pebble {
+        let dir = support::temp_dir("pebble");
+        let (cert, key) = support::self_signed_certificate(&dir, &["localhost", "10.0.2.2", "127.0.0.1"]);
+        let ports = support::free_port_block(4);
+        let (api, management, http_port, tls_port) = (ports, ports + 1, ports + 2, ports + 3);
+        let config = json!({ "pebble": {
+            "listenAddress": format!("127.0.0.1:{api}"),
+            "managementListenAddress": format!("127.0.0.1:{management}"),
+            "certificate": cert,
+            "privateKey": key,
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": validity.as_secs(),
+        }});
+        std::fs::write(dir.join("pebble.json"), config.to_string()).unwrap();
+        let log = std::fs::File::create(dir.join("pebble.log")).unwrap();
+        let child = Command::new("pebble")
+            .arg("-config")
+            .arg(dir.join("pebble.json"))
+            .args(["-dnsserver", dns])
+            // No random validation delays; no nonces refused at random (uacme retries those, but each costs time).
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("pebble (apt-get install pebble; `just deps` does)");
+        let pebble = Pebble {
+            child,
+            dir,
+            api,
+            management,
+            http_port,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(("127.0.0.1", api)).is_err() {
+            assert!(Instant::now() < deadline, "pebble did not listen: {}", pebble.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        pebble
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pebble.log")).unwrap_or_default()
+    }
+
+    /// Its API certificate: what a client must trust to talk to it.
+    fn api_certificate(&self) -> String {
+        std::fs::read_to_string(self.dir.join("cert.pem")).unwrap()
+    }
+
+    /// The root its certificates chain to (random per run), from the management API.
+    fn root(&self) -> PathBuf {
+        let path = self.dir.join("root.pem");
+        let out = Command::new("curl")
+            .args(["-sSf", "--cacert"])
+            .arg(self.dir.join("cert.pem"))
+            .arg(format!("https://127.0.0.1:{}/roots/0", self.management))
+            .arg("-o")
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "pebble root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        path
+    }
+}
+
+impl Drop for Pebble {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// dnsmasq on 127.0.0.1 answering the site's two names with 127.0.0.1 (where the guest's port 80 is forwarded), for
+/// Pebble's validation. Stopped when dropped.
+struct SiteDns(Child, u16);
+
+impl SiteDns {
+    fn start() -> SiteDns {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--keep-in-foreground",
+                "--log-facility=-",
+                &format!("--port={port}"),
+                "--listen-address=127.0.0.1",
+                "--bind-interfaces",
+                "--no-resolv",
+                "--no-hosts",
+                "--conf-file=/dev/null",
+                "--pid-file",
+                "--local=/foobar.com/",
+                "--host-record=foobar.com,127.0.0.1",
+                &format!("--host-record={SITE},127.0.0.1"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq (dnsmasq-base)");
+        std::thread::sleep(Duration::from_millis(300));
+        SiteDns(child, port)
+    }
+}
+
+impl Drop for SiteDns {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `curl` against the guest's HTTPS as `https://www.foobar.com/...`, verifying against `ca`: (status line and
+/// headers, HTTP version); panics naming curl's error when verification or the request fails.
+fn https_verified(guest: &Guest, ca: &Path, path: &str) -> (String, String) {
+    let port = guest.port + 1;
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+            "--http2",
+            "-w",
+            "%{http_version}",
+            "--cacert",
+        ])
+        .arg(ca)
+        .args(["--resolve", &format!("{SITE}:{port}:127.0.0.1")])
+        .arg(format!("https://{SITE}:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "HTTPS verified against {}: {}",
+        ca.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let version = text.lines().last().unwrap_or("").to_string();
+    (text, version)
+}
+
+/// The serial number of the certificate the guest serves.
+fn served_serial(guest: &Guest) -> String {
+    let script = format!(
+        "openssl s_client -connect 127.0.0.1:{} -servername {SITE} </dev/null 2>/dev/null | openssl x509 -noout -serial -issuer",
+        guest.port + 1
+    );
+    let out = Command::new("sh").args(["-c", &script]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
+fn a_certificate_from_an_acme_ca_is_issued_renewed_and_turns_on_https_only() {
+    let built = built();
+    let dns = SiteDns::start();
+    // Ten days of validity: below the default 30 renewal days, so every run of the renewal renews.
+    let pebble = Pebble::start(&format!("127.0.0.1:{}", dns.1), Duration::from_secs(10 * 86400));
+    // The instance configuration turns ACME on and points it at Pebble, whose API certificate it trusts.
+    let dir = support::temp_dir("e2e-acme-seed");
+    std::fs::write(dir.join("meta-data"), "instance-id: i-acme\n").unwrap();
+    std::fs::write(
+        dir.join("user-data"),
+        format!(
+            "#foobar-config\n[acme]\nenabled = true\ndirectory = \"https://10.0.2.2:{}/dir\"\n\
+             email = \"ops@foobar.com\"\nca-certificate = \"\"\"\n{}\"\"\"\n",
+            pebble.api,
+            pebble.api_certificate()
+        ),
+    )
+    .unwrap();
+    let seed = dir.join("seed.img");
+    let made = Command::new("mkfs.fat")
+        .args(["-C", "-n", "CIDATA"])
+        .arg(&seed)
+        .arg("1024")
+        .output()
+        .unwrap();
+    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
+    for file in ["meta-data", "user-data"] {
+        let copied = Command::new("mcopy")
+            .arg("-i")
+            .arg(&seed)
+            .arg(dir.join(file))
+            .arg("::")
+            .status()
+            .unwrap();
+        assert!(copied.success());
+    }
+    let extra = ["--seed".to_string(), seed.display().to_string()];
+    let mut guest = Guest::boot_full(&built.image, false, false, &[(pebble.http_port, 80)], &extra);
+    guest.wait_ready();
+    // Until the CA has issued one, the self-signed certificate serves; then Pebble's.
+    let started = Instant::now();
+    let issued = loop {
+        let serial = served_serial(&guest);
+        if serial.contains("Pebble") {
+            break serial;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(180),
+            "no certificate from Pebble after 180 s (serving: {serial}); pebble:\n{}\njournal:\n{}",
+            pebble.log(),
+            ssh(
+                &guest,
+                &built.key,
+                "admin",
+                &[],
+                "sudo journalctl -u foobar-acme --no-pager | tail -20"
+            )
+            .1
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    };
+    let issue_time = started.elapsed().as_secs_f64();
+    let root = pebble.root();
+    // Verified against Pebble's root, over HTTP/2, with HSTS.
+    let (headers, version) = https_verified(&guest, &root, "/");
+    assert_eq!(version, "2", "HTTP/2 on 443: {headers}");
+    assert!(
+        headers.contains("strict-transport-security: max-age=31536000"),
+        "HSTS: {headers}"
+    );
+    // HTTP redirects to HTTPS, except the health endpoints (load balancers ask over HTTP) and ACME challenges.
+    let plain = ureq::AgentBuilder::new().redirects(0).build();
+    let answer = plain.get(&guest.url("/")).set("Host", SITE).call().unwrap();
+    assert_eq!(answer.status(), 301, "HTTP / redirects");
+    assert_eq!(answer.header("location"), Some(format!("https://{SITE}/").as_str()));
+    assert!(
+        answer.header("strict-transport-security").is_none(),
+        "no HSTS over HTTP"
+    );
+    let answer = plain.get(&guest.url("/readyz")).set("Host", SITE).call().unwrap();
+    assert_eq!(answer.status(), 200, "/readyz over HTTP is not redirected");
+    let answer = plain.get(&guest.url("/")).set("Host", "foobar.com").call().unwrap();
+    assert_eq!(
+        answer.header("location"),
+        Some(format!("https://{SITE}/").as_str()),
+        "the bare domain"
+    );
+    let missing = plain
+        .get(&guest.url("/.well-known/acme-challenge/none"))
+        .set("Host", SITE)
+        .call();
+    assert!(
+        matches!(missing, Err(ureq::Error::Status(404, _))),
+        "a challenge path is not redirected: {missing:?}"
+    );
+    // The machine's /healthz names the certificate.
+    let health = detailed_health(&guest);
+    assert_eq!(health["checks"]["tls:certificate"][0]["status"], "pass", "{health}");
+    // Renewal (ten days left, fewer than 30): the timer's service issues a new one and nginx reloads into it.
+    let (code, _, err) = ssh(
+        &guest,
+        &built.key,
+        "admin",
+        &[],
+        "sudo systemctl start foobar-acme.service",
+    );
+    assert_eq!(code, 0, "{err}");
+    let started = Instant::now();
+    loop {
+        let serial = served_serial(&guest);
+        if serial.contains("Pebble") && serial != issued {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(120),
+            "not renewed: still {serial}"
+        );
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    https_verified(&guest, &root, "/");
+    report(format!(
+        "ACME: Pebble's certificate served {issue_time:.1} s after ready; renewed in {:.1} s",
+        started.elapsed().as_secs_f64()
+    ));
+}

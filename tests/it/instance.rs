@@ -912,3 +912,156 @@ fn a_silent_metadata_service_is_given_up_on_within_bounds_and_a_bad_part_is_skip
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(start.elapsed() < Duration::from_secs(40), "{:?}", start.elapsed());
 }
+
+/// The site.env imagebuild writes, with ACME as given.
+fn acme_site_env(root: &Path, acme: &str, directory: &str) {
+    std::fs::write(
+        root.join("etc/foobar/site.env"),
+        format!(
+            "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\nTLS_CERTIFICATE='/etc/foobar/tls/cert.pem'\n\
+             TLS_KEY='/etc/foobar/tls/key.pem'\nTLS_SELF_SIGNED='yes'\nHTTPS_ONLY='/etc/foobar/tls/https-only.conf'\n\
+             ACME='{acme}'\nACME_DIRECTORY='{directory}'\nACME_EMAIL=''\nACME_RENEW_DAYS='30'\n"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn acme_settings_in_the_instance_configuration_replace_the_images_and_hostile_ones_are_refused() {
+    let (ca, _) = support::self_signed_certificate(&support::temp_dir("inst-acme-ca"), &["ca.internal"]);
+    let ca = std::fs::read_to_string(ca).unwrap();
+    let plain = dmi("dmi-plain-acme", &[("sys_vendor", "QEMU")]);
+    let seed = support::temp_dir("seed-acme");
+    std::fs::write(seed.join("meta-data"), "instance-id: i-5\n").unwrap();
+    let fragment = |body: &str| format!("#foobar-config\n[acme]\n{body}");
+    let root = scratch_root("inst-acme");
+    acme_site_env(&root, "no", "https://acme-v02.api.letsencrypt.org/directory");
+    std::fs::write(
+        seed.join("user-data"),
+        fragment(&format!(
+            "enabled = true\ndirectory = \"https://ca.internal/acme/directory\"\nemail = \"ops@foobar.com\"\n\
+             ca-certificate = \"\"\"\n{ca}\"\"\"\n"
+        )),
+    )
+    .unwrap();
+    let (code, _, err, _) = instance_config(&root, &plain, &["--seed-dir", seed.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let env = read(&root, "etc/foobar/site.env");
+    for line in [
+        "ACME='yes'",
+        "ACME_DIRECTORY='https://ca.internal/acme/directory'",
+        "ACME_EMAIL='ops@foobar.com'",
+    ] {
+        assert_eq!(env.lines().filter(|l| *l == line).count(), 1, "{line} once in:\n{env}");
+    }
+    assert!(
+        env.contains("ACME_RENEW_DAYS='30'") && env.contains("DOMAIN='foobar.com'"),
+        "{env}"
+    );
+    assert_eq!(read(&root, "usr/local/share/ca-certificates/foobar-acme.crt"), ca);
+    // The record says which settings came, not the CA's text.
+    let record = read(&root, "var/lib/foobar/instance.json");
+    assert!(
+        record.contains("ca.internal") && !record.contains("BEGIN CERTIFICATE"),
+        "{record}"
+    );
+
+    // Hostile values: refused by name, site.env untouched (the shell that sources it runs as root).
+    for (body, key) in [
+        ("directory = \"https://x.example/'; reboot; '\"\n", "acme.directory"),
+        ("directory = \"http://x.example/dir\"\n", "acme.directory"),
+        ("email = \"ops@foobar.com\\nACME='yes'\"\n", "acme.email"),
+        (
+            "ca-certificate = \"-----BEGIN PRIVATE KEY-----\"\n",
+            "acme.ca-certificate",
+        ),
+        ("url = \"https://x.example/\"\n", "url"),
+    ] {
+        let root = scratch_root("inst-acme-bad");
+        acme_site_env(&root, "no", "https://acme-v02.api.letsencrypt.org/directory");
+        let before = read(&root, "etc/foobar/site.env");
+        std::fs::write(seed.join("user-data"), fragment(body)).unwrap();
+        let (code, _, err, _) = instance_config(&root, &plain, &["--seed-dir", seed.to_str().unwrap()]);
+        assert_eq!(code, 1, "{body}: {err}");
+        assert!(err.contains(key), "{body}: `{key}` not named: {err}");
+        assert_eq!(read(&root, "etc/foobar/site.env"), before, "{body}");
+    }
+}
+
+/// Runs `foobar-agent acme --once` under `root` with the repository's hook: (exit code, stdout, stderr).
+fn acme_once(root: &Path) -> (i32, String, String) {
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/files/acme-hook");
+    support::agent_command(&[
+        "acme",
+        "--once",
+        "--root",
+        root.to_str().unwrap(),
+        "--hook",
+        hook.to_str().unwrap(),
+    ])
+}
+
+#[test]
+fn acme_off_does_nothing_and_a_ca_that_does_not_answer_is_recorded_and_leaves_the_certificate() {
+    let root = scratch_root("acme-off");
+    acme_site_env(&root, "no", "https://acme-v02.api.letsencrypt.org/directory");
+    let (code, out, err) = acme_once(&root);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("ACME is off"), "{out}");
+    assert!(!root.join("var/lib/foobar/acme").exists(), "nothing made when off");
+
+    // A CA nobody answers for: the attempt fails naming it, the status says so, the certificate stays.
+    let root = scratch_root("acme-down");
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let directory = format!("https://127.0.0.1:{closed}/dir");
+    acme_site_env(&root, "yes", &directory);
+    std::fs::create_dir_all(root.join("etc/foobar/tls")).unwrap();
+    std::fs::write(root.join("etc/foobar/tls/cert.pem"), "self-signed stand-in").unwrap();
+    let (code, _, err) = acme_once(&root);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&directory), "the CA is named: {err}");
+    let status: serde_json::Value =
+        serde_json::from_str(&read(&root, "var/lib/foobar/acme/status.json")).expect("status.json");
+    assert_eq!(status["state"], "retrying", "{status}");
+    assert!(status["error"].as_str().unwrap().contains(&directory), "{status}");
+    assert_eq!(status["names"], serde_json::json!(["www.foobar.com", "foobar.com"]));
+    assert_eq!(read(&root, "etc/foobar/tls/cert.pem"), "self-signed stand-in");
+    assert!(
+        !root.join("etc/foobar/tls/https-only.conf").exists(),
+        "no HTTPS-only without a CA's certificate"
+    );
+}
+
+#[test]
+fn the_acme_hook_serves_http_01_tokens_only_and_removes_them_after() {
+    let hook = Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/files/acme-hook");
+    let dir = support::temp_dir("acme-hook").join("challenges");
+    let run = |args: &[&str]| {
+        std::process::Command::new(&hook)
+            .args(args)
+            .env("FOOBAR_ACME_CHALLENGES", &dir)
+            .status()
+            .unwrap()
+            .code()
+            .unwrap_or(-1)
+    };
+    assert_eq!(
+        run(&["begin", "http-01", "www.foobar.com", "tok_EN-1", "tok_EN-1.thumb"]),
+        0
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("tok_EN-1")).unwrap(), "tok_EN-1.thumb");
+    assert_eq!(
+        run(&["done", "http-01", "www.foobar.com", "tok_EN-1", "tok_EN-1.thumb"]),
+        0
+    );
+    assert!(!dir.join("tok_EN-1").exists());
+    // Declined: other challenge types; refused: a token that is not base64url (a path), a wrong argument count.
+    assert_eq!(run(&["begin", "dns-01", "www.foobar.com", "tok", "auth"]), 1);
+    assert_ne!(run(&["begin", "http-01", "www.foobar.com", "../../escape", "x"]), 0);
+    assert!(!dir.join("../../escape").exists() && !dir.parent().unwrap().join("escape").exists());
+    assert_ne!(run(&["begin", "http-01"]), 0);
+}

@@ -96,6 +96,29 @@ pub async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Respo
         entry[0]["lastOutput"] = json!(status.last_output);
         body["checks"]["app:process"] = entry;
     }
+    if let Some(status) = state.acme_status.get().and_then(|p| std::fs::read_to_string(p).ok()) {
+        // The certificate from the ACME CA: `warn` while none is in place or renewal fails (the site still serves,
+        // with the certificate it has); the error and the next attempt on the machine only.
+        if let Ok(status) = serde_json::from_str::<crate::acme::Status>(&status) {
+            let mut entry = json!({
+                "status": if status.state == "issued" { "pass" } else { "warn" },
+                "componentType": "certificate",
+                "directory": status.directory,
+                "names": status.names,
+                "time": status.checked_at,
+            });
+            for (key, value) in [
+                ("notAfter", status.not_after.map(Value::from)),
+                ("output", status.error.map(Value::from)),
+                ("retryIn", status.retry_in.map(Value::from)),
+            ] {
+                if let Some(value) = value {
+                    entry[key] = value;
+                }
+            }
+            body["checks"]["tls:certificate"] = json!([entry]);
+        }
+    }
     if let Some(n) = newly_applied {
         // How many migrations this start applied: 0 on every boot after the one that brought them.
         body["checks"]["migrations:version"][0]["appliedThisStart"] = json!(n);

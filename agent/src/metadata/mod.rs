@@ -163,6 +163,9 @@ pub struct InstanceConfig {
     /// A certificate for the site, from the fragment's `[tls]`; not recorded (the record says only whether one came).
     #[serde(skip)]
     pub tls: Option<TlsFiles>,
+    /// ACME settings from the fragment's `[acme]` (the CA certificate itself is not recorded).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acme: Option<crate::acme::AcmeOverride>,
     /// What was given but not acted on, and why (a key for another user, an expired key, a script, ...).
     pub notes: Vec<String>,
     /// What was given but is invalid (a malformed fragment, a bad host name): skipped, each named; every valid part
@@ -179,6 +182,7 @@ impl InstanceConfig {
             ssh_keys: Vec::new(),
             site: None,
             tls: None,
+            acme: None,
             notes: Vec::new(),
             errors: Vec::new(),
         }
@@ -341,20 +345,28 @@ fn apply_keys_and_site(config: &mut InstanceConfig, root: &Path) -> anyhow::Resu
             Err(err) => config.errors.push(format!("{err:#}")),
         }
     }
+    if let Some(acme) = config.acme.clone() {
+        match acme.apply(root) {
+            Ok(()) => config
+                .notes
+                .push(format!("ACME settings from the instance configuration: {acme:?}")),
+            Err(err) => config.errors.push(format!("{err:#}")),
+        }
+    }
     write(root, RECORD, &serde_json::to_string_pretty(config)?, 0o644)?;
     Ok(())
 }
 
 /// `site.env` as the image wrote it, under `root`.
-const SITE_ENV: &str = "etc/foobar/site.env";
+pub(crate) const SITE_ENV: &str = "etc/foobar/site.env";
 
-fn read_site_env(root: &Path) -> anyhow::Result<String> {
+pub(crate) fn read_site_env(root: &Path) -> anyhow::Result<String> {
     let path = root.join(SITE_ENV);
     std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// A value of `site.env` (`KEY='value'`, single-quoted shell), unquoted.
-fn site_env_value(env: &str, key: &str) -> Option<String> {
+pub(crate) fn site_env_value(env: &str, key: &str) -> Option<String> {
     env.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .map(|v| v.trim_matches('\'').to_string())
@@ -434,7 +446,7 @@ fn install_tls(root: &Path, tls: &TlsFiles) -> anyhow::Result<String> {
     Ok(format!("{cert} and {key}"))
 }
 
-fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
+pub(crate) fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let full = root.join(path);
     if let Some(dir) = full.parent() {

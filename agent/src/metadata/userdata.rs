@@ -2,7 +2,7 @@
 //!
 //! Decoding first: gzip (EC2 and GCE accept compressed user data; the magic bytes tell it) and base64 (Azure always,
 //! GCE when `user-data-encoding: base64`). Then the format, by its first line or headers:
-//! - `#foobar-config`: TOML, `[site] domain = "..."` and `canonical = "..."`;
+//! - `#foobar-config`: TOML, `[site] domain = "..."` and `canonical = "..."`, `[tls]` and `[acme]`;
 //! - `#cloud-config`: YAML (block or flow style), read with a real YAML parser: `hostname`, `fqdn`,
 //!   `ssh_authorized_keys`, and `users:` entries for the admin user (or `default`, which is the admin);
 //! - MIME multi-part (what `write-mime-multipart` and Terraform's cloud-init provider make): each part as above.
@@ -80,6 +80,7 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
     struct Fragment {
         site: Option<SiteOverride>,
         tls: Option<TlsFiles>,
+        acme: Option<crate::acme::AcmeOverride>,
     }
     let fragment: Fragment =
         toml::from_str(fragment).with_context(|| format!("{what}: invalid #foobar-config fragment"))?;
@@ -93,8 +94,14 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
     if let Some(tls) = &fragment.tls {
         tls.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
     }
+    if let Some(acme) = &fragment.acme {
+        acme.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
     if fragment.site.is_some() {
         config.site = fragment.site;
+    }
+    if fragment.acme.is_some() {
+        config.acme = fragment.acme;
     }
     if fragment.tls.is_some() {
         config.tls = fragment.tls;

@@ -57,11 +57,15 @@ struct AgentConfig<'a> {
     listen: &'a str,
     database_url: &'a str,
     first_boot_marker: &'a str,
+    acme_status: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
     migrations: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     app: Option<&'a AgentApp>,
 }
+
+/// Where `foobar-agent acme` records its last attempt (its `acme::STATUS`).
+const ACME_STATUS: &str = "/var/lib/foobar/acme/status.json";
 
 /// `/etc/foobar/agent.toml`: socket-activated, MariaDB over its socket with unix_socket auth, ready after first boot;
 /// with an app, its migrations replace the built-in ones and the agent runs it.
@@ -72,6 +76,7 @@ pub fn agent_config(app: Option<&App>) -> anyhow::Result<String> {
         listen: &listen,
         database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock",
         first_boot_marker: FIRST_BOOT_MARKER,
+        acme_status: ACME_STATUS,
         migrations: app.as_ref().map(|_| APP_MIGRATIONS),
         app: app.as_ref(),
     };

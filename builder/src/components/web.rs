@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context as _};
 use serde::Serialize;
 
-use super::{write, Component};
+use super::{enable, write, Component};
 use crate::config::ImageConfig;
 use crate::context::{Context, Port, SiteEntry, SiteTree};
 use crate::process::{cmd, Tool};
@@ -17,8 +17,9 @@ use crate::util::sha256_file;
 
 pub const COMPONENT: Component = Component {
     name: "web",
-    // openssl makes the self-signed certificate at first boot; logrotate bounds nginx's logs.
-    packages: &["nginx-light", "openssl", "logrotate"],
+    // openssl makes the self-signed certificate at first boot; logrotate bounds nginx's logs; uacme gets and renews
+    // certificates from an ACME CA when `[acme]` is on (ca-certificates: the CAs it trusts).
+    packages: &["nginx-light", "openssl", "logrotate", "uacme", "ca-certificates"],
     instance_files: &["etc/foobar/tls/key.pem", "etc/foobar/tls/cert.pem"],
     // The image's own nginx tests the rendered site in the image's root (`check_nginx`).
     host_tools: &[Tool {
@@ -45,6 +46,10 @@ const PROXY: &str = include_str!("../../../nginx/proxy.conf.tera");
 /// Where first boot puts the self-signed certificate when the config names no real one.
 pub const DEFAULT_TLS_CERTIFICATE: &str = "/etc/foobar/tls/cert.pem";
 pub const DEFAULT_TLS_KEY: &str = "/etc/foobar/tls/key.pem";
+/// Written by first boot (the operator's certificate) or `foobar-agent acme` (an issued one) once the certificate in
+/// place is trusted, removed when a self-signed one stands in; the agent and first boot use the same paths.
+pub const HTTPS_ONLY: &str = "/etc/foobar/tls/https-only.conf";
+pub const ACME_WEBROOT: &str = "/var/lib/foobar/acme/webroot";
 
 /// Paths and settings the nginx site needs.
 #[derive(Debug, Serialize)]
@@ -61,6 +66,10 @@ pub struct SiteVars {
     pub proxy_conf: String,
     pub tls_certificate: String,
     pub tls_key: String,
+    /// Present once a trusted certificate is (`set $foobar_trusted 1;`): HTTP then redirects and HSTS is sent.
+    pub https_only: String,
+    /// Where the ACME challenges are served from (`/.well-known/acme-challenge/` below it).
+    pub acme_webroot: String,
     /// Sustained POSTs per second per client address, and the burst allowed above it; beyond: 429.
     pub write_rate: u32,
     pub write_burst: u32,
@@ -101,6 +110,8 @@ impl SiteVars {
             proxy_conf: "/etc/nginx/foobar-proxy.conf".to_string(),
             tls_certificate: DEFAULT_TLS_CERTIFICATE.to_string(),
             tls_key: DEFAULT_TLS_KEY.to_string(),
+            https_only: HTTPS_ONLY.to_string(),
+            acme_webroot: ACME_WEBROOT.to_string(),
             write_rate: 5,
             write_burst: 20,
             health_rate: 20,
@@ -110,6 +121,8 @@ impl SiteVars {
                 "X-Content-Type-Options \"nosniff\"".to_string(),
                 "Referrer-Policy \"strict-origin-when-cross-origin\"".to_string(),
                 "X-Frame-Options \"DENY\"".to_string(),
+                // Empty (so not sent) until a trusted certificate is in place, and never over HTTP.
+                "Strict-Transport-Security $foobar_hsts".to_string(),
             ],
             posts_csp: "default-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'".to_string(),
             builtin_app: true,
@@ -281,6 +294,11 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         ("TLS_CERTIFICATE", vars.tls_certificate.as_str()),
         ("TLS_KEY", vars.tls_key.as_str()),
         ("TLS_SELF_SIGNED", if self_signed { "yes" } else { "no" }),
+        ("HTTPS_ONLY", HTTPS_ONLY),
+        ("ACME", if ctx.config.acme.enabled { "yes" } else { "no" }),
+        ("ACME_DIRECTORY", ctx.config.acme.directory.as_str()),
+        ("ACME_EMAIL", ctx.config.acme.email.as_str()),
+        ("ACME_RENEW_DAYS", &ctx.config.acme.renew_days.to_string()),
     ]
     .iter()
     .map(|(key, value)| format!("{key}={}\n", shell_quote(value)))
@@ -292,6 +310,48 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         0o644,
     )?;
     write(root, "etc/nginx/sites-available/foobar", site(&vars)?, 0o644)?;
+    // The TLS protocols and ciphers are the site file's, for every server block: Debian's nginx.conf sets wider
+    // ones at the same level, which nginx would refuse as a duplicate.
+    let conf_path = root.join("etc/nginx/nginx.conf");
+    let conf = std::fs::read_to_string(&conf_path).context("cannot read the image's etc/nginx/nginx.conf")?;
+    let conf: String = conf
+        .lines()
+        .map(|line| {
+            let directive = line.trim_start();
+            if directive.starts_with("ssl_protocols ") || directive.starts_with("ssl_prefer_server_ciphers ") {
+                format!("\t# {directive} (foobar: set in sites-available/foobar)\n")
+            } else {
+                format!("{line}\n")
+            }
+        })
+        .collect();
+    write(root, "etc/nginx/nginx.conf", conf, 0o644)?;
+    // Certificates from an ACME CA: issued at boot once nginx serves the challenges, renewed twice a day.
+    for (path, text, mode) in [
+        (
+            "etc/systemd/system/foobar-acme.service",
+            include_str!("../../../image/systemd/foobar-acme.service"),
+            0o644,
+        ),
+        (
+            "etc/systemd/system/foobar-acme.timer",
+            include_str!("../../../image/systemd/foobar-acme.timer"),
+            0o644,
+        ),
+        (
+            "usr/lib/foobar/acme-hook",
+            include_str!("../../../image/files/acme-hook"),
+            0o755,
+        ),
+    ] {
+        write(root, path, text, mode)?;
+    }
+    for (unit, target) in [
+        ("foobar-acme.service", "multi-user.target"),
+        ("foobar-acme.timer", "timers.target"),
+    ] {
+        enable(root, unit, &format!("/etc/systemd/system/{unit}"), target)?;
+    }
     write(
         root,
         "etc/nginx/foobar-proxy.conf",

@@ -323,7 +323,14 @@ pub fn sidecar(path: &std::path::Path, suffix: &str) -> PathBuf {
 /// makes the image's.
 pub fn self_signed_certificate(dir: &std::path::Path, names: &[&str]) -> (PathBuf, PathBuf) {
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let san: Vec<String> = names.iter().map(|n| format!("DNS:{n}")).collect();
+    // An address is an IP entry (a server reached by address, like the ACME test server from a guest).
+    let san: Vec<String> = names
+        .iter()
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{n}"),
+            Err(_) => format!("DNS:{n}"),
+        })
+        .collect();
     let out = Command::new("openssl")
         .args([
             "req",
