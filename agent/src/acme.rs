@@ -289,7 +289,7 @@ fn attempt(run: &Run, settings: &Settings) -> anyhow::Result<Outcome> {
         .with_context(|| format!("cannot create {}", run.root.join(CHALLENGES).display()))?;
     trust_ca(run)?;
     let uacme = |args: &[&str]| -> anyhow::Result<(i32, String)> {
-        let out = Command::new("uacme")
+        let out = tool("uacme")
             .arg("--confdir")
             .arg(&conf)
             .args(["--acme-url", &settings.directory, "--type", "EC", "--verbose"])
@@ -364,7 +364,7 @@ fn attempt(run: &Run, settings: &Settings) -> anyhow::Result<Outcome> {
         0o644,
     )?;
     if run.reload {
-        let status = Command::new("systemctl")
+        let status = tool("systemctl")
             .args(["reload-or-restart", "nginx.service"])
             .status()
             .context("cannot run systemctl")?;
@@ -382,13 +382,20 @@ fn trust_ca(run: &Run) -> anyhow::Result<()> {
     if !ca.exists() || linked.exists() || run.root != Path::new("/") {
         return Ok(());
     }
-    let status = Command::new("update-ca-certificates")
+    let status = tool("update-ca-certificates")
         .status()
         .context("cannot run update-ca-certificates")?;
     if !status.success() {
         bail!("update-ca-certificates failed ({status}) adding /{CA_FILE}");
     }
     Ok(())
+}
+
+/// A command of the image's own tools (uacme, openssl, systemctl); each caller reads its status and output and
+/// names the tool in its error (the builder's `process.rs` rule is about the build's commands).
+#[allow(clippy::disallowed_methods)]
+fn tool(program: &str) -> Command {
+    Command::new(program)
 }
 
 /// The end of a tool's output: what went wrong, without pages of protocol.
@@ -400,7 +407,7 @@ fn last_lines(text: &str) -> String {
 fn record(run: &Run, settings: &Settings, error: Option<&str>, retry: Option<Duration>) -> anyhow::Result<()> {
     let cert = run.root.join(settings.certificate.trim_start_matches('/'));
     let issued = run.root.join(settings.https_only.trim_start_matches('/')).exists();
-    let not_after = Command::new("openssl")
+    let not_after = tool("openssl")
         .args(["x509", "-noout", "-enddate", "-in"])
         .arg(&cert)
         .output()
