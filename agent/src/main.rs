@@ -149,9 +149,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     let platform = foobar_agent::metadata::detect(&probe_sources)
                         .map_or(foobar_agent::metadata::Platform::None, |s| s.platform());
                     foobar_agent::metadata::record_failure(&root, platform, &format!("{err:#}"))?;
+                    // Asked again on the next boots until the platform answers once (foobar-instance-config.service).
+                    foobar_agent::metadata::set_pending(&root, Some(&format!("{err:#}")))?;
                     return Err(err);
                 }
             };
+            foobar_agent::metadata::set_pending(&root, None)?;
             println!(
                 "platform {}: hostname {}, {} SSH key(s), site {}, {} note(s) ({:.2} s)",
                 serde_json::to_value(config.platform)?.as_str().unwrap_or("?"),

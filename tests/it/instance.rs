@@ -911,6 +911,20 @@ fn a_silent_metadata_service_is_given_up_on_within_bounds_and_a_bad_part_is_skip
     assert_eq!(code, 1);
     assert!(err.contains(&format!("127.0.0.1:{port}")), "{err}");
     assert!(start.elapsed() < Duration::from_secs(40), "{:?}", start.elapsed());
+    // ... and it is asked again on the next boot (foobar-instance-config.service runs while this file exists) until
+    // it answers once; then the keys arrive and the mark is gone.
+    let pending = read(&root, "var/lib/foobar/instance-config.pending");
+    assert!(pending.contains(&format!("127.0.0.1:{port}")), "pending: {pending}");
+    let root_keys = read(&root, "etc/ssh/authorized_keys/admin");
+    std::fs::write(root.join("etc/ssh/authorized_keys/admin"), format!("{IMAGE_KEY}\n")).unwrap();
+    let server = FakeHttp::start(ec2(Imds::Optional, KEY, None, false));
+    let (code, _, err, _) = instance_config(&root, &dmi, &["--metadata-url", &server.url()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        read(&root, "etc/ssh/authorized_keys/admin").contains(KEY),
+        "{root_keys}"
+    );
+    assert!(!root.join("var/lib/foobar/instance-config.pending").exists());
 }
 
 /// The site.env imagebuild writes, with ACME as given.

@@ -472,6 +472,22 @@ pub(crate) fn write(root: &Path, path: &str, text: &str, mode: u32) -> anyhow::R
     Ok(())
 }
 
+/// Present while the platform has not answered once: `foobar-instance-config.service` asks again on every boot.
+pub const PENDING: &str = "var/lib/foobar/instance-config.pending";
+
+/// Marks the instance configuration as still to be asked for (with why), or done.
+pub fn set_pending(root: &Path, error: Option<&str>) -> anyhow::Result<()> {
+    match error {
+        Some(error) => write(root, PENDING, &format!("{error}\n"), 0o644),
+        None => match std::fs::remove_file(root.join(PENDING)) {
+            Err(err) if err.kind() != std::io::ErrorKind::NotFound => {
+                Err(err).with_context(|| format!("cannot remove /{PENDING}"))
+            }
+            _ => Ok(()),
+        },
+    }
+}
+
 /// Records that first boot could not configure the instance (under `root`), for the platform's report.
 pub fn record_failure(root: &Path, platform: Platform, error: &str) -> anyhow::Result<()> {
     let doc = serde_json::json!({ "platform": platform, "error": error });

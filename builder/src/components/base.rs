@@ -137,18 +137,21 @@ fn install(_: &Context, root: &Path) -> anyhow::Result<()> {
          RuntimeMaxUse=32M\n",
         0o644,
     )?;
-    write(
-        root,
-        "etc/systemd/system/foobar-report.service",
-        include_str!("../../../image/systemd/foobar-report.service"),
-        0o644,
-    )?;
-    enable(
-        root,
-        "foobar-report.service",
-        "/etc/systemd/system/foobar-report.service",
-        "multi-user.target",
-    )?;
+    // The platform's report, and the instance configuration asked again while the platform has not answered once.
+    for (unit, text) in [
+        (
+            "foobar-report.service",
+            include_str!("../../../image/systemd/foobar-report.service"),
+        ),
+        (
+            "foobar-instance-config.service",
+            include_str!("../../../image/systemd/foobar-instance-config.service"),
+        ),
+    ] {
+        let path = format!("etc/systemd/system/{unit}");
+        write(root, &path, text, 0o644)?;
+        enable(root, unit, &format!("/{path}"), "multi-user.target")?;
+    }
 
     // The network: DHCP on every NIC.
     enable(

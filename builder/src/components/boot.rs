@@ -112,13 +112,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     for rules in MASKED_UDEV_RULES {
         write(root, &format!("etc/udev/rules.d/{rules}"), "", 0o644)?;
     }
-    // What operators use (SSH, consoles, login sessions and the D-Bus they need) starts once nginx has started (or
-    // failed to), so that it does not compete with the web stack for the CPUs at boot. Not after the agent: a
-    // database that never comes up would keep the agent starting, and SSH away, for its whole start timeout.
+    // What operators use (SSH, consoles, login sessions) starts once nginx has started (or failed to), so that it
+    // does not compete with the web stack for the CPUs at boot. Not after the agent: a database that never comes up
+    // would keep the agent starting, and SSH away, for its whole start timeout. Not logind and D-Bus either: logind
+    // handles the power button (a cloud's "stop"), and a press before it watches the button is lost.
     for unit in [
         "ssh.service",
-        "systemd-logind.service",
-        "dbus.service",
         "getty@.service",
         "serial-getty@.service",
         "systemd-user-sessions.service",
