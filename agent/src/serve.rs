@@ -17,7 +17,14 @@ use crate::systemd;
 /// Returns whether they were applied. At boot the agent starts beside MariaDB, so for its first 30 s it retries
 /// every 200 ms (a refused unix-socket connect costs nothing) and notices the database soon after it opens; then
 /// every 5 s. The warning is logged when the error changes and every 5 s, not on every try.
-async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout: Duration) -> bool {
+/// A stop (`stop` turns true) ends the waiting at once; a migration already running is given the shutdown time
+/// to finish (the caller bounds it), since cutting one leaves it half-applied.
+async fn migrate_in_background(
+    state: AppState,
+    migrator: Migrator,
+    lock_timeout: Duration,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> bool {
     const FAST: Duration = Duration::from_millis(200);
     const SLOW: Duration = Duration::from_secs(5);
     let started = tokio::time::Instant::now();
@@ -52,16 +59,26 @@ async fn migrate_in_background(state: AppState, migrator: Migrator, lock_timeout
                 return false;
             }
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop.wait_for(|stopped| *stopped) => {
+                tracing::info!("stopping: no longer waiting for the database to apply migrations");
+                return false;
+            }
+        }
     }
 }
 
-/// Sends `READY=1` the first time the agent's own parts are ready (with the built-in app: when `/readyz` is 200).
+/// Tells systemd (`STATUS=`, in `systemctl status`) and the journal when the agent's own parts are first ready (with
+/// the built-in app: when `/readyz` is 200). `READY=1` was sent when it began serving: readiness is `/readyz`'s
+/// business, so the unit's start does not wait for the database or migrations, and its start timeout never cuts a
+/// migration short.
 async fn notify_when_ready(state: AppState) {
+    systemd::notify("STATUS=serving; waiting for the database, migrations and first boot");
     loop {
         if state.readiness().await.agent_ready() {
             tracing::info!("ready");
-            systemd::notify("READY=1");
+            systemd::notify("STATUS=ready");
             return;
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -153,18 +170,30 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let listener = listen(&config).await?;
     tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
 
+    // Serving (health answers; /readyz says whether it is ready): the start is done.
+    systemd::notify("READY=1");
+
     // The site's own app starts once its schema is in place, and is stopped (gracefully) when the agent stops.
     let (app_stop_tx, app_stop_rx) = tokio::sync::watch::channel(false);
-    let migrated = tokio::spawn(migrate_in_background(
-        state.clone(),
-        migrator,
-        config.migrate_lock_timeout(),
-    ));
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+    let (migrated_tx, mut migrated_rx) = tokio::sync::watch::channel(None::<bool>);
+    let mut migration = tokio::spawn({
+        let (state, stop) = (state.clone(), stop_rx.clone());
+        let lock_timeout = config.migrate_lock_timeout();
+        async move {
+            let applied = migrate_in_background(state, migrator, lock_timeout, stop).await;
+            let _ = migrated_tx.send(Some(applied));
+        }
+    });
     let database = DatabaseEnv::from_options(&config.database_url, &db::connect_options(&config)?);
     let supervisor = app.map(|app| {
         let grace = config.shutdown_timeout();
         tokio::spawn(async move {
-            if migrated.await.unwrap_or(false) {
+            let applied = migrated_rx
+                .wait_for(Option::is_some)
+                .await
+                .is_ok_and(|r| *r == Some(true));
+            if applied {
                 app.supervise(database, app_stop_rx, grace).await;
             }
         })
@@ -180,7 +209,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let app = crate::app(state.clone());
-    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
     let graceful = async move {
         shutdown_signal().await;
         tracing::info!("stopping: no new connections, finishing in-flight requests");
@@ -200,6 +228,15 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     tokio::select! {
         result = server => result.context("server failed")?,
         _ = deadline => tracing::warn!(timeout = ?config.shutdown_timeout(), "in-flight requests cut off at the shutdown timeout"),
+    }
+    // A migration in progress may finish (bounded by the shutdown time: cut, it would be left half-applied, which
+    // the next start reports by name); one only waiting for the database has already given up.
+    if tokio::time::timeout(config.shutdown_timeout(), &mut migration)
+        .await
+        .is_err()
+    {
+        tracing::warn!(timeout = ?config.shutdown_timeout(), "a migration was still running at the shutdown timeout: cut off");
+        migration.abort();
     }
     // Stop taking requests first, then stop the app, so nginx does not send it work while it goes down.
     let _ = app_stop_tx.send(true);

@@ -276,9 +276,25 @@ fn socket_activation_and_ready_notification() {
         200
     );
     assert_eq!(&buf[..n], b"READY=1");
-    // READY=1 came only once /readyz answers 200, on the inherited socket (port 1 was never bound).
-    let ready = get(&format!("http://{listen}/readyz")).unwrap();
-    assert_eq!(ready.status, 200, "{}", ready.body);
+    // READY=1 means serving, on the inherited socket (port 1 was never bound); /readyz turns 200 once the
+    // migrations are applied, and systemd's STATUS= says so.
+    let deadline = std::time::Instant::now() + SOON;
+    loop {
+        let ready = get(&format!("http://{listen}/readyz")).unwrap();
+        if ready.status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{}", ready.body);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut statuses = Vec::new();
+    while let Ok(n) = notify.recv(&mut buf) {
+        statuses.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if statuses.iter().any(|s| s == "STATUS=ready") {
+            break;
+        }
+    }
+    assert!(statuses.iter().any(|s| s == "STATUS=ready"), "{statuses:?}");
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -317,4 +333,53 @@ fn migrate_against_an_unreachable_database_fails_with_the_reason() {
     ]);
     assert_eq!(code, 1);
     assert!(stderr.contains("database unreachable"), "{stderr}");
+}
+
+#[test]
+fn sigterm_lets_a_running_migration_finish_and_ends_a_wait_for_the_database_at_once() {
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    let name = database_name(&url);
+    // A migration that takes 3 s, then makes a table.
+    let dir = migrations_copy();
+    std::fs::write(
+        dir.join("0090_slow.sql"),
+        "DO SLEEP(3);\nCREATE TABLE slow_done (id INT PRIMARY KEY);\n",
+    )
+    .unwrap();
+    let config = support::temp_dir("slow-config").join("agent.toml");
+    std::fs::write(&config, format!("migrations = \"{}\"\n", dir.display())).unwrap();
+    let mut agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    // Serving while the migration runs: not ready yet.
+    wait_for_status(&agent.url("/livez"), 200, SOON);
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(get(&agent.url("/readyz")).unwrap().status, 503);
+    agent.signal("TERM");
+    let start = std::time::Instant::now();
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    // Finished, not cut: the table is there and the migration recorded as applied.
+    assert_eq!(
+        db.sql(&format!(
+            "SELECT success FROM {name}._sqlx_migrations WHERE version = 90"
+        ))
+        .trim(),
+        "1",
+        "{}",
+        agent.log()
+    );
+    assert_eq!(db.sql(&format!("SELECT COUNT(*) FROM {name}.slow_done")).trim(), "0");
+    let finished_in = start.elapsed();
+
+    // Nothing answers at the database's address: SIGTERM ends the wait at once.
+    let closed = support::free_port();
+    let mut agent = AgentProcess::serve(&format!("mysql://foobar@127.0.0.1:{closed}/foobar"), &[]);
+    wait_for_status(&agent.url("/livez"), 200, SOON);
+    agent.signal("TERM");
+    let start = std::time::Instant::now();
+    assert_eq!(agent.wait_exit(Duration::from_secs(5)), Some(0), "{}", agent.log());
+    eprintln!(
+        "stop with a migration running: {:.1} s; waiting for the database: {:.1} s",
+        finished_in.as_secs_f64(),
+        start.elapsed().as_secs_f64()
+    );
 }

@@ -600,6 +600,20 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         &[],
         "sudo systemd-analyze security foobar-agent.service --no-pager | tail -1",
     );
+    // No route to the cloud metadata address from the agent's unit (where the site's app runs too): a process in its
+    // cgroup is refused at connect, before any packet leaves.
+    let (_, refused, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "sudo bash -c 'echo $$ > /sys/fs/cgroup/system.slice/foobar-agent.service/cgroup.procs && \
+         exec 3<>/dev/tcp/169.254.169.254/80' 2>&1; echo rc=$?",
+    );
+    assert!(
+        refused.contains("Operation not permitted") && !refused.contains("rc=0"),
+        "the metadata address from the agent's unit: {refused}"
+    );
 
     // Killing the agent: systemd restarts it; requests meanwhile wait in the socket's queue instead of failing.
     let (code, _, stderr) = ssh(
@@ -1822,8 +1836,71 @@ fn a_certificate_from_an_acme_ca_is_issued_renewed_and_turns_on_https_only() {
         std::thread::sleep(Duration::from_secs(2));
     }
     https_verified(&guest, &root, "/");
+    let (_, journal, _) = ssh(
+        &guest,
+        &built.key,
+        "admin",
+        &[],
+        "sudo journalctl -o short-monotonic -u foobar-acme -u nginx --no-pager | tail -12",
+    );
     report(format!(
-        "ACME: Pebble's certificate served {issue_time:.1} s after ready; renewed in {:.1} s",
+        "ACME: Pebble's certificate served {issue_time:.1} s after ready; renewed in {:.1} s; the journal:\n{journal}",
         started.elapsed().as_secs_f64()
     ));
+}
+
+/// The guest's console has printed `text`, within the ready limit.
+fn wait_console(guest: &mut Guest, text: &str) -> f64 {
+    let start = Instant::now();
+    loop {
+        if std::fs::read_to_string(&guest.serial)
+            .unwrap_or_default()
+            .contains(text)
+        {
+            return start.elapsed().as_secs_f64();
+        }
+        if let Some(status) = guest.child.try_wait().unwrap() {
+            panic!(
+                "QEMU exited ({status}) before `{text}`; console:\n{}",
+                guest.console_tail()
+            );
+        }
+        assert!(
+            start.elapsed() < READY_LIMIT,
+            "no `{text}` on the console:\n{}",
+            guest.console_tail()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+#[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
+fn the_power_button_shuts_the_machine_down_whenever_it_is_pressed_during_boot() {
+    // Each boot is a first boot (the disk is a throwaway snapshot); the button is pressed once, at one moment.
+    let moments = [
+        ("first boot begins (SSH host keys)", "foobar-firstboot: SSH host keys"),
+        ("first boot ends", "foobar-firstboot: done"),
+        ("/readyz answers 200", ""),
+    ];
+    let mut figures = Vec::new();
+    for (moment, console) in moments {
+        let mut guest = Guest::boot(&built().image, false, false);
+        let at = if console.is_empty() {
+            guest.wait_ready()
+        } else {
+            wait_console(&mut guest, console)
+        };
+        let took = guest.power_button();
+        assert!(
+            took < Duration::from_secs(30),
+            "pressed when {moment}: off after {took:?}; console:\n{}",
+            guest.console_tail()
+        );
+        figures.push(format!(
+            "{moment} ({at:.1} s after start): off in {:.1} s",
+            took.as_secs_f64()
+        ));
+    }
+    report(format!("power button: {}", figures.join("; ")));
 }
