@@ -20,6 +20,8 @@ pub struct ImageConfig {
     pub access: Access,
     /// Certificates from an ACME CA (Let's Encrypt by default), issued and renewed on the instance.
     pub acme: Acme,
+    /// Debian's security updates, applied by the instance itself.
+    pub updates: Updates,
     /// The site's own application server; absent: the built-in posts app.
     pub app: Option<App>,
 }
@@ -33,6 +35,7 @@ impl Default for ImageConfig {
             disk: Disk::default(),
             access: Access::default(),
             acme: Acme::default(),
+            updates: Updates::default(),
             app: None,
         }
     }
@@ -114,6 +117,36 @@ impl Default for Disk {
 pub struct Access {
     /// SSH public keys for the admin user (added to those of `--ssh-key`).
     pub ssh_authorized_keys: Vec<String>,
+}
+
+/// `[updates]`: Debian's `unattended-upgrades` for the security suite, daily.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Updates {
+    /// Install security updates by themselves (daily, from the security suite only).
+    pub security: bool,
+    /// `HH:MM`: reboot at that time when an installed update needs it (a new kernel); empty: never by itself.
+    pub reboot_time: String,
+}
+
+impl Default for Updates {
+    fn default() -> Self {
+        Updates {
+            security: true,
+            reboot_time: String::new(),
+        }
+    }
+}
+
+/// `HH:MM`, 24-hour.
+fn is_time_of_day(text: &str) -> bool {
+    let Some((h, m)) = text.split_once(':') else {
+        return false;
+    };
+    let number = |s: &str, max: u32| {
+        s.len() == 2 && s.chars().all(|c| c.is_ascii_digit()) && s.parse::<u32>().is_ok_and(|n| n <= max)
+    };
+    number(h, 23) && number(m, 59)
 }
 
 /// Let's Encrypt's production directory: the ACME CA used when `acme.directory` names none.
@@ -445,6 +478,16 @@ impl ImageConfig {
         }
         if !(1..=365).contains(&acme.renew_days) {
             bail!("key `acme.renew-days`: expected 1 to 365 days, got {}", acme.renew_days);
+        }
+        let reboot = &self.updates.reboot_time;
+        if !reboot.is_empty() && !is_time_of_day(reboot) {
+            bail!(
+                "key `updates.reboot-time`: expected a time of day like 03:30 (or empty: never reboot by itself), got `{}`",
+                reboot.escape_debug()
+            );
+        }
+        if !reboot.is_empty() && !self.updates.security {
+            bail!("key `updates.reboot-time`: set, but `updates.security` is off (nothing would install an update)");
         }
         if acme.enabled && !self.site.tls_certificate.is_empty() {
             bail!(

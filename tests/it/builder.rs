@@ -323,6 +323,15 @@ fn hostile_config_values_are_refused_naming_the_key() {
         ("[acme]\nemail = \"-v\"\n".into(), "acme.email"),
         ("[acme]\nrenew-days = 0\n".into(), "acme.renew-days"),
         (
+            "[updates]\nreboot-time = \"03:30\\\";\\nAPT::x \\\"1\"\n".into(),
+            "updates.reboot-time",
+        ),
+        ("[updates]\nreboot-time = \"25:00\"\n".into(), "updates.reboot-time"),
+        (
+            "[updates]\nsecurity = false\nreboot-time = \"03:30\"\n".into(),
+            "updates.reboot-time",
+        ),
+        (
             "[acme]\nenabled = true\n[site]\ntls-certificate = \"/etc/ssl/c.pem\"\ntls-key = \"/etc/ssl/k.pem\"\n"
                 .into(),
             "acme.enabled",
@@ -514,6 +523,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
             "systemd-sysv",
             "uacme",
             "udev",
+            "unattended-upgrades",
         ]
     );
     let hooks: Vec<&str> = layer.hooks.iter().map(|h| h.key).collect();
@@ -928,5 +938,37 @@ fn first_boots_tls_step_keeps_a_matching_pair_sets_aside_a_broken_one_and_always
     assert_eq!(
         std::fs::read(dir.join("tls/cert.pem")).unwrap(),
         std::fs::read(&other_cert).unwrap()
+    );
+}
+
+#[test]
+fn security_updates_are_on_by_default_and_off_leaves_the_package_out() {
+    use foobar_builder::{plan, roles};
+    let on = foobar_builder::config::ImageConfig::load(None).unwrap();
+    let components = roles::resolve(&on.role, roles::ROLES).unwrap();
+    assert!(plan::layer(&on, &components)
+        .packages
+        .iter()
+        .any(|p| p == "unattended-upgrades"));
+    let off =
+        foobar_builder::config::ImageConfig::parse("[updates]\nsecurity = false\n", "test", std::path::Path::new("."))
+            .unwrap();
+    assert!(!plan::layer(&off, &components)
+        .packages
+        .iter()
+        .any(|p| p == "unattended-upgrades"));
+    // The security suite only, and a reboot only when a time is set.
+    let text = foobar_builder::components::base::unattended_upgrades("");
+    assert!(text.contains("#clear Unattended-Upgrade::Origins-Pattern;"), "{text}");
+    assert!(
+        text.contains("codename=${distro_codename}-security,label=Debian-Security"),
+        "{text}"
+    );
+    assert!(!text.contains("label=Debian\""), "no point-release updates: {text}");
+    assert!(text.contains("Automatic-Reboot \"false\""), "{text}");
+    let text = foobar_builder::components::base::unattended_upgrades("03:30");
+    assert!(
+        text.contains("Automatic-Reboot \"true\"") && text.contains("Automatic-Reboot-Time \"03:30\""),
+        "{text}"
     );
 }

@@ -614,6 +614,22 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         refused.contains("Operation not permitted") && !refused.contains("rc=0"),
         "the metadata address from the agent's unit: {refused}"
     );
+    // Security updates: unattended-upgrades itself (a dry run, which fetches nothing) reads the security suite only,
+    // and apt's daily timer that runs it is on.
+    let (_, origins, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "sudo unattended-upgrade --dry-run --debug 2>&1 | grep -i 'allowed origins'; systemctl is-enabled apt-daily-upgrade.timer",
+    );
+    assert!(
+        origins.contains("codename=bookworm-security,label=Debian-Security")
+            && !origins.contains("label=Debian,")
+            && !origins.contains("label=Debian\n")
+            && origins.contains("enabled"),
+        "unattended-upgrades: {origins}"
+    );
 
     // Killing the agent: systemd restarts it; requests meanwhile wait in the socket's queue instead of failing.
     let (code, _, stderr) = ssh(

@@ -30,9 +30,38 @@ pub const COMPONENT: Component = Component {
     ..super::NOTHING
 };
 
-/// `debian.packages`: the operator's extra packages.
+/// `debian.packages`: the operator's extra packages; `unattended-upgrades` with `updates.security`.
 fn config_packages(config: &ImageConfig) -> Vec<String> {
-    config.debian.packages.clone()
+    let mut packages = config.debian.packages.clone();
+    if config.updates.security {
+        packages.push("unattended-upgrades".to_string());
+    }
+    packages
+}
+
+/// apt's settings for `unattended-upgrades`: daily, the security suite only (Debian's default also takes point
+/// releases), every run in the journal, and a reboot only at `updates.reboot-time` when one is set.
+pub fn unattended_upgrades(reboot_time: &str) -> String {
+    let reboot = if reboot_time.is_empty() {
+        "Unattended-Upgrade::Automatic-Reboot \"false\";\n".to_string()
+    } else {
+        format!(
+            "Unattended-Upgrade::Automatic-Reboot \"true\";\nUnattended-Upgrade::Automatic-Reboot-Time \"{reboot_time}\";\n"
+        )
+    };
+    format!(
+        "// foobar: security updates by themselves (written by imagebuild from [updates]; see README).\n\
+         APT::Periodic::Update-Package-Lists \"1\";\n\
+         APT::Periodic::Unattended-Upgrade \"1\";\n\
+         APT::Periodic::AutocleanInterval \"7\";\n\
+         #clear Unattended-Upgrade::Origins-Pattern;\n\
+         Unattended-Upgrade::Origins-Pattern {{\n\
+         \x20   \"origin=Debian,codename=${{distro_codename}}-security,label=Debian-Security\";\n\
+         \x20   \"origin=Debian,codename=${{distro_codename}},label=Debian-Security\";\n\
+         }};\n\
+         Unattended-Upgrade::SyslogEnable \"true\";\n\
+         Unattended-Upgrade::Remove-Unused-Kernel-Packages \"true\";\n{reboot}"
+    )
 }
 
 /// Paths dpkg never unpacks: documentation, manual pages and translations the server does not need. They are one
@@ -80,7 +109,15 @@ const DPKG_RULES: &[&str] = &[
 /// mariadb-dumpslow, mariadb-hotcopy and the like); perl-base, which dpkg and debconf use, stays whole.
 const LATE_EXCLUDES: &[&str] = &["/usr/share/perl/*", "/usr/lib/x86_64-linux-gnu/perl/*"];
 
-fn install(_: &Context, root: &Path) -> anyhow::Result<()> {
+fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
+    if ctx.config.updates.security {
+        write(
+            root,
+            "etc/apt/apt.conf.d/52foobar-unattended-upgrades",
+            unattended_upgrades(&ctx.config.updates.reboot_time),
+            0o644,
+        )?;
+    }
     write(
         root,
         "usr/lib/foobar/firstboot",
