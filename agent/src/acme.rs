@@ -22,8 +22,10 @@ pub const STATE_DIR: &str = "var/lib/foobar/acme";
 pub const STATUS: &str = "var/lib/foobar/acme/status.json";
 /// Where the hook writes the challenges; nginx serves `/.well-known/acme-challenge/` from here for both names.
 pub const CHALLENGES: &str = "var/lib/foobar/acme/webroot/.well-known/acme-challenge";
-/// A CA the instance configuration asked to trust for the ACME server (a private CA); added to the system's CAs.
+/// A CA the instance configuration asked to trust for the ACME server (a private CA); added to the system's bundle.
 pub const CA_FILE: &str = "usr/local/share/ca-certificates/foobar-acme.crt";
+/// The CAs libcurl (and so uacme) trusts.
+const BUNDLE: &str = "etc/ssl/certs/ca-certificates.crt";
 /// The challenge hook imagebuild installs.
 pub const HOOK: &str = "/usr/lib/foobar/acme-hook";
 
@@ -156,7 +158,7 @@ impl AcmeOverride {
     }
 
     /// Rewrites the `ACME*` lines of `site.env` (each value checked above, written single-quoted) and installs the
-    /// CA for `update-ca-certificates` (run by the next `foobar-agent acme`).
+    /// CA, which the next `foobar-agent acme` adds to the system's bundle.
     pub fn apply(&self, root: &Path) -> anyhow::Result<()> {
         self.validate().map_err(anyhow::Error::msg)?;
         let env = read_site_env(root)?;
@@ -375,20 +377,25 @@ fn attempt(run: &Run, settings: &Settings) -> anyhow::Result<Outcome> {
     Ok(Outcome::Installed)
 }
 
-/// A CA from the instance configuration joins the system's (which uacme's libcurl reads) once.
+/// A CA from the instance configuration joins the CAs uacme's libcurl trusts (the system bundle). It is appended to
+/// the bundle directly: `update-ca-certificates` rebuilds all of it, which took a minute of CPU under emulation. The
+/// file stays in `/usr/local/share/ca-certificates`, so the next rebuild (a ca-certificates update) keeps it.
 fn trust_ca(run: &Run) -> anyhow::Result<()> {
-    let ca = run.root.join(CA_FILE);
-    let linked = run.root.join("etc/ssl/certs/foobar-acme.pem");
-    if !ca.exists() || linked.exists() || run.root != Path::new("/") {
+    let Ok(ca) = std::fs::read_to_string(run.root.join(CA_FILE)) else {
+        return Ok(());
+    };
+    let bundle_path = run.root.join(BUNDLE);
+    let bundle = std::fs::read_to_string(&bundle_path).unwrap_or_default();
+    if bundle.contains(ca.trim()) {
         return Ok(());
     }
-    let status = tool("update-ca-certificates")
-        .status()
-        .context("cannot run update-ca-certificates")?;
-    if !status.success() {
-        bail!("update-ca-certificates failed ({status}) adding /{CA_FILE}");
+    let mut text = bundle;
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
     }
-    Ok(())
+    text.push_str(ca.trim());
+    text.push('\n');
+    write(&run.root, BUNDLE, &text, 0o644)
 }
 
 /// A command of the image's own tools (uacme, openssl, systemctl); each caller reads its status and output and

@@ -1035,8 +1035,25 @@ fn acme_off_does_nothing_and_a_ca_that_does_not_answer_is_recorded_and_leaves_th
     acme_site_env(&root, "yes", &directory);
     std::fs::create_dir_all(root.join("etc/foobar/tls")).unwrap();
     std::fs::write(root.join("etc/foobar/tls/cert.pem"), "self-signed stand-in").unwrap();
+    // A private CA from the instance configuration joins the system's bundle once, however many attempts there are.
+    let ca = "-----BEGIN CERTIFICATE-----\nMIIBprivate\n-----END CERTIFICATE-----\n";
+    std::fs::create_dir_all(root.join("usr/local/share/ca-certificates")).unwrap();
+    std::fs::write(root.join("usr/local/share/ca-certificates/foobar-acme.crt"), ca).unwrap();
+    std::fs::create_dir_all(root.join("etc/ssl/certs")).unwrap();
+    std::fs::write(
+        root.join("etc/ssl/certs/ca-certificates.crt"),
+        "-----BEGIN CERTIFICATE-----\nMIIBpublic\n-----END CERTIFICATE-----",
+    )
+    .unwrap();
+    acme_once(&root);
     let (code, _, err) = acme_once(&root);
     assert_eq!(code, 1, "{err}");
+    let bundle = read(&root, "etc/ssl/certs/ca-certificates.crt");
+    assert!(
+        bundle.contains("MIIBpublic\n-----END CERTIFICATE-----\n-----BEGIN CERTIFICATE-----\nMIIBprivate"),
+        "{bundle}"
+    );
+    assert_eq!(bundle.matches("MIIBprivate").count(), 1, "{bundle}");
     assert!(err.contains(&directory), "the CA is named: {err}");
     let status: serde_json::Value =
         serde_json::from_str(&read(&root, "var/lib/foobar/acme/status.json")).expect("status.json");
