@@ -607,13 +607,26 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         &built.key,
         "admin",
         &[],
-        "sudo bash -c 'echo $$ > /sys/fs/cgroup/system.slice/foobar-agent.service/cgroup.procs && \
-         exec 3<>/dev/tcp/169.254.169.254/80' 2>&1; echo rc=$?",
+        // A link-local address of the guest's own (sshd answers on it), so that nothing leaves the guest whatever
+        // happens: from outside the agent's unit it connects; from inside, it must not.
+        "sudo ip addr add 169.254.77.1/32 dev lo && \
+         sudo timeout 5 bash -c 'exec 3<>/dev/tcp/169.254.77.1/22' && echo outside=connected; \
+         sudo timeout 5 bash -c 'echo $$ > /sys/fs/cgroup/system.slice/foobar-agent.service/cgroup.procs && \
+         exec 3<>/dev/tcp/169.254.77.1/22' 2>&1; echo inside=$?",
     );
     assert!(
-        refused.contains("Operation not permitted") && !refused.contains("rc=0"),
-        "the metadata address from the agent's unit: {refused}"
+        refused.contains("outside=connected") && !refused.contains("inside=0"),
+        "a link-local address from the agent's unit: {refused}"
     );
+    // The early power-button watch handed the button to logind once logind had it.
+    let (_, handed, _) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "journalctl -u foobar-power-button --no-pager -o cat",
+    );
+    assert!(handed.contains("logind handles the power button now"), "{handed}");
     // Security updates: unattended-upgrades itself (a dry run, which fetches nothing) reads the security suite only,
     // and apt's daily timer that runs it is on.
     let (_, origins, _) = ssh(

@@ -1096,3 +1096,90 @@ fn the_acme_hook_serves_http_01_tokens_only_and_removes_them_after() {
     assert!(!dir.join("../../escape").exists() && !dir.parent().unwrap().join("escape").exists());
     assert_ne!(run(&["begin", "http-01"]), 0);
 }
+
+/// A power button as the kernel shows it under `root`: sysfs name and number, and a FIFO standing in for
+/// `/dev/input/eventN`.
+fn fake_button(root: &Path, event: &str) -> PathBuf {
+    let sys = root.join("sys/class/input").join(event);
+    std::fs::create_dir_all(sys.join("device")).unwrap();
+    std::fs::write(sys.join("device/name"), "Power Button\n").unwrap();
+    std::fs::write(sys.join("dev"), "13:65\n").unwrap();
+    std::fs::create_dir_all(root.join("dev/input")).unwrap();
+    let fifo = root.join("dev/input").join(event);
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    fifo
+}
+
+/// One `struct input_event` (64-bit): time, type, code, value.
+fn input_event(kind: u16, code: u16, value: i32) -> Vec<u8> {
+    let mut e = vec![0u8; 16];
+    e.extend_from_slice(&kind.to_ne_bytes());
+    e.extend_from_slice(&code.to_ne_bytes());
+    e.extend_from_slice(&value.to_ne_bytes());
+    e
+}
+
+#[test]
+fn the_power_button_powers_off_before_logind_has_it_and_is_handed_over_after() {
+    use foobar_agent::power::{paths_under, watch, Outcome};
+    use std::io::Write as _;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::Arc;
+    // The button appears after the watch began (its driver loads), other keys and the release are ignored, a press
+    // powers off, once.
+    let root = support::temp_dir("power-button");
+    let offs = Arc::new(AtomicU32::new(0));
+    let watcher = {
+        let (root, offs) = (root.clone(), offs.clone());
+        std::thread::spawn(move || {
+            watch(
+                &paths_under(&root),
+                || false,
+                || {
+                    offs.fetch_add(1, Ordering::SeqCst);
+                },
+            )
+        })
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let fifo = fake_button(&root, "event1");
+    std::thread::sleep(Duration::from_millis(500));
+    let mut device = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    device
+        .write_all(&[input_event(1, 30, 1), input_event(1, 116, 0), input_event(0, 0, 0)].concat())
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        offs.load(Ordering::SeqCst),
+        0,
+        "no power-off for other keys or a release"
+    );
+    device
+        .write_all(&[input_event(1, 116, 1), input_event(0, 0, 0)].concat())
+        .unwrap();
+    assert_eq!(watcher.join().unwrap().unwrap(), Outcome::Pressed);
+    assert_eq!(offs.load(Ordering::SeqCst), 1);
+
+    // Handed over only when logind runs and udev has tagged the button for it.
+    let root = support::temp_dir("power-button-logind");
+    let fifo = fake_button(&root, "event1");
+    let _writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
+    let running = root.join("logind-running");
+    let watcher = {
+        let (root, running) = (root.clone(), running.clone());
+        std::thread::spawn(move || watch(&paths_under(&root), move || running.exists(), || panic!("no press")))
+    };
+    std::fs::write(&running, "").unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!watcher.is_finished(), "not handed over before udev tags the button");
+    std::fs::create_dir_all(root.join("run/udev/data")).unwrap();
+    std::fs::write(
+        root.join("run/udev/data/c13:65"),
+        "E:ID_INPUT=1\nG:power-switch\nQ:power-switch\n",
+    )
+    .unwrap();
+    let start = Instant::now();
+    assert_eq!(watcher.join().unwrap().unwrap(), Outcome::HandedOver);
+    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+}

@@ -132,6 +132,10 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             "foobar-agent.service",
             include_str!("../../../image/systemd/foobar-agent.service"),
         ),
+        (
+            "foobar-power-button.service",
+            include_str!("../../../image/systemd/foobar-power-button.service"),
+        ),
     ] {
         write(root, &format!("etc/systemd/system/{name}"), text, 0o644)?;
     }
@@ -140,6 +144,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         "foobar-agent.socket",
         "/etc/systemd/system/foobar-agent.socket",
         "sockets.target",
+    )?;
+    enable(
+        root,
+        "foobar-power-button.service",
+        "/etc/systemd/system/foobar-power-button.service",
+        "sysinit.target",
     )?;
     enable(
         root,

@@ -129,6 +129,16 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             0o644,
         )?;
     }
+    // The power button is a cloud's "stop". logind handles it once udev has tagged the button for it, which under
+    // emulation comes late in first boot; until then `foobar-power-button.service` does (`foobar-agent
+    // power-button`), from as soon as the button's driver is there: it loads with the first modules, not when udev's
+    // coldplug gets to it.
+    write(
+        root,
+        "etc/modules-load.d/foobar-button.conf",
+        "# foobar: the ACPI power button's driver, early (see imagebuild's components/boot.rs)\nbutton\n",
+        0o644,
+    )?;
     // A web server has no use for KVM: its modules are the largest that udev would load on a CPU that offers
     // virtualization (nested virtualization in a cloud VM, or an emulator).
     write(

@@ -1,0 +1,160 @@
+//! `foobar-agent power-button`: the ACPI power button (a cloud's "stop") from early boot until logind has it.
+//!
+//! logind handles the button only once udev has tagged its input device `power-switch`, which under emulation
+//! happens late in first boot; a press before that reaches no reader and is lost. This watches the button's event
+//! device itself from the first seconds of boot (the kernel makes `/dev/input/eventN` at once), powers off on a press
+//! (`systemctl poweroff`: the clean shutdown logind would start), and exits once logind is running and the device
+//! carries the tag, so logind's settings (`HandlePowerKey=`, inhibitors) rule from then on.
+
+use std::io::Read as _;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+/// What the kernel calls the ACPI power button's input device.
+const NAME: &str = "Power Button";
+/// `struct input_event` on 64-bit Linux: a timeval (16 bytes), type (u16), code (u16), value (i32).
+const EVENT_SIZE: usize = 24;
+const EV_KEY: u16 = 1;
+const KEY_POWER: u16 = 116;
+
+/// How the watch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The button was pressed; the machine is powering off.
+    Pressed,
+    /// logind has the button now.
+    HandedOver,
+}
+
+/// Where to look; tests point these elsewhere.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    /// `/sys/class/input`: each `eventN/device/name` and `eventN/dev` (`MAJOR:MINOR`).
+    pub sys_input: PathBuf,
+    /// `/dev/input`.
+    pub dev_input: PathBuf,
+    /// `/run/udev/data`: udev's record of each device (`c13:65`), with its tags (`G:power-switch`).
+    pub udev_data: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            sys_input: PathBuf::from("/sys/class/input"),
+            dev_input: PathBuf::from("/dev/input"),
+            udev_data: PathBuf::from("/run/udev/data"),
+        }
+    }
+}
+
+/// The power button's event devices (`eventN` names) present now.
+fn buttons(paths: &Paths) -> Vec<String> {
+    let mut found: Vec<String> = std::fs::read_dir(&paths.sys_input)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .filter(|n| n.starts_with("event"))
+        .filter(|n| {
+            std::fs::read_to_string(paths.sys_input.join(n).join("device/name")).is_ok_and(|name| name.trim() == NAME)
+        })
+        .collect();
+    found.sort();
+    found
+}
+
+/// Whether udev has tagged the device for logind.
+fn tagged(paths: &Paths, event: &str) -> bool {
+    let Ok(dev) = std::fs::read_to_string(paths.sys_input.join(event).join("dev")) else {
+        return false;
+    };
+    std::fs::read_to_string(paths.udev_data.join(format!("c{}", dev.trim())))
+        .is_ok_and(|data| data.lines().any(|l| l == "G:power-switch" || l == "Q:power-switch"))
+}
+
+/// Whether a read of events holds a press of the power key.
+pub fn pressed(events: &[u8]) -> bool {
+    events.chunks_exact(EVENT_SIZE).any(|e| {
+        let kind = u16::from_ne_bytes([e[16], e[17]]);
+        let code = u16::from_ne_bytes([e[18], e[19]]);
+        let value = i32::from_ne_bytes([e[20], e[21], e[22], e[23]]);
+        kind == EV_KEY && code == KEY_POWER && value == 1
+    })
+}
+
+/// Watches until a press (then `power_off` runs) or until `logind_running` says logind is up and every button is
+/// tagged for it. Blocking.
+pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn()) -> anyhow::Result<Outcome> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let mut open: Vec<(String, std::fs::File)> = Vec::new();
+    let mut ticks = 0u32;
+    loop {
+        for event in buttons(paths) {
+            if !open.iter().any(|(name, _)| *name == event) {
+                let path = paths.dev_input.join(&event);
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                println!(
+                    "foobar-agent power-button: watching {} until logind has it",
+                    path.display()
+                );
+                open.push((event, file));
+            }
+        }
+        let mut buf = [0u8; EVENT_SIZE * 32];
+        for (_, file) in &mut open {
+            loop {
+                match file.read(&mut buf) {
+                    Ok(n) if n > 0 => {
+                        if pressed(&buf[..n]) {
+                            println!("foobar-agent power-button: pressed before logind watches it: powering off");
+                            power_off();
+                            return Ok(Outcome::Pressed);
+                        }
+                    }
+                    _ => break,
+                }
+            }
+        }
+        // Every second: has logind taken over?
+        ticks += 1;
+        if ticks % 10 == 0 && !open.is_empty() && open.iter().all(|(e, _)| tagged(paths, e)) && logind_running() {
+            println!("foobar-agent power-button: logind handles the power button now");
+            return Ok(Outcome::HandedOver);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The real thing: logind asked of systemd, and a clean power-off by systemd.
+pub fn run() -> anyhow::Result<Outcome> {
+    watch(
+        &Paths::default(),
+        || systemctl(&["is-active", "--quiet", "systemd-logind.service"]),
+        || {
+            systemctl(&["poweroff", "--no-block"]);
+        },
+    )
+}
+
+#[allow(clippy::disallowed_methods)] // the one tool here, its status read
+fn systemctl(args: &[&str]) -> bool {
+    std::process::Command::new("systemctl")
+        .args(args)
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// The devices a test made under `root` (`sys/class/input`, `dev/input`, `run/udev/data`).
+pub fn paths_under(root: &Path) -> Paths {
+    Paths {
+        sys_input: root.join("sys/class/input"),
+        dev_input: root.join("dev/input"),
+        udev_data: root.join("run/udev/data"),
+    }
+}
