@@ -123,7 +123,11 @@ pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl F
         }
         // Every second: has logind taken over?
         ticks += 1;
-        if ticks % 10 == 0 && !open.is_empty() && open.iter().all(|(e, _)| tagged(paths, e)) && logind_running() {
+        if ticks.is_multiple_of(10)
+            && !open.is_empty()
+            && open.iter().all(|(e, _)| tagged(paths, e))
+            && logind_running()
+        {
             println!("foobar-agent power-button: logind handles the power button now");
             return Ok(Outcome::HandedOver);
         }
