@@ -1365,6 +1365,27 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
         ),
     )
     .unwrap();
+    let extra = ["--seed".to_string(), nocloud_seed(&dir).display().to_string()];
+    let mut guest = Guest::boot_full(&built().image, false, false, &[], &extra);
+    let ready = guest.wait_ready();
+    let (code, name, err) = ssh(&guest, &key, "admin", &[], "hostname");
+    assert_eq!(code, 0, "nocloud: SSH with the seed's key: {err}");
+    assert_eq!(name, "web-7");
+    // HTTPS serves the certificate the instance configuration carried, not a self-signed one of the image's.
+    let expected = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(&cert_file)
+        .output()
+        .unwrap();
+    let expected = String::from_utf8_lossy(&expected.stdout);
+    let (served, text) = tls_certificate(&guest);
+    assert!(expected.contains(&served), "served {text}, expected {expected}");
+    times.push(format!("nocloud {ready:.1} s"));
+    report(format!("ready with metadata: {}", times.join(", ")));
+}
+
+/// A `cidata` volume of `dir`'s `meta-data` and `user-data`, made the way cloud-localds makes its vfat variant.
+fn nocloud_seed(dir: &Path) -> PathBuf {
     let seed = dir.join("seed.img");
     let made = Command::new("mkfs.fat")
         .args(["-C", "-n", "CIDATA"])
@@ -1383,23 +1404,7 @@ fn each_clouds_metadata_gives_the_instance_its_hostname_and_ssh_key() {
             .unwrap();
         assert!(copied.success());
     }
-    let extra = ["--seed".to_string(), seed.display().to_string()];
-    let mut guest = Guest::boot_full(&built().image, false, false, &[], &extra);
-    let ready = guest.wait_ready();
-    let (code, name, err) = ssh(&guest, &key, "admin", &[], "hostname");
-    assert_eq!(code, 0, "nocloud: SSH with the seed's key: {err}");
-    assert_eq!(name, "web-7");
-    // HTTPS serves the certificate the instance configuration carried, not a self-signed one of the image's.
-    let expected = Command::new("openssl")
-        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
-        .arg(&cert_file)
-        .output()
-        .unwrap();
-    let expected = String::from_utf8_lossy(&expected.stdout);
-    let (served, text) = tls_certificate(&guest);
-    assert!(expected.contains(&served), "served {text}, expected {expected}");
-    times.push(format!("nocloud {ready:.1} s"));
-    report(format!("ready with metadata: {}", times.join(", ")));
+    seed
 }
 
 /// A copy of the static example in a scratch directory (so a file can be changed), and its config.
@@ -1659,48 +1664,6 @@ impl Drop for Pebble {
     }
 }
 
-/// dnsmasq on 127.0.0.1 answering the site's two names with 127.0.0.1 (where the guest's port 80 is forwarded), for
-/// Pebble's validation. Stopped when dropped.
-struct SiteDns(Child, u16);
-
-impl SiteDns {
-    fn start() -> SiteDns {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("dnsmasq")
-            .args([
-                "--keep-in-foreground",
-                "--log-facility=-",
-                &format!("--port={port}"),
-                "--listen-address=127.0.0.1",
-                "--bind-interfaces",
-                "--no-resolv",
-                "--no-hosts",
-                "--conf-file=/dev/null",
-                "--pid-file",
-                "--local=/foobar.com/",
-                "--host-record=foobar.com,127.0.0.1",
-                &format!("--host-record={SITE},127.0.0.1"),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dnsmasq (dnsmasq-base)");
-        std::thread::sleep(Duration::from_millis(300));
-        SiteDns(child, port)
-    }
-}
-
-impl Drop for SiteDns {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// `curl` against the guest's HTTPS as `https://www.foobar.com/...`, verifying against `ca`: (status line and
 /// headers, HTTP version); panics naming curl's error when verification or the request fails.
 fn https_verified(guest: &Guest, ca: &Path, path: &str) -> (String, String) {
@@ -1747,9 +1710,10 @@ fn served_serial(guest: &Guest) -> String {
 #[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
 fn a_certificate_from_an_acme_ca_is_issued_renewed_and_turns_on_https_only() {
     let built = built();
-    let dns = SiteDns::start();
+    // Both names at 127.0.0.1, where the guest's port 80 is forwarded, for Pebble's validation.
+    let dns = support::Dns::start(Some("127.0.0.1"));
     // Ten days of validity: below the default 30 renewal days, so every run of the renewal renews.
-    let pebble = Pebble::start(&format!("127.0.0.1:{}", dns.1), Duration::from_secs(10 * 86400));
+    let pebble = Pebble::start(&dns.server(), Duration::from_secs(10 * 86400));
     // The instance configuration turns ACME on and points it at Pebble, whose API certificate it trusts.
     let dir = support::temp_dir("e2e-acme-seed");
     std::fs::write(dir.join("meta-data"), "instance-id: i-acme\n").unwrap();
@@ -1763,25 +1727,7 @@ fn a_certificate_from_an_acme_ca_is_issued_renewed_and_turns_on_https_only() {
         ),
     )
     .unwrap();
-    let seed = dir.join("seed.img");
-    let made = Command::new("mkfs.fat")
-        .args(["-C", "-n", "CIDATA"])
-        .arg(&seed)
-        .arg("1024")
-        .output()
-        .unwrap();
-    assert!(made.status.success(), "{}", String::from_utf8_lossy(&made.stderr));
-    for file in ["meta-data", "user-data"] {
-        let copied = Command::new("mcopy")
-            .arg("-i")
-            .arg(&seed)
-            .arg(dir.join(file))
-            .arg("::")
-            .status()
-            .unwrap();
-        assert!(copied.success());
-    }
-    let extra = ["--seed".to_string(), seed.display().to_string()];
+    let extra = ["--seed".to_string(), nocloud_seed(&dir).display().to_string()];
     let mut guest = Guest::boot_full(&built.image, false, false, &[(pebble.http_port, 80)], &extra);
     guest.wait_ready();
     // Until the CA has issued one, the self-signed certificate serves; then Pebble's.

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use foobar_builder::smoke::{self, Options, Outcome};
 use serde_json::{json, Value};
 
-use crate::support::{binary, self_signed_certificate, temp_dir};
+use crate::support::{binary, self_signed_certificate, temp_dir, Dns};
 
 const SITE: &str = "www.foobar.com";
 const BARE: &str = "foobar.com";
@@ -576,67 +576,6 @@ fn the_certificate_must_be_trusted_unless_insecure() {
         lines.contains("invalid peer certificate") && lines.contains("--insecure"),
         "the message says why and what to do: {lines}"
     );
-}
-
-/// dnsmasq on 127.0.0.1 serving `foobar.com` and whatever `www` is given, authoritative for the zone (unknown names
-/// are NXDOMAIN). Stopped when dropped.
-struct Dns {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl Dns {
-    fn start(www: Option<&str>) -> Dns {
-        let port = std::net::UdpSocket::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let mut command = Command::new("dnsmasq");
-        command.args([
-            "--keep-in-foreground",
-            "--log-facility=-",
-            &format!("--port={port}"),
-            "--listen-address=127.0.0.1",
-            "--bind-interfaces",
-            "--no-resolv",
-            "--no-hosts",
-            "--conf-file=/dev/null",
-            "--pid-file",
-            &format!("--local=/{BARE}/"),
-            &format!("--host-record={BARE},127.0.0.1"),
-        ]);
-        match www {
-            Some("cname") => command.arg(format!("--cname={SITE},{BARE}")),
-            Some(address) => command.arg(format!("--host-record={SITE},{address}")),
-            None => &mut command,
-        };
-        let child = command
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("dnsmasq (apt-get install dnsmasq-base; `just deps` does)");
-        let dns = Dns { child, port };
-        // Ready once it answers.
-        let resolver = smoke::dns::Resolver::Server(format!("127.0.0.1:{port}").parse().unwrap());
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while resolver.lookup(BARE).is_err() {
-            assert!(Instant::now() < deadline, "dnsmasq did not start answering");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        dns
-    }
-
-    fn server(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Smoke against `http://NAME:PORT` for the site's canonical name, resolved by `dns`.

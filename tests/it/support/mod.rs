@@ -381,3 +381,64 @@ pub fn imagebuild_verify(path: &std::path::Path) -> (Option<i32>, String) {
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
 }
+
+/// dnsmasq on 127.0.0.1 serving `foobar.com` and whatever `www` is given, authoritative for the zone (unknown names
+/// are NXDOMAIN). Stopped when dropped.
+pub struct Dns {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Dns {
+    pub fn start(www: Option<&str>) -> Dns {
+        let port = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut command = Command::new("dnsmasq");
+        command.args([
+            "--keep-in-foreground",
+            "--log-facility=-",
+            &format!("--port={port}"),
+            "--listen-address=127.0.0.1",
+            "--bind-interfaces",
+            "--no-resolv",
+            "--no-hosts",
+            "--conf-file=/dev/null",
+            "--pid-file",
+            "--local=/foobar.com/",
+            "--host-record=foobar.com,127.0.0.1",
+        ]);
+        match www {
+            Some("cname") => command.arg("--cname=www.foobar.com,foobar.com"),
+            Some(address) => command.arg(format!("--host-record=www.foobar.com,{address}")),
+            None => &mut command,
+        };
+        let child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("dnsmasq (apt-get install dnsmasq-base; `just deps` does)");
+        let dns = Dns { child, port };
+        // Ready once it answers.
+        let resolver = foobar_builder::smoke::dns::Resolver::Server(format!("127.0.0.1:{port}").parse().unwrap());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resolver.lookup("foobar.com").is_err() {
+            assert!(Instant::now() < deadline, "dnsmasq did not start answering");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        dns
+    }
+
+    pub fn server(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
