@@ -9,7 +9,6 @@ pub mod db;
 pub mod http;
 pub mod metadata;
 pub mod metrics;
-pub mod power;
 pub mod serve;
 pub mod state;
 pub mod systemd;

@@ -98,9 +98,6 @@ enum Command {
         #[arg(long, value_name = "PROGRAM", default_value = foobar_agent::acme::HOOK)]
         hook: PathBuf,
     },
-    /// Watch the ACPI power button from early boot and power off cleanly on a press, until logind handles it
-    /// (exits then); run by foobar-power-button.service, as root
-    PowerButton,
     /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
     /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
     Report {
@@ -195,10 +192,6 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 reload,
             };
             tokio::task::spawn_blocking(move || foobar_agent::acme::run(&run)).await??;
-            Ok(())
-        }
-        Command::PowerButton => {
-            tokio::task::spawn_blocking(foobar_agent::power::run).await??;
             Ok(())
         }
         Command::Report { platform, timeout } => {

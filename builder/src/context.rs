@@ -152,6 +152,8 @@ pub struct Context {
     pub agent_sha256: String,
     /// The initramfs's `/init` (`foobar-init`), built beside imagebuild.
     pub init_bin: PathBuf,
+    /// `foobar-power-button`, built beside imagebuild (the `agent` component installs it).
+    pub power_button_bin: PathBuf,
     pub cache_dir: Option<PathBuf>,
     pub work: PathBuf,
     pub seed: String,

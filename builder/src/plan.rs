@@ -163,6 +163,14 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         );
     }
     let init_sha256 = sha256_file(&init_bin)?;
+    let power_button_bin = beside_imagebuild("foobar-power-button")?;
+    if !power_button_bin.is_file() {
+        bail!(
+            "the power button's early watcher {} does not exist: build it with `cargo build --release -p foobar-init`",
+            power_button_bin.display()
+        );
+    }
+    let init_sha256 = format!("{init_sha256}+{}", sha256_file(&power_button_bin)?);
 
     let source_date_epoch = match flags.source_date_epoch {
         Some(t) => t,
@@ -235,6 +243,7 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         agent_bin,
         agent_sha256,
         init_bin,
+        power_button_bin,
         cache_dir,
         work,
         seed,

@@ -624,7 +624,7 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         &built.key,
         "admin",
         &[],
-        "journalctl -u foobar-power-button --no-pager -o cat",
+        "sudo journalctl -u foobar-power-button --no-pager -o cat",
     );
     assert!(handed.contains("logind handles the power button now"), "{handed}");
     // Security updates: unattended-upgrades itself (a dry run, which fetches nothing) reads the security suite only,

@@ -1120,66 +1120,83 @@ fn input_event(kind: u16, code: u16, value: i32) -> Vec<u8> {
     e
 }
 
+/// `foobar-power-button` watching the devices under `root`; logind runs when `root/logind` exists, and powering off
+/// leaves `root/off`.
+fn power_button_watch(root: &Path) -> std::process::Child {
+    std::process::Command::new(support::binary("foobar-power-button"))
+        .arg("--root")
+        .arg(root)
+        .args(["--logind", &format!("test -e {}", root.join("logind").display())])
+        .args(["--power-off", &format!("touch {}", root.join("off").display())])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("foobar-power-button (cargo build --workspace)")
+}
+
+/// Waits for the watch to end: (exit code, what it printed).
+fn power_button_end(mut child: std::process::Child, limit: Duration) -> (i32, String) {
+    let start = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("foobar-power-button still watching after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut out).unwrap();
+    (status.code().unwrap_or(-1), out)
+}
+
 #[test]
 fn the_power_button_powers_off_before_logind_has_it_and_is_handed_over_after() {
-    use foobar_agent::power::{paths_under, watch, Outcome};
     use std::io::Write as _;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::Arc;
     // The button appears after the watch began (its driver loads), other keys and the release are ignored, a press
     // powers off, once.
     let root = support::temp_dir("power-button");
-    let offs = Arc::new(AtomicU32::new(0));
-    let watcher = {
-        let (root, offs) = (root.clone(), offs.clone());
-        std::thread::spawn(move || {
-            watch(
-                &paths_under(&root),
-                || false,
-                || {
-                    offs.fetch_add(1, Ordering::SeqCst);
-                },
-            )
-        })
-    };
+    let child = power_button_watch(&root);
     std::thread::sleep(Duration::from_millis(300));
     let fifo = fake_button(&root, "event1");
     std::thread::sleep(Duration::from_millis(500));
-    let mut device = std::fs::OpenOptions::new().write(true).open(&fifo).unwrap();
+    // Read-write: opening never blocks, even when the watcher is not reading.
+    let mut device = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
     device
         .write_all(&[input_event(1, 30, 1), input_event(1, 116, 0), input_event(0, 0, 0)].concat())
         .unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    assert_eq!(
-        offs.load(Ordering::SeqCst),
-        0,
-        "no power-off for other keys or a release"
-    );
+    assert!(!root.join("off").exists(), "no power-off for other keys or a release");
     device
         .write_all(&[input_event(1, 116, 1), input_event(0, 0, 0)].concat())
         .unwrap();
-    assert_eq!(watcher.join().unwrap().unwrap(), Outcome::Pressed);
-    assert_eq!(offs.load(Ordering::SeqCst), 1);
+    let (code, out) = power_button_end(child, Duration::from_secs(5));
+    assert_eq!(code, 0, "{out}");
+    assert!(root.join("off").exists(), "powered off: {out}");
+    assert!(out.contains("pressed before logind watches it"), "{out}");
 
     // Handed over only when logind runs and udev has tagged the button for it.
     let root = support::temp_dir("power-button-logind");
     let fifo = fake_button(&root, "event1");
     let _writer = std::fs::OpenOptions::new().read(true).write(true).open(&fifo).unwrap();
-    let running = root.join("logind-running");
-    let watcher = {
-        let (root, running) = (root.clone(), running.clone());
-        std::thread::spawn(move || watch(&paths_under(&root), move || running.exists(), || panic!("no press")))
-    };
-    std::fs::write(&running, "").unwrap();
+    let mut child = power_button_watch(&root);
+    std::fs::write(root.join("logind"), "").unwrap();
     std::thread::sleep(Duration::from_millis(1500));
-    assert!(!watcher.is_finished(), "not handed over before udev tags the button");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "not handed over before udev tags the button"
+    );
     std::fs::create_dir_all(root.join("run/udev/data")).unwrap();
     std::fs::write(
         root.join("run/udev/data/c13:65"),
         "E:ID_INPUT=1\nG:power-switch\nQ:power-switch\n",
     )
     .unwrap();
-    let start = Instant::now();
-    assert_eq!(watcher.join().unwrap().unwrap(), Outcome::HandedOver);
-    assert!(start.elapsed() < Duration::from_secs(3), "{:?}", start.elapsed());
+    let (code, out) = power_button_end(child, Duration::from_secs(3));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("logind handles the power button now") && !root.join("off").exists(),
+        "{out}"
+    );
 }

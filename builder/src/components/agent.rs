@@ -114,6 +114,9 @@ fn install_app(root: &Path, app: &App) -> anyhow::Result<()> {
 fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     let agent = std::fs::read(&ctx.agent_bin).with_context(|| format!("cannot read {}", ctx.agent_bin.display()))?;
     write(root, "usr/local/bin/foobar-agent", agent, 0o755)?;
+    let watcher = std::fs::read(&ctx.power_button_bin)
+        .with_context(|| format!("cannot read {}", ctx.power_button_bin.display()))?;
+    write(root, "usr/lib/foobar/foobar-power-button", watcher, 0o755)?;
     write(
         root,
         "etc/foobar/agent.toml",

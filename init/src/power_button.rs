@@ -1,4 +1,6 @@
-//! `foobar-agent power-button`: the ACPI power button (a cloud's "stop") from early boot until logind has it.
+//! `foobar-power-button`: the ACPI power button (a cloud's "stop") from early boot until logind has it. A program of
+//! its own, with nothing but the C library: it must be running within a second of systemd starting, under emulation
+//! and beside everything else that starts then (foobar-agent took seconds just to load).
 //!
 //! logind handles the button only once udev has tagged its input device `power-switch`, which under emulation
 //! happens late in first boot; a press before that reaches no reader and is lost. This watches the button's event
@@ -7,10 +9,8 @@
 //! carries the tag, so logind's settings (`HandlePowerKey=`, inhibitors) rule from then on.
 
 use std::io::Read as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
-
-use anyhow::Context as _;
 
 /// What the kernel calls the ACPI power button's input device.
 const NAME: &str = "Power Button";
@@ -21,7 +21,7 @@ const KEY_POWER: u16 = 116;
 
 /// How the watch ended.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Outcome {
+enum Outcome {
     /// The button was pressed; the machine is powering off.
     Pressed,
     /// logind has the button now.
@@ -30,13 +30,13 @@ pub enum Outcome {
 
 /// Where to look; tests point these elsewhere.
 #[derive(Debug, Clone)]
-pub struct Paths {
+struct Paths {
     /// `/sys/class/input`: each `eventN/device/name` and `eventN/dev` (`MAJOR:MINOR`).
-    pub sys_input: PathBuf,
+    sys_input: PathBuf,
     /// `/dev/input`.
-    pub dev_input: PathBuf,
+    dev_input: PathBuf,
     /// `/run/udev/data`: udev's record of each device (`c13:65`), with its tags (`G:power-switch`).
-    pub udev_data: PathBuf,
+    udev_data: PathBuf,
 }
 
 impl Default for Paths {
@@ -75,7 +75,7 @@ fn tagged(paths: &Paths, event: &str) -> bool {
 }
 
 /// Whether a read of events holds a press of the power key.
-pub fn pressed(events: &[u8]) -> bool {
+fn pressed(events: &[u8]) -> bool {
     events.chunks_exact(EVENT_SIZE).any(|e| {
         let kind = u16::from_ne_bytes([e[16], e[17]]);
         let code = u16::from_ne_bytes([e[18], e[19]]);
@@ -86,7 +86,7 @@ pub fn pressed(events: &[u8]) -> bool {
 
 /// Watches until a press (then `power_off` runs) or until `logind_running` says logind is up and every button is
 /// tagged for it. Blocking.
-pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn()) -> anyhow::Result<Outcome> {
+fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn()) -> std::io::Result<Outcome> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut open: Vec<(String, std::fs::File)> = Vec::new();
     let mut ticks = 0u32;
@@ -94,15 +94,22 @@ pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl F
         for event in buttons(paths) {
             if !open.iter().any(|(name, _)| *name == event) {
                 let path = paths.dev_input.join(&event);
-                let file = std::fs::OpenOptions::new()
+                // sysfs shows the device a moment before devtmpfs has its node: then it is opened next round.
+                let file = match std::fs::OpenOptions::new()
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
                     .open(&path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                println!(
-                    "foobar-agent power-button: watching {} until logind has it",
-                    path.display()
-                );
+                {
+                    Ok(file) => file,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("cannot open {}: {e}", path.display()),
+                        ))
+                    }
+                };
+                println!("foobar-power-button: watching {} until logind has it", path.display());
                 open.push((event, file));
             }
         }
@@ -112,7 +119,7 @@ pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl F
                 match file.read(&mut buf) {
                     Ok(n) if n > 0 => {
                         if pressed(&buf[..n]) {
-                            println!("foobar-agent power-button: pressed before logind watches it: powering off");
+                            println!("foobar-power-button: pressed before logind watches it: powering off");
                             power_off();
                             return Ok(Outcome::Pressed);
                         }
@@ -128,37 +135,65 @@ pub fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl F
             && open.iter().all(|(e, _)| tagged(paths, e))
             && logind_running()
         {
-            println!("foobar-agent power-button: logind handles the power button now");
+            println!("foobar-power-button: logind handles the power button now");
             return Ok(Outcome::HandedOver);
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-/// The real thing: logind asked of systemd, and a clean power-off by systemd.
-pub fn run() -> anyhow::Result<Outcome> {
-    watch(
-        &Paths::default(),
-        || systemctl(&["is-active", "--quiet", "systemd-logind.service"]),
-        || {
-            systemctl(&["poweroff", "--no-block"]);
-        },
-    )
-}
-
-#[allow(clippy::disallowed_methods)] // the one tool here, its status read
-fn systemctl(args: &[&str]) -> bool {
-    std::process::Command::new("systemctl")
-        .args(args)
+/// A command line, split at spaces, run to its exit status.
+#[allow(clippy::disallowed_methods)] // systemctl, its status read
+fn run(command: &str) -> bool {
+    let mut words = command.split_whitespace();
+    let Some(program) = words.next() else {
+        return false;
+    };
+    std::process::Command::new(program)
+        .args(words)
         .status()
         .is_ok_and(|s| s.success())
 }
 
-/// The devices a test made under `root` (`sys/class/input`, `dev/input`, `run/udev/data`).
-pub fn paths_under(root: &Path) -> Paths {
-    Paths {
-        sys_input: root.join("sys/class/input"),
-        dev_input: root.join("dev/input"),
-        udev_data: root.join("run/udev/data"),
+/// Flags: `--root DIR` (devices under DIR: tests), `--logind CMD` (exits 0 once logind runs), `--power-off CMD`.
+fn main() {
+    let mut paths = Paths::default();
+    let mut logind = "systemctl is-active --quiet systemd-logind.service".to_string();
+    let mut power_off = "systemctl poweroff --no-block".to_string();
+    let mut args = std::env::args().skip(1);
+    while let Some(flag) = args.next() {
+        let value = args.next().unwrap_or_else(|| {
+            eprintln!("foobar-power-button: {flag} needs a value");
+            std::process::exit(2)
+        });
+        match flag.as_str() {
+            "--root" => {
+                let root = PathBuf::from(value);
+                paths = Paths {
+                    sys_input: root.join("sys/class/input"),
+                    dev_input: root.join("dev/input"),
+                    udev_data: root.join("run/udev/data"),
+                };
+            }
+            "--logind" => logind = value,
+            "--power-off" => power_off = value,
+            _ => {
+                eprintln!("foobar-power-button: unknown flag {flag}; expected --root, --logind or --power-off");
+                std::process::exit(2)
+            }
+        }
+    }
+    match watch(
+        &paths,
+        || run(&logind),
+        || {
+            run(&power_off);
+        },
+    ) {
+        Ok(_) => {}
+        Err(err) => {
+            eprintln!("foobar-power-button: {err}");
+            std::process::exit(1)
+        }
     }
 }
