@@ -89,7 +89,7 @@ fn pressed(events: &[u8]) -> bool {
 fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn()) -> std::io::Result<Outcome> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let mut open: Vec<(String, std::fs::File)> = Vec::new();
-    let mut ticks = 0u32;
+    let mut last_check = std::time::Instant::now();
     loop {
         for event in buttons(paths) {
             if !open.iter().any(|(name, _)| *name == event) {
@@ -128,17 +128,27 @@ fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn())
                 }
             }
         }
-        // Every second: has logind taken over?
-        ticks += 1;
-        if ticks.is_multiple_of(10)
-            && !open.is_empty()
-            && open.iter().all(|(e, _)| tagged(paths, e))
-            && logind_running()
-        {
-            println!("foobar-power-button: logind handles the power button now");
-            return Ok(Outcome::HandedOver);
+        // At most every second: has logind taken over?
+        if last_check.elapsed() >= Duration::from_secs(1) {
+            last_check = std::time::Instant::now();
+            if !open.is_empty() && open.iter().all(|(e, _)| tagged(paths, e)) && logind_running() {
+                println!("foobar-power-button: logind handles the power button now");
+                return Ok(Outcome::HandedOver);
+            }
         }
-        std::thread::sleep(Duration::from_millis(100));
+        // Asleep until an event arrives (or a second passes); until the button is there, looked for five times a
+        // second. Nothing costs CPU while boot needs it.
+        let mut fds: Vec<libc::pollfd> = open
+            .iter()
+            .map(|(_, f)| libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(f),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let timeout = if open.is_empty() { 200 } else { 1000 };
+        // SAFETY: a valid array of pollfd of the given length, alive for the call.
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
     }
 }
 
