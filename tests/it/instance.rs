@@ -384,7 +384,7 @@ fn ec2_imdsv2_required_with_throttling_and_gzip_user_data() {
     // The gzip user data was decompressed and its fragment applied.
     let site = read(&root, "etc/nginx/sites-available/foobar");
     assert!(site.contains("server_name www.example.org;") && site.contains("server_name example.org;"));
-    assert!(site.contains("return 301 $scheme://www.example.org$request_uri;"));
+    assert!(site.contains("return 301 $foobar_redirect_scheme://www.example.org$request_uri;"));
     assert!(!site.contains("foobar.com;"), "{site}");
     let env = read(&root, "etc/foobar/site.env");
     assert!(
@@ -838,7 +838,7 @@ fn swapping_the_domain_and_the_canonical_name_swaps_them_and_one_name_for_both_i
         "one server per name and port: {names:?}"
     );
     assert!(
-        site.contains("return 301 $scheme://foobar.com$request_uri;"),
+        site.contains("return 301 $foobar_redirect_scheme://foobar.com$request_uri;"),
         "the redirect goes to the new canonical name"
     );
     assert!(
