@@ -5,7 +5,7 @@
 //! logind handles the button only once udev has tagged its input device `power-switch`, which under emulation
 //! happens late in first boot; a press before that reaches no reader and is lost. This watches the button's event
 //! device itself from the first seconds of boot (the kernel makes `/dev/input/eventN` at once), powers off on a press
-//! (`systemctl poweroff`: the clean shutdown logind would start), and exits once logind is running and the device
+//! (`poweroff.target` started the way logind starts it: a clean shutdown), and exits once logind is running and the device
 //! carries the tag, so logind's settings (`HandlePowerKey=`, inhibitors) rule from then on.
 
 use std::io::Read as _;
@@ -169,7 +169,9 @@ fn run(command: &str) -> bool {
 fn main() {
     let mut paths = Paths::default();
     let mut logind = "systemctl is-active --quiet systemd-logind.service".to_string();
-    let mut power_off = "systemctl poweroff --no-block".to_string();
+    // What logind does on the button, asked of systemd itself over its private socket: `systemctl poweroff` asks
+    // logind over D-Bus first, and early in boot neither is up yet (the request then hung while the machine ran on).
+    let mut power_off = "systemctl --no-block start poweroff.target --job-mode=replace-irreversibly".to_string();
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| {
@@ -197,7 +199,9 @@ fn main() {
         &paths,
         || run(&logind),
         || {
-            run(&power_off);
+            if !run(&power_off) {
+                eprintln!("foobar-power-button: `{power_off}` failed");
+            }
         },
     ) {
         Ok(_) => {}
