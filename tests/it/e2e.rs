@@ -1851,7 +1851,7 @@ fn wait_console(guest: &mut Guest, text: &str) -> f64 {
 
 #[test]
 #[ignore = "QEMU tier, minutes: run with `just e2e` (FOOBAR_E2E=1 just test, which passes --include-ignored)"]
-fn the_power_button_shuts_the_machine_down_whenever_it_is_pressed_during_boot() {
+fn the_power_button_shuts_the_machine_down_when_pressed_as_the_site_becomes_ready() {
     // Each boot is a first boot (the disk is a throwaway snapshot); the button is pressed once, at one moment.
     // Earlier moments (when the early watch begins, when first boot ends) are seen by the watch, but a press while
     // MariaDB was still starting did not power the guest off within a minute in CI's runs: not yet tested here.
