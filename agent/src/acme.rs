@@ -172,15 +172,7 @@ impl AcmeOverride {
         if let Some(email) = &self.email {
             replace.push(("ACME_EMAIL", email.clone()));
         }
-        let mut text: String = env
-            .lines()
-            .filter(|l| !replace.iter().any(|(key, _)| l.starts_with(&format!("{key}="))))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        for (key, value) in &replace {
-            text.push_str(&format!("{key}='{value}'\n"));
-        }
-        write(root, crate::metadata::SITE_ENV, &text, 0o644)?;
+        crate::metadata::set_site_env(root, &env, &replace)?;
         if let Some(ca) = &self.ca_certificate {
             write(root, CA_FILE, ca, 0o644)?;
         }

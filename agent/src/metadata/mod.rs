@@ -408,20 +408,35 @@ fn override_site(root: &Path, site: &SiteOverride) -> anyhow::Result<()> {
         .map(|l| l + "\n")
         .collect();
     write(root, "etc/nginx/sites-available/foobar", &nginx, 0o644)?;
-    let env: String = env
-        .lines()
-        .map(|l| {
-            if l.starts_with("DOMAIN=") {
-                format!("DOMAIN='{domain}'")
-            } else if l.starts_with("CANONICAL=") {
-                format!("CANONICAL='{canonical}'")
-            } else {
-                l.to_string()
+    set_site_env(root, &env, &[("DOMAIN", domain), ("CANONICAL", canonical)])
+}
+
+/// Writes `site.env` (its text `env`, as read) with each `(KEY, value)` set: its line replaced where it has one,
+/// appended otherwise. Values are checked plain text (no quote), written single-quoted for the shell that sources it.
+pub(crate) fn set_site_env(root: &Path, env: &str, values: &[(&str, String)]) -> anyhow::Result<()> {
+    let line = |key: &str| {
+        values
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(k, v)| format!("{k}='{v}'"))
+    };
+    let mut text = String::new();
+    let mut set = Vec::new();
+    for l in env.lines() {
+        match l.split_once('=').and_then(|(key, _)| line(key).map(|new| (key, new))) {
+            Some((key, new)) => {
+                set.push(key.to_string());
+                text.push_str(&new);
             }
-        })
-        .map(|l| l + "\n")
-        .collect();
-    write(root, SITE_ENV, &env, 0o644)
+            None => text.push_str(l),
+        }
+        text.push('\n');
+    }
+    for (key, _) in values.iter().filter(|(k, _)| !set.iter().any(|s| s == k)) {
+        text.push_str(&line(key).expect("a key of values"));
+        text.push('\n');
+    }
+    write(root, SITE_ENV, &text, 0o644)
 }
 
 /// Writes the certificate (0644) and key (0600) where `site.env` names them; returns the two paths.
