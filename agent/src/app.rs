@@ -1,5 +1,6 @@
 //! The site's own application server: started after migrations, restarted with backoff when it dies, stopped
-//! gracefully, its output sent to the journal under its own name, and asked whether it answers.
+//! gracefully, its output sent to the journal under its own name, and asked whether it answers. Its supervisor
+//! (`foobar-agent app`, in a unit and user of its own) reports all that in a file, which the agent reads.
 
 use std::collections::VecDeque;
 use std::path::Path;
@@ -30,8 +31,9 @@ const STABLE_RUN: Duration = Duration::from_secs(30);
 /// How long a health probe may take.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// What `/healthz` shows about the app.
-#[derive(Debug, Clone, Default)]
+/// What `/healthz` shows about the app; what the supervisor reports to the agent (`status-file`, JSON).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct AppStatus {
     pub pid: Option<u32>,
     pub restarts: u64,
@@ -40,49 +42,126 @@ pub struct AppStatus {
     pub last_output: VecDeque<String>,
     /// Set while waiting to restart after a death.
     pub next_start_in: Option<Duration>,
+    /// Why the app has not been started yet (its migrations), while that lasts.
+    pub waiting: Option<String>,
+    /// What the last health probe found wrong; `None` when it answered (or nothing runs to ask).
+    pub problem: Option<String>,
 }
 
-/// The running app and what is known about it; cheap to clone.
+/// The supervisor's report: the app's status and when it was written (Unix seconds).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Report {
+    #[serde(flatten)]
+    status: AppStatus,
+    written: u64,
+}
+
+/// How often the supervisor reports; a report older than `STALE_REPORT` means the supervisor is gone.
+pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+const STALE_REPORT: Duration = Duration::from_secs(5);
+
+/// Where an app's state lives: in the supervisor that runs it (`foobar-agent app`), or in the supervisor's reports,
+/// which the agent (`foobar-agent serve`, another user in another unit) reads.
+#[derive(Clone)]
+enum Source {
+    /// The status, and a wake-up for the reporter when it changes (a death is reported at once, not a second later).
+    Supervised(Arc<Mutex<AppStatus>>, Arc<tokio::sync::Notify>),
+    Reported(Arc<Path>),
+}
+
+/// The app and what is known about it; cheap to clone.
 #[derive(Clone)]
 pub struct App {
     pub config: Arc<AppConfig>,
-    status: Arc<Mutex<AppStatus>>,
+    source: Source,
 }
 
 impl App {
-    pub fn new(config: AppConfig) -> App {
+    /// The app as its supervisor sees it: it runs it.
+    pub fn supervised(config: AppConfig) -> App {
         App {
             config: Arc::new(config),
-            status: Arc::new(Mutex::new(AppStatus::default())),
+            source: Source::Supervised(Arc::default(), Arc::default()),
+        }
+    }
+
+    /// The app as the agent sees it: through the supervisor's reports in `status-file`.
+    pub fn reported(config: AppConfig) -> App {
+        let path: Arc<Path> = config.status_file.clone().into();
+        App {
+            config: Arc::new(config),
+            source: Source::Reported(path),
         }
     }
 
     pub fn status(&self) -> AppStatus {
-        self.status.lock().expect("app status lock").clone()
+        match &self.source {
+            Source::Supervised(status, _) => status.lock().expect("app status lock").clone(),
+            Source::Reported(path) => read_report(path).map(|r| r.status).unwrap_or_default(),
+        }
     }
 
     /// Which run of the app this is: its pid and the restarts before it. Changes when it dies and when it starts.
     pub fn run(&self) -> (Option<u32>, u64) {
-        let status = self.status.lock().expect("app status lock");
+        let status = self.status();
         (status.pid, status.restarts)
     }
 
+    /// Changes the supervised status and wakes the reporter.
     fn update(&self, f: impl FnOnce(&mut AppStatus)) {
-        f(&mut self.status.lock().expect("app status lock"));
+        if let Source::Supervised(_, changed) = &self.source {
+            self.update_quietly(f);
+            changed.notify_one();
+        }
     }
 
-    /// `Ok` when the app runs and answers: its health path with 2xx/3xx, or a connect when it has none.
-    pub async fn check(&self) -> Result<(), String> {
-        let status = self.status();
-        let name = &self.config.name;
-        if status.pid.is_none() {
-            let why = match (&status.last_exit, status.next_start_in) {
-                (Some(exit), Some(wait)) => format!(", restarting in {:.1} s after {exit}", wait.as_secs_f64()),
-                (Some(exit), None) => format!(", last {exit}"),
-                _ => String::new(),
-            };
-            return Err(format!("app `{name}` is not running{why}"));
+    /// Changes the supervised status for the next regular report (output lines: a chatty app is not a reason to
+    /// report more often).
+    fn update_quietly(&self, f: impl FnOnce(&mut AppStatus)) {
+        if let Source::Supervised(status, _) = &self.source {
+            f(&mut status.lock().expect("app status lock"));
         }
+    }
+
+    /// `Ok` when the app runs and answers: its health path with 2xx/3xx, or a connect when it has none. The agent
+    /// takes the supervisor's last probe, which is at most `STALE_REPORT` old.
+    pub async fn check(&self) -> Result<(), String> {
+        let name = &self.config.name;
+        let Source::Reported(path) = &self.source else {
+            let status = self.status();
+            if status.pid.is_none() {
+                return Err(not_running(name, &status));
+            }
+            return self.probe().await;
+        };
+        let report = match read_report(path) {
+            Ok(report) => report,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                return Err(format!(
+                    "app `{name}` is not running: its supervisor (foobar-app.service, `foobar-agent app`) has not reported in {}",
+                    path.display()
+                ))
+            }
+            Err(err) => return Err(format!("app `{name}`: its supervisor's report {} is unreadable: {err}", path.display())),
+        };
+        let age = unix_now().saturating_sub(report.written);
+        if age > STALE_REPORT.as_secs() {
+            return Err(format!(
+                "app `{name}`: its supervisor (foobar-app.service) has not reported for {age} s"
+            ));
+        }
+        if report.status.pid.is_none() {
+            return Err(not_running(name, &report.status));
+        }
+        match report.status.problem {
+            Some(problem) => Err(problem),
+            None => Ok(()),
+        }
+    }
+
+    /// One probe of the running app, bounded by `PROBE_TIMEOUT`.
+    async fn probe(&self) -> Result<(), String> {
+        let name = &self.config.name;
         match tokio::time::timeout(PROBE_TIMEOUT, probe(&self.config.listen, self.config.health.as_deref())).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(err)) => Err(format!("app `{name}` does not answer on {}: {err}", self.config.listen)),
@@ -92,6 +171,47 @@ impl App {
                 PROBE_TIMEOUT.as_secs()
             )),
         }
+    }
+
+    /// Notes why the app is not started yet (`None` once it may start).
+    pub fn set_waiting(&self, why: Option<String>) {
+        self.update(|s| s.waiting = why);
+    }
+
+    /// Resolves at the next change of the supervised status, or after `every`.
+    pub async fn changed_or(&self, every: Duration) {
+        if let Source::Supervised(_, changed) = &self.source {
+            let _ = tokio::time::timeout(every, changed.notified()).await;
+        }
+    }
+
+    /// Writes the supervisor's report now: the status and a fresh probe of the running app. Written to a temporary
+    /// file and renamed, so the agent never reads half a report.
+    pub async fn report(&self) -> std::io::Result<()> {
+        let Source::Supervised(status, _) = &self.source else {
+            return Ok(());
+        };
+        let (pid, run) = self.run();
+        let problem = match pid {
+            Some(_) => self.probe().await.err(),
+            None => None,
+        };
+        let status = {
+            let mut status = status.lock().expect("app status lock");
+            // A probe of a run that ended meanwhile says nothing about the next one.
+            if (status.pid, status.restarts) == (pid, run) {
+                status.problem = problem;
+            }
+            status.clone()
+        };
+        let text = serde_json::to_vec(&Report {
+            status,
+            written: unix_now(),
+        })?;
+        let path = &self.config.status_file;
+        let partial = path.with_extension("json.partial");
+        std::fs::write(&partial, text)?;
+        std::fs::rename(&partial, path)
     }
 
     /// Runs the app until `stop` turns true, restarting it whenever it dies; then stops it gracefully.
@@ -296,7 +416,7 @@ impl App {
         let line = String::from_utf8_lossy(bytes);
         journal.send(&line);
         let kept: String = line.chars().take(KEPT_LINE_CHARS).collect();
-        self.update(|s| {
+        self.update_quietly(|s| {
             if s.last_output.len() == KEPT_LINES {
                 s.last_output.pop_front();
             }
@@ -318,6 +438,31 @@ impl App {
         }
         signal_group(pid, libc::SIGKILL);
     }
+}
+
+/// Why the app is not running, from its status: waiting for its migrations, or restarting after an exit.
+fn not_running(name: &str, status: &AppStatus) -> String {
+    if let Some(waiting) = &status.waiting {
+        return format!("app `{name}` not started: {waiting}");
+    }
+    let why = match (&status.last_exit, status.next_start_in) {
+        (Some(exit), Some(wait)) => format!(", restarting in {:.1} s after {exit}", wait.as_secs_f64()),
+        (Some(exit), None) => format!(", last {exit}"),
+        _ => String::new(),
+    };
+    format!("app `{name}` is not running{why}")
+}
+
+fn read_report(path: &Path) -> std::io::Result<Report> {
+    let text = std::fs::read(path)?;
+    serde_json::from_slice(&text).map_err(|err| std::io::Error::new(std::io::ErrorKind::InvalidData, err))
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
 }
 
 /// Resolves once `stop` is true (the `Ref` that `wait_for` returns must not live across the caller's awaits).

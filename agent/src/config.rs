@@ -110,6 +110,21 @@ pub struct AppConfig {
     /// app that never answered gets four times as long from its start. 0: never restarted for not answering.
     #[serde(default = "default_hang_timeout")]
     pub hang_timeout: u64,
+    /// The app's own database URL (its own MariaDB user, with rights on the site's schema only), used by
+    /// `foobar-agent app` for the migrations and passed to the app; absent: the agent's `database-url`.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Where `foobar-agent app` (the app's supervisor, in its own unit) reports the app's state every second, and
+    /// `foobar-agent serve` reads it for `/readyz` and `/healthz`.
+    #[serde(default = "default_status_file")]
+    pub status_file: PathBuf,
+}
+
+/// Where the image's `foobar-app.service` reports (a directory of the app's user, readable by the agent's group).
+pub const DEFAULT_APP_STATUS_FILE: &str = "/run/foobar-app-status/status.json";
+
+fn default_status_file() -> PathBuf {
+    PathBuf::from(DEFAULT_APP_STATUS_FILE)
 }
 
 fn default_hang_timeout() -> u64 {
@@ -187,6 +202,17 @@ impl AppConfig {
             bail!(
                 "key `app.name`: expected up to 32 lowercase letters, digits and `-`, like notes, got `{}`",
                 self.name
+            );
+        }
+        if let Some(url) = &self.database_url {
+            if !url.starts_with("mysql://") && !url.starts_with("mariadb://") {
+                bail!("key `app.database-url`: expected a mysql:// URL, got `{url}`");
+            }
+        }
+        if !self.status_file.is_absolute() {
+            bail!(
+                "key `app.status-file`: expected an absolute path, like {DEFAULT_APP_STATUS_FILE}, got `{}`",
+                self.status_file.display()
             );
         }
         Ok(())

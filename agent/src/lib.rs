@@ -1,4 +1,4 @@
-//! foobar-agent: the application server of the foobar image. It runs the posts app (or supervises the site's own app server), applies the SQL migrations,
+//! foobar-agent: the application server of the foobar image. It runs the posts app (or, in a unit of its own, supervises the site's own app server), applies the SQL migrations,
 //! reports health, and talks to systemd. `app` is the whole HTTP surface, so tests drive it without a socket.
 
 pub mod acme;
@@ -11,6 +11,7 @@ pub mod metadata;
 pub mod metrics;
 pub mod serve;
 pub mod state;
+pub mod supervisor;
 pub mod systemd;
 
 pub use http::app;

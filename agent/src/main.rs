@@ -61,6 +61,17 @@ enum Command {
         #[arg(long, value_name = "ADDR", value_parser = Listen::parse)]
         listen: Option<Listen>,
     },
+    /// Run the site's own app server (the `[app]` table) in a unit of its own: apply its migrations, start it,
+    /// restart it when it dies or hangs, stop it gracefully on SIGTERM, and report its state to `app.status-file`
+    /// for the agent's `/readyz` and `/healthz`
+    App {
+        /// Configuration file [default: /etc/foobar/agent.toml, skipped when absent]
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// The app's database URL, overriding `app.database-url` in the file
+        #[arg(long, value_name = "URL")]
+        database_url: Option<String>,
+    },
     /// Apply pending migrations once and exit; non-zero with the reason when they cannot be applied
     Migrate {
         #[command(flatten)]
@@ -215,6 +226,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::bail!("/healthz answered {status}: not healthy");
             }
             Ok(())
+        }
+        Command::App { config, database_url } => {
+            foobar_agent::supervisor::run(Config::load(config.as_deref())?, database_url).await
         }
         Command::Migrate { common } => {
             let applied = foobar_agent::serve::migrate_once(load(&common)?).await?;

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, UnixListener};
 
 use crate::app::App;
 use crate::config::{Config, Listen};
-use crate::db::{self, migrate, DatabaseEnv};
+use crate::db::{self, migrate};
 use crate::state::{AppState, MigrationStatus};
 use crate::systemd;
 
@@ -19,11 +19,13 @@ use crate::systemd;
 /// every 5 s. The warning is logged when the error changes and every 5 s, not on every try.
 /// A stop (`stop` turns true) ends the waiting at once; a migration already running is given the shutdown time
 /// to finish (the caller bounds it), since cutting one leaves it half-applied.
-async fn migrate_in_background(
-    state: AppState,
-    migrator: Migrator,
+/// `report` is told each status on the way (`Pending` with the error, then `Applied` or `Failed`).
+pub(crate) async fn migrate_in_background(
+    pool: &sqlx::MySqlPool,
+    migrator: &Migrator,
     lock_timeout: Duration,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    report: impl Fn(MigrationStatus),
 ) -> bool {
     const FAST: Duration = Duration::from_millis(200);
     const SLOW: Duration = Duration::from_secs(5);
@@ -35,10 +37,10 @@ async fn migrate_in_background(
         } else {
             SLOW
         };
-        match migrate::apply(&state.pool, &migrator, lock_timeout).await {
+        match migrate::apply(pool, migrator, lock_timeout).await {
             Ok(migrate::Applied { version, newly_applied }) => {
                 tracing::info!(version, newly_applied, "schema is current");
-                state.set_migration_status(MigrationStatus::Applied { version, newly_applied });
+                report(MigrationStatus::Applied { version, newly_applied });
                 return true;
             }
             Err(err) if err.is_retryable() => {
@@ -51,11 +53,11 @@ async fn migrate_in_background(
                     tracing::warn!(error = %err, retry_in = ?delay, "migrations not applied yet");
                     last_logged = Some((text.clone(), tokio::time::Instant::now()));
                 }
-                state.set_migration_status(MigrationStatus::Pending(Some(text)));
+                report(MigrationStatus::Pending(Some(text)));
             }
             Err(err) => {
-                tracing::error!(error = %err, "migrations failed; the agent stays up but not ready");
-                state.set_migration_status(MigrationStatus::Failed(err.to_string()));
+                tracing::error!(error = %err, "migrations failed; staying up but not ready");
+                report(MigrationStatus::Failed(err.to_string()));
                 return false;
             }
         }
@@ -85,7 +87,7 @@ async fn notify_when_ready(state: AppState) {
     }
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
     let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
@@ -152,7 +154,8 @@ async fn listen(config: &Config) -> anyhow::Result<Listener> {
 /// `foobar-agent serve`.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     let migrator = migrate::load(config.migrations.as_deref()).await?;
-    let app = config.app.clone().map(App::new);
+    // The site's own app runs in a unit of its own (`foobar-agent app`); the agent reads its supervisor's reports.
+    let app = config.app.clone().map(App::reported);
     let state = AppState::with_app(
         db::pool(&config)?,
         config.first_boot_marker.clone(),
@@ -173,30 +176,17 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     // Serving (health answers; /readyz says whether it is ready): the start is done.
     systemd::notify("READY=1");
 
-    // The site's own app starts once its schema is in place, and is stopped (gracefully) when the agent stops.
-    let (app_stop_tx, app_stop_rx) = tokio::sync::watch::channel(false);
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
-    let (migrated_tx, mut migrated_rx) = tokio::sync::watch::channel(None::<bool>);
     let mut migration = tokio::spawn({
         let (state, stop) = (state.clone(), stop_rx.clone());
         let lock_timeout = config.migrate_lock_timeout();
         async move {
-            let applied = migrate_in_background(state, migrator, lock_timeout, stop).await;
-            let _ = migrated_tx.send(Some(applied));
+            let pool = state.pool.clone();
+            migrate_in_background(&pool, &migrator, lock_timeout, stop, |status| {
+                state.set_migration_status(status)
+            })
+            .await;
         }
-    });
-    let database = DatabaseEnv::from_options(&config.database_url, &db::connect_options(&config)?);
-    let supervisor = app.map(|app| {
-        let grace = config.shutdown_timeout();
-        tokio::spawn(async move {
-            let applied = migrated_rx
-                .wait_for(Option::is_some)
-                .await
-                .is_ok_and(|r| *r == Some(true));
-            if applied {
-                app.supervise(database, app_stop_rx, grace).await;
-            }
-        })
     });
     tokio::spawn(notify_when_ready(state.clone()));
     if let Some(interval) = systemd::watchdog_interval() {
@@ -237,11 +227,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     {
         tracing::warn!(timeout = ?config.shutdown_timeout(), "a migration was still running at the shutdown timeout: cut off");
         migration.abort();
-    }
-    // Stop taking requests first, then stop the app, so nginx does not send it work while it goes down.
-    let _ = app_stop_tx.send(true);
-    if let Some(supervisor) = supervisor {
-        let _ = supervisor.await;
     }
     state.pool.close().await;
     // A socket we bound ourselves is ours to remove; systemd's stays for the next start.

@@ -8,3 +8,8 @@ FLUSH PRIVILEGES;
 CREATE DATABASE IF NOT EXISTS foobar CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
 CREATE USER IF NOT EXISTS `foobar`@`localhost` IDENTIFIED VIA mysql_native_password USING 'invalid' OR unix_socket;
 GRANT ALL PRIVILEGES ON foobar.* TO `foobar`@`localhost`;
+-- The site's own app server (`[app]`, foobar-app.service) connects as its own user, by unix_socket as the system user
+-- of the same name, with rights on the site's schema only. Without an [app] no such system user exists, so nobody
+-- can connect as it.
+CREATE USER IF NOT EXISTS `foobar-app`@`localhost` IDENTIFIED VIA mysql_native_password USING 'invalid' OR unix_socket;
+GRANT ALL PRIVILEGES ON foobar.* TO `foobar-app`@`localhost`;

@@ -1,9 +1,11 @@
-//! The agent running a site's own app server (`[app]` in its config): the app starts after migrations with the
-//! database in its environment, `/readyz` follows whether it answers, a killed app comes back, an app that dies at
-//! start is retried with growing pauses and `/healthz` says why, and stopping the agent stops the app gracefully.
+//! A site's own app server (`[app]` in the agent's config), run by its supervisor (`foobar-agent app`, a process and
+//! database user of its own) beside the agent (`foobar-agent serve`, which reads the supervisor's reports): the app
+//! starts after its migrations with its own database in its environment, `/readyz` follows whether it answers and
+//! whether the supervisor reports, a killed app comes back, an app that dies at start is retried with growing pauses
+//! and `/healthz` says why, and stopping the supervisor stops the app gracefully.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -27,17 +29,82 @@ fn app_config(dir: &Path, listen: &str, command: &str, extra: &str) -> PathBuf {
     std::fs::write(
         &config,
         format!(
-            "migrations = \"{}\"\n\n[app]\nname = \"tiny\"\ncommand = {command}\nlisten = \"{listen}\"\ndirectory = \"{}\"\n{extra}\n",
+            "migrations = \"{}\"\n\n[app]\nname = \"tiny\"\ncommand = {command}\nlisten = \"{listen}\"\ndirectory = \"{}\"\nstatus-file = \"{}\"\n{extra}\n",
             migrations.display(),
-            dir.display()
+            dir.display(),
+            dir.join("status.json").display()
         ),
     )
     .unwrap();
     config
 }
 
-/// An agent running the tiny app on a unix socket, with no health path.
-fn serve_tiny_app_on_a_socket(tag: &str) -> AgentProcess {
+/// `foobar-agent app`: the supervisor of the config's `[app]`, logging to a file; killed when dropped.
+struct Supervisor {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Supervisor {
+    fn start(config: &Path, database_url: &str) -> Supervisor {
+        let log = support::temp_dir("supervisor-log").join("stderr.log");
+        let child = Command::new(support::binary("foobar-agent"))
+            .args([
+                "app",
+                "--config",
+                config.to_str().unwrap(),
+                "--database-url",
+                database_url,
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start foobar-agent app");
+        Supervisor { child, log }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn pid(&self) -> i64 {
+        i64::from(self.child.id())
+    }
+
+    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the supervisor did not exit within {limit:?}: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The agent and the app's supervisor, on one config and database: what the image runs in two units.
+fn start(config: &Path, database_url: &str) -> (AgentProcess, Supervisor) {
+    let supervisor = Supervisor::start(config, database_url);
+    let agent = AgentProcess::serve(database_url, &["--config", config.to_str().unwrap()]);
+    (agent, supervisor)
+}
+
+/// The agent and the supervisor running the tiny app on a unix socket, with no health path.
+fn serve_tiny_app_on_a_socket(tag: &str) -> (AgentProcess, Supervisor) {
     let dir = support::temp_dir(tag);
     let socket = dir.join("app.sock");
     let config = app_config(
@@ -46,10 +113,7 @@ fn serve_tiny_app_on_a_socket(tag: &str) -> AgentProcess {
         r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
         "",
     );
-    AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    )
+    start(&config, &mariadb::shared().fresh_database())
 }
 
 fn health(agent: &AgentProcess) -> Value {
@@ -73,7 +137,7 @@ fn process_exists(pid: i64) -> bool {
 }
 
 #[test]
-fn the_app_starts_after_migrations_with_the_database_in_its_environment() {
+fn the_app_starts_after_its_migrations_with_its_own_database_user_in_its_environment() {
     let dir = support::temp_dir("app-env");
     let port = support::free_port();
     let config = app_config(
@@ -84,29 +148,113 @@ fn the_app_starts_after_migrations_with_the_database_in_its_environment() {
     );
     let db = mariadb::shared();
     let url = db.fresh_database();
-    let agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
-    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let database = url.split('?').next().unwrap().rsplit('/').next().unwrap().to_string();
+    // The app's own user, with rights on its database only (the image's `foobar-app`).
+    let user = format!("app_{database}");
+    db.sql(&format!(
+        "CREATE USER `{user}`@`localhost` IDENTIFIED BY 'app-secret'; GRANT ALL PRIVILEGES ON `{database}`.* TO `{user}`@`localhost`"
+    ));
+    let app_url = format!(
+        "mysql://{user}:app-secret@localhost/{database}?socket={}",
+        db.socket().display()
+    );
 
-    // Its migration ran before it started.
-    let database = url.split('?').next().unwrap().rsplit('/').next().unwrap();
+    // The supervisor alone applies the migrations, as the app's user, then starts the app.
+    let supervisor = Supervisor::start(&config, &app_url);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let env = loop {
+        if let Ok(reply) = get(&format!("http://127.0.0.1:{port}/env")) {
+            break reply.json();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the app never answered: {}",
+            supervisor.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     let tables = db.sql(&format!("SHOW TABLES FROM `{database}`"));
     assert!(tables.contains("tiny_notes"), "{tables}");
-
-    let env = get(&format!("http://127.0.0.1:{port}/env")).unwrap().json();
-    assert_eq!(env["DATABASE_URL"], url.as_str());
-    assert_eq!(env["DATABASE_NAME"], database);
+    assert_eq!(env["DATABASE_URL"], app_url.as_str());
+    assert_eq!(env["DATABASE_USER"], user.as_str());
+    assert_eq!(env["DATABASE_NAME"], database.as_str());
     assert_eq!(env["DATABASE_SOCKET"], db.socket().display().to_string());
     assert_eq!(env["PORT"], port.to_string());
     assert_eq!(env["GREETING"], "hello");
     assert_eq!(env["cwd"], dir.display().to_string());
+    // Its output reaches the supervisor's log under its name (the journal, in the image).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !supervisor.log().contains("tiny: tiny app listening on") {
+        assert!(Instant::now() < deadline, "{}", supervisor.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
 
+    // The agent, with its own user, finds the schema current and reads the supervisor's report.
+    let agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let check = app_check(&agent);
     assert_eq!(check["status"], "pass", "{check}");
     assert_eq!(check["componentId"], "tiny");
     assert_eq!(check["restarts"], 0);
     assert_eq!(check["pid"], env["pid"]);
-    // Its output reaches the agent's log under its name (the journal, in the image).
-    assert!(agent.log().contains("tiny: tiny app listening on"), "{}", agent.log());
+    assert!(
+        !agent.log().contains("tiny app listening"),
+        "the app's output is the supervisor's, not the agent's"
+    );
+}
+
+#[test]
+fn the_agent_is_not_ready_while_the_apps_supervisor_is_missing_or_silent() {
+    let dir = support::temp_dir("app-silent");
+    let socket = dir.join("app.sock");
+    let config = app_config(
+        &dir,
+        &format!("unix:{}", socket.display()),
+        r#"["python3", "tiny_app.py", "--socket", "{socket}"]"#,
+        "",
+    );
+    let url = mariadb::shared().fresh_database();
+    let agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    // No supervisor yet: the agent's own parts are ready, the site is not, and /readyz says where it looked.
+    std::thread::sleep(Duration::from_secs(2));
+    let ready = get(&agent.url("/readyz")).unwrap();
+    assert_eq!(ready.status, 503, "{}", ready.body);
+    assert!(
+        ready
+            .body
+            .contains("its supervisor (foobar-app.service, `foobar-agent app`) has not reported in"),
+        "{}",
+        ready.body
+    );
+
+    let mut supervisor = Supervisor::start(&config, &url);
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let app_pid = app_check(&agent)["pid"].as_i64().unwrap();
+    // A supervisor killed outright leaves its last report behind, which goes stale.
+    kill(supervisor.pid(), "KILL");
+    supervisor.wait_exit(Duration::from_secs(5));
+    let silent = wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(10));
+    let ready = get(&agent.url("/readyz")).unwrap();
+    assert!(
+        ready
+            .body
+            .contains("its supervisor (foobar-app.service) has not reported for"),
+        "{}",
+        ready.body
+    );
+    eprintln!("a silent supervisor noticed after {silent:?}");
+    // (The app it left behind is what systemd's KillMode=mixed ends in the image; here the test does.)
+    kill(app_pid, "KILL");
+}
+
+#[test]
+fn the_supervisor_refuses_a_config_without_an_app() {
+    let dir = support::temp_dir("app-none");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, "shutdown-timeout = 5\n").unwrap();
+    let (code, _, stderr) = support::agent_command(&["app", "--config", config.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("the configuration has no [app] table"), "{stderr}");
 }
 
 #[test]
@@ -123,10 +271,7 @@ fn readiness_follows_the_apps_own_health_path() {
             unhealthy.display()
         ),
     );
-    let agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let (agent, _supervisor) = start(&config, &mariadb::shared().fresh_database());
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     std::fs::write(&unhealthy, "").unwrap();
     // Seen within the health interval (a readiness result answers for up to a second).
@@ -151,10 +296,7 @@ fn an_app_that_hangs_is_restarted_after_its_hang_timeout() {
             hang.display()
         ),
     );
-    let agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let (agent, _supervisor) = start(&config, &mariadb::shared().fresh_database());
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().unwrap();
     // Alive, not answering: no exit for the supervisor to see. The file goes once the restart has begun, so the
@@ -190,7 +332,7 @@ fn an_app_that_hangs_is_restarted_after_its_hang_timeout() {
 
 #[test]
 fn a_killed_app_is_restarted_and_ready_again_within_seconds() {
-    let agent = serve_tiny_app_on_a_socket("app-kill");
+    let (agent, _supervisor) = serve_tiny_app_on_a_socket("app-kill");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().expect("the app's pid");
 
@@ -215,10 +357,7 @@ fn an_app_that_dies_at_start_is_retried_with_growing_pauses_and_health_says_why(
         r#"["sh", "-c", "echo starting on $0; echo 'fatal: settings.ini is missing' >&2; exit 3", "{port}"]"#,
         "",
     );
-    let agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let (agent, _supervisor) = start(&config, &mariadb::shared().fresh_database());
     let started = Instant::now();
     // Wait for the first death to be reported.
     let mut check = Value::Null;
@@ -276,10 +415,7 @@ fn invalid_utf8_and_an_endless_line_neither_stop_the_output_nor_grow_the_agent()
         r#"["sh", "noise.sh", "{socket}"]"#,
         "",
     );
-    let agent = AgentProcess::serve(
-        &mariadb::shared().fresh_database(),
-        &["--config", config.to_str().unwrap()],
-    );
+    let (agent, supervisor) = start(&config, &mariadb::shared().fresh_database());
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(60));
     // The app runs on, and its later output still arrives.
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -303,22 +439,37 @@ fn invalid_utf8_and_an_endless_line_neither_stop_the_output_nor_grow_the_agent()
         0,
         "the app was not broken by its own output"
     );
-    let peak = peak_rss_kib(agent.child.id());
-    assert!(peak < 40 * 1024, "the agent peaked at {peak} KiB for a 32 MiB line");
-    eprintln!("agent peak RSS {peak} KiB");
+    let peak = peak_rss_kib(supervisor.child.id());
+    assert!(
+        peak < 40 * 1024,
+        "the supervisor peaked at {peak} KiB for a 32 MiB line"
+    );
+    eprintln!("supervisor peak RSS {peak} KiB");
 }
 
 #[test]
-fn stopping_the_agent_stops_the_app_gracefully() {
-    let mut agent = serve_tiny_app_on_a_socket("app-stop");
+fn stopping_the_supervisor_stops_the_app_gracefully() {
+    let (agent, mut supervisor) = serve_tiny_app_on_a_socket("app-stop");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().unwrap();
-    agent.signal("TERM");
-    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
-    let log = agent.log();
+    kill(supervisor.pid(), "TERM");
+    assert_eq!(
+        supervisor.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        supervisor.log()
+    );
+    let log = supervisor.log();
     assert!(log.contains("tiny: got SIGTERM, stopping"), "{log}");
     assert!(log.contains("exit status 0"), "{log}");
-    assert!(!process_exists(pid), "the app outlived the agent");
+    assert!(!process_exists(pid), "the app outlived its supervisor");
+    // Its last report says the app is gone, so the agent is not ready (not waiting for the report to go stale).
+    let down = wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(2));
+    assert!(get(&agent.url("/readyz"))
+        .unwrap()
+        .body
+        .contains("app `tiny` is not running"));
+    eprintln!("agent not ready {down:?} after the supervisor stopped");
 }
 
 #[test]
@@ -342,9 +493,11 @@ fn bad_app_settings_are_refused_naming_the_key() {
         ),
     ] {
         let config = app_config(&dir, listen, command, "");
-        let (code, _, stderr) = support::agent_command(&["serve", "--config", config.to_str().unwrap()]);
-        assert_eq!(code, 1, "{stderr}");
-        assert!(stderr.contains(expected), "{command}: {stderr}");
-        assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+        for mode in ["serve", "app"] {
+            let (code, _, stderr) = support::agent_command(&[mode, "--config", config.to_str().unwrap()]);
+            assert_eq!(code, 1, "{mode}: {stderr}");
+            assert!(stderr.contains(expected), "{mode} {command}: {stderr}");
+            assert!(stderr.contains(&config.display().to_string()), "{stderr}");
+        }
     }
 }

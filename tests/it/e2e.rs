@@ -990,6 +990,36 @@ fn example_site_works(name: &str, app: &str) {
     assert_eq!(health["status"], "pass", "{health}");
     assert_eq!(health["componentId"], app);
 
+    // Its own user, unit (cgroup) and database user, with rights on the site's schema only; the agent's unit keeps
+    // its strict sandbox (the relaxations for interpreters are the app unit's alone).
+    let app_pid = health["pid"].as_u64().expect("the app's pid");
+    let run = |command: &str| {
+        let (code, out, err) = ssh(&guest, &key, "admin", &[], command);
+        assert_eq!(code, 0, "{command}: {out}{err}");
+        out.trim().to_string()
+    };
+    assert_eq!(run(&format!("ps -o user= -p {app_pid}")), "foobar-app");
+    assert!(run(&format!("cat /proc/{app_pid}/cgroup")).ends_with("/foobar-app.service"));
+    assert_eq!(
+        run("sudo -u foobar-app mariadb -N -B -e 'SELECT CURRENT_USER()'"),
+        "foobar-app@localhost"
+    );
+    let (code, out, err) = ssh(
+        &guest,
+        &key,
+        "admin",
+        &[],
+        "sudo -u foobar-app mariadb -N -B -e 'SELECT COUNT(*) FROM mysql.user'",
+    );
+    assert_ne!(code, 0, "the app's database user reads mysql.user: {out}");
+    assert!(err.contains("denied"), "{err}");
+    let sandboxes = run("systemctl show -p MemoryDenyWriteExecute --value foobar-agent foobar-app");
+    assert_eq!(
+        sandboxes.split_whitespace().collect::<Vec<_>>(),
+        ["yes", "no"],
+        "{sandboxes}"
+    );
+
     let (code, journal, err) = ssh(
         &guest,
         &key,

@@ -1,5 +1,5 @@
 //! `agent`: foobar-agent, the application server: the binary, its `agent.toml`, its socket-activated unit; with an
-//! `[app]`, the site's own app server's files, migrations, socket directory and the unit's drop-in for it.
+//! `[app]`, the site's own app server's files, migrations, user, directories and unit (`foobar-app.service`).
 
 use std::path::Path;
 
@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::{copy_tree, enable, write, Component};
 use crate::config::{App, ImageConfig, APP_SOCKET_DIR, FIRST_BOOT_MARKER};
 use crate::context::Context;
+use crate::process::cmd;
 
 pub const COMPONENT: Component = Component {
     name: "agent",
@@ -37,7 +38,15 @@ pub struct AgentApp {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health: Option<String>,
     pub env: std::collections::BTreeMap<String, String>,
+    /// Its own MariaDB user (by unix_socket, as its own system user), with rights on the site's schema only.
+    pub database_url: String,
+    pub status_file: String,
 }
+
+/// The app's system user and MariaDB user (`image/files/database.sql` makes the latter, with rights on `foobar.*`).
+pub const APP_USER: &str = "foobar-app";
+/// Where the app's supervisor reports to the agent: a directory of the app's user that the agent's group reads.
+pub const APP_STATUS_DIR: &str = "/run/foobar-app-status";
 
 /// The agent's view of an `[app]`: the command as written, where it listens, where its files are.
 pub fn agent_app(app: &App) -> AgentApp {
@@ -48,6 +57,8 @@ pub fn agent_app(app: &App) -> AgentApp {
         directory: APP_DIR.to_string(),
         health: app.health.clone(),
         env: app.env.clone(),
+        database_url: format!("mysql://{APP_USER}@localhost/foobar?socket=/run/mysqld/mysqld.sock"),
+        status_file: format!("{APP_STATUS_DIR}/status.json"),
     }
 }
 
@@ -86,8 +97,8 @@ pub fn agent_config(app: Option<&App>) -> anyhow::Result<String> {
     ))
 }
 
-/// The app's files (root's, read-only to the app), its migrations (or none), its socket directory and the agent
-/// unit's exceptions for it.
+/// The app's files (root's, read-only to the app), its migrations (or none), its user, its socket and report
+/// directories and its unit (`foobar-app.service`: `foobar-agent app` as that user, in a sandbox of its own).
 fn install_app(root: &Path, app: &App) -> anyhow::Result<()> {
     copy_tree(&app.files, &root.join(APP_DIR.trim_start_matches('/')))
         .with_context(|| format!("key `app.files`: cannot copy {}", app.files.display()))?;
@@ -98,17 +109,39 @@ fn install_app(root: &Path, app: &App) -> anyhow::Result<()> {
     }
     write(
         root,
-        "etc/systemd/system/foobar-agent.service.d/app.conf",
-        include_str!("../../../image/systemd/foobar-agent-app.conf"),
+        "usr/lib/sysusers.d/foobar-app.conf",
+        format!("# The site's own app server's user (foobar-app.service).\nu {APP_USER} - \"foobar site app\" /nonexistent\n"),
+        0o644,
+    )?;
+    // Made now, like the base component's users: systemd-sysusers does not run at boot.
+    cmd("chroot")
+        .arg(root)
+        .args(["systemd-sysusers", "/usr/lib/sysusers.d/foobar-app.conf"])
+        .run()
+        .context("cannot create the app's system user")?;
+    write(
+        root,
+        "usr/lib/tmpfiles.d/foobar-app.conf",
+        format!(
+            "# The site's own app: its socket directory (the app's user writes; setgid, so its socket is group \
+             www-data and nginx connects) and its supervisor's report (the agent's group reads).\n\
+             d {APP_SOCKET_DIR} 2750 {APP_USER} www-data -\n\
+             d {APP_STATUS_DIR} 0750 {APP_USER} foobar -\n"
+        ),
         0o644,
     )?;
     write(
         root,
-        "usr/lib/tmpfiles.d/foobar-app.conf",
-        format!("# The socket directory of the site's own app: the agent's user writes, nginx connects.\nd {APP_SOCKET_DIR} 0750 foobar www-data -\n"),
+        "etc/systemd/system/foobar-app.service",
+        include_str!("../../../image/systemd/foobar-app.service"),
         0o644,
     )?;
-    Ok(())
+    enable(
+        root,
+        "foobar-app.service",
+        "/etc/systemd/system/foobar-app.service",
+        "multi-user.target",
+    )
 }
 
 fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
