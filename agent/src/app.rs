@@ -56,8 +56,10 @@ struct Report {
     written: u64,
 }
 
-/// How often the supervisor reports; a report older than `STALE_REPORT` means the supervisor is gone.
+/// How often the supervisor reports; a report older than `STALE_REPORT` means the supervisor is gone. While a
+/// running app does not answer (it is starting), every `REPORT_SOON`, so the site is ready again soon after it is.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
+pub const REPORT_SOON: Duration = Duration::from_millis(200);
 const STALE_REPORT: Duration = Duration::from_secs(5);
 
 /// Where an app's state lives: in the supervisor that runs it (`foobar-agent app`), or in the supervisor's reports,

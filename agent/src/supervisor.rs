@@ -6,7 +6,7 @@
 use anyhow::bail;
 use tokio::sync::watch;
 
-use crate::app::{App, REPORT_EVERY};
+use crate::app::{App, REPORT_EVERY, REPORT_SOON};
 use crate::config::Config;
 use crate::db::{self, migrate, DatabaseEnv};
 use crate::serve::{migrate_in_background, shutdown_signal};
@@ -46,7 +46,9 @@ pub async fn run(mut config: Config, database_url: Option<String>) -> anyhow::Re
                     }
                     Err(_) => {}
                 }
-                app.changed_or(REPORT_EVERY).await;
+                let status = app.status();
+                let starting = status.pid.is_some() && status.problem.is_some();
+                app.changed_or(if starting { REPORT_SOON } else { REPORT_EVERY }).await;
             }
         }
     });
