@@ -152,6 +152,19 @@ fn watch(paths: &Paths, logind_running: impl Fn() -> bool, power_off: impl Fn())
     }
 }
 
+/// Asks systemd (PID 1) to power off: SIGRTMIN+4 starts `poweroff.target` with `--job-mode=replace-irreversibly`
+/// (systemd(1)), what logind asks for on the button. A signal needs no socket, no D-Bus and no other process: early
+/// in boot, `systemctl --no-block start poweroff.target` did not return (in CI and here, while first boot ran) and the
+/// machine ran on.
+fn signal_systemd() -> Result<(), String> {
+    // SAFETY: kill(2) has no memory effects; PID 1 is systemd, and root may signal it.
+    if unsafe { libc::kill(1, libc::SIGRTMIN() + 4) } == 0 {
+        Ok(())
+    } else {
+        Err(format!("cannot signal systemd: {}", std::io::Error::last_os_error()))
+    }
+}
+
 /// A command line, split at spaces, run to its exit status.
 #[allow(clippy::disallowed_methods)] // systemctl, its status read
 fn run(command: &str) -> bool {
@@ -165,13 +178,13 @@ fn run(command: &str) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// Flags: `--root DIR` (devices under DIR: tests), `--logind CMD` (exits 0 once logind runs), `--power-off CMD`.
+/// Flags: `--root DIR` (devices under DIR: tests), `--logind CMD` (exits 0 once logind runs), `--power-off CMD`
+/// (instead of signalling systemd: tests).
 fn main() {
     let mut paths = Paths::default();
     let mut logind = "systemctl is-active --quiet systemd-logind.service".to_string();
-    // What logind does on the button, asked of systemd itself over its private socket: `systemctl poweroff` asks
-    // logind over D-Bus first, and early in boot neither is up yet (the request then hung while the machine ran on).
-    let mut power_off = "systemctl --no-block start poweroff.target --job-mode=replace-irreversibly".to_string();
+    // What logind does on the button, asked of systemd with a signal (see `power_off`); tests give a command instead.
+    let mut power_off: Option<String> = None;
     let mut args = std::env::args().skip(1);
     while let Some(flag) = args.next() {
         let value = args.next().unwrap_or_else(|| {
@@ -188,7 +201,7 @@ fn main() {
                 };
             }
             "--logind" => logind = value,
-            "--power-off" => power_off = value,
+            "--power-off" => power_off = Some(value),
             _ => {
                 eprintln!("foobar-power-button: unknown flag {flag}; expected --root, --logind or --power-off");
                 std::process::exit(2)
@@ -199,8 +212,13 @@ fn main() {
         &paths,
         || run(&logind),
         || {
-            if !run(&power_off) {
-                eprintln!("foobar-power-button: `{power_off}` failed");
+            let done = match &power_off {
+                Some(command) => run(command).then_some(()).ok_or_else(|| format!("`{command}` failed")),
+                None => signal_systemd(),
+            };
+            match done {
+                Ok(()) => println!("foobar-power-button: poweroff.target requested"),
+                Err(err) => eprintln!("foobar-power-button: cannot power off: {err}"),
             }
         },
     ) {

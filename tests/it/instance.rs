@@ -1175,6 +1175,7 @@ fn the_power_button_powers_off_before_logind_has_it_and_is_handed_over_after() {
     assert_eq!(code, 0, "{out}");
     assert!(root.join("off").exists(), "powered off: {out}");
     assert!(out.contains("pressed before logind watches it"), "{out}");
+    assert!(out.contains("poweroff.target requested"), "{out}");
 
     // Handed over only when logind runs and udev has tagged the button for it.
     let root = support::temp_dir("power-button-logind");
