@@ -46,6 +46,9 @@ pub struct AppStatus {
     pub waiting: Option<String>,
     /// What the last health probe found wrong; `None` when it answered (or nothing runs to ask).
     pub problem: Option<String>,
+    /// Its unit is stopping: the app serves on for the drain time, but the site is no longer ready.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// The supervisor's report: the app's status and when it was written (Unix seconds).
@@ -155,6 +158,9 @@ impl App {
         if report.status.pid.is_none() {
             return Err(not_running(name, &report.status));
         }
+        if report.status.draining {
+            return Err(format!("app `{name}` is draining: foobar-app.service is stopping"));
+        }
         match report.status.problem {
             Some(problem) => Err(problem),
             None => Ok(()),
@@ -173,6 +179,11 @@ impl App {
                 PROBE_TIMEOUT.as_secs()
             )),
         }
+    }
+
+    /// Marks the app as draining (reported at once).
+    pub fn set_draining(&self) {
+        self.update(|s| s.draining = true);
     }
 
     /// Notes why the app is not started yet (`None` once it may start).
@@ -224,8 +235,8 @@ impl App {
                 return;
             }
             let started = Instant::now();
-            let mut child = match self.spawn(&database) {
-                Ok(child) => child,
+            let (mut child, forwarders) = match self.spawn(&database) {
+                Ok(spawned) => spawned,
                 Err(err) => {
                     tracing::error!(app = %self.config.name, error = %err, "cannot start the app");
                     self.update(|s| {
@@ -263,6 +274,11 @@ impl App {
             // Whatever it left behind (workers of a killed master) would hold the socket; end them too.
             if let Some(pid) = pid {
                 signal_group(pid, libc::SIGKILL);
+            }
+            // Its last words (why it died) belong in the report of its death: the pipes are read to their end,
+            // briefly (a grandchild that escaped the group could hold them open).
+            for forwarder in forwarders {
+                let _ = tokio::time::timeout(Duration::from_millis(500), forwarder).await;
             }
             tracing::warn!(app = %self.config.name, %exit, ran = ?started.elapsed(), "app exited");
             self.update(|s| {
@@ -333,7 +349,8 @@ impl App {
         }
     }
 
-    fn spawn(&self, database: &DatabaseEnv) -> std::io::Result<Child> {
+    /// Starts the app; returns it and the tasks that forward its output (done when its pipes close).
+    fn spawn(&self, database: &DatabaseEnv) -> std::io::Result<(Child, Vec<tokio::task::JoinHandle<()>>)> {
         let argv = self.config.argv();
         if let Listen::Unix(path) = &self.config.listen {
             // A socket file left by the last run makes most servers fail with "address in use".
@@ -366,13 +383,14 @@ impl App {
         }
         let mut child = command.spawn()?;
         let journal = Journal::open(&self.config.name, child.id());
+        let mut forwarders = Vec::new();
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(self.clone().forward(out, journal.clone()));
+            forwarders.push(tokio::spawn(self.clone().forward(out, journal.clone())));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(self.clone().forward(err, journal));
+            forwarders.push(tokio::spawn(self.clone().forward(err, journal)));
         }
-        Ok(child)
+        Ok((child, forwarders))
     }
 
     /// Copies the app's output, line by line, to the journal and into the kept lines: every byte (invalid UTF-8
