@@ -10,6 +10,10 @@ use serde::Deserialize;
 /// Where the image installs the agent's configuration.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/foobar/agent.toml";
 
+/// The longest drain: the agent's unit gives a stop 35 s (drain, requests in flight, a running migration), the app's
+/// 30 s (drain, the app's own stop).
+pub const MAX_DRAIN_SECONDS: u64 = 10;
+
 /// Where the agent listens: a TCP `host:port` or a unix socket path.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Listen {
@@ -80,6 +84,10 @@ pub struct Config {
     pub acme_status: Option<PathBuf>,
     /// Seconds that in-flight requests get to finish after SIGTERM.
     pub shutdown_timeout: u64,
+    /// Seconds between SIGTERM and the stop during which `/readyz` answers 503 (`draining`) while everything else is
+    /// served as before, so that a load balancer's health checks take the node out before it stops taking requests
+    /// (also the app's supervisor's, before it stops the app). 0: no drain (one server: nothing else takes over).
+    pub drain_seconds: u64,
     /// Milliseconds a read answer of the posts app is kept (the bound on how stale another node's write can be
     /// seen); 0 keeps nothing.
     pub read_cache_ms: u64,
@@ -233,6 +241,7 @@ impl Default for Config {
             first_boot_marker: None,
             acme_status: None,
             shutdown_timeout: 10,
+            drain_seconds: 0,
             read_cache_ms: 1000,
             app: None,
         }
@@ -284,6 +293,12 @@ impl Config {
                 self.query_timeout
             );
         }
+        if self.drain_seconds > MAX_DRAIN_SECONDS {
+            bail!(
+                "key `drain-seconds`: expected at most {MAX_DRAIN_SECONDS} (the units' stop timeouts leave room for that much), got {}",
+                self.drain_seconds
+            );
+        }
         if self.migrate_lock_timeout == 0 {
             bail!("key `migrate-lock-timeout`: expected at least 1 second");
         }
@@ -299,6 +314,10 @@ impl Config {
 
     pub fn read_cache(&self) -> Duration {
         Duration::from_millis(self.read_cache_ms)
+    }
+
+    pub fn drain(&self) -> Duration {
+        Duration::from_secs(self.drain_seconds)
     }
 
     pub fn shutdown_timeout(&self) -> Duration {

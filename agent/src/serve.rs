@@ -199,8 +199,19 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     let app = crate::app(state.clone());
+    let drain = config.drain();
+    let draining = state.clone();
     let graceful = async move {
         shutdown_signal().await;
+        if !drain.is_zero() {
+            tracing::info!(
+                ?drain,
+                "stopping: draining (/readyz answers 503, everything else is served)"
+            );
+            systemd::notify("STATUS=draining");
+            draining.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            tokio::time::sleep(drain).await;
+        }
         tracing::info!("stopping: no new connections, finishing in-flight requests");
         systemd::notify("STOPPING=1");
         let _ = stop_tx.send(true);

@@ -79,6 +79,8 @@ pub struct Inner {
     pub disk: std::sync::OnceLock<DiskGuard>,
     /// `foobar-agent acme`'s status file, set once at start (`serve`); unset: no certificate check in `/healthz`.
     pub acme_status: std::sync::OnceLock<PathBuf>,
+    /// Set by SIGTERM when a drain is configured: `/readyz` answers 503 until the agent stops.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 /// The free-space floor below which writes are refused, so that reads keep working and MariaDB never meets a full
@@ -156,7 +158,12 @@ impl AppState {
             readiness_checks: std::sync::atomic::AtomicU64::new(0),
             disk: std::sync::OnceLock::new(),
             acme_status: std::sync::OnceLock::new(),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn migration_status(&self) -> MigrationStatus {

@@ -28,10 +28,19 @@ pub async fn run(mut config: Config, database_url: Option<String>) -> anyhow::Re
     tracing::info!(app = %app.config.name, user = %database.user, "supervising the app");
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        tracing::info!("stopping the app");
-        let _ = stop_tx.send(true);
+    tokio::spawn({
+        let (app, drain) = (app.clone(), config.drain());
+        async move {
+            shutdown_signal().await;
+            // A running app serves on while the agent's /readyz says 503 and load balancers take the node out.
+            if !drain.is_zero() && app.status().pid.is_some() {
+                tracing::info!(?drain, "stopping: draining (the app serves on; /readyz answers 503)");
+                app.set_draining();
+                tokio::time::sleep(drain).await;
+            }
+            tracing::info!("stopping the app");
+            let _ = stop_tx.send(true);
+        }
     });
     let reporter = tokio::spawn({
         let app = app.clone();

@@ -473,6 +473,47 @@ fn stopping_the_supervisor_stops_the_app_gracefully() {
 }
 
 #[test]
+fn stopping_the_supervisor_with_a_drain_keeps_the_app_serving_while_readiness_says_503() {
+    let dir = support::temp_dir("app-drain");
+    let port = support::free_port();
+    let config = app_config(
+        &dir,
+        &format!("127.0.0.1:{port}"),
+        r#"["python3", "tiny_app.py", "--port", "{port}"]"#,
+        "",
+    );
+    // drain-seconds is a top-level key: put it before the [app] table.
+    let text = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(&config, format!("drain-seconds = 2\n{text}")).unwrap();
+    let (agent, mut supervisor) = start(&config, &mariadb::shared().fresh_database());
+    wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
+    let signalled = Instant::now();
+    kill(supervisor.pid(), "TERM");
+    wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(1));
+    assert!(get(&agent.url("/readyz"))
+        .unwrap()
+        .body
+        .contains("app `tiny` is draining"));
+    // The app still answers during the drain.
+    assert_eq!(get(&format!("http://127.0.0.1:{port}/health")).unwrap().status, 200);
+    assert_eq!(
+        supervisor.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "{}",
+        supervisor.log()
+    );
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(2),
+        "the app stopped before the drain ended: {took:?}"
+    );
+    assert!(
+        get(&format!("http://127.0.0.1:{port}/health")).is_err(),
+        "the app is gone after the drain"
+    );
+}
+
+#[test]
 fn bad_app_settings_are_refused_naming_the_key() {
     let dir = support::temp_dir("app-bad");
     for (command, listen, expected) in [

@@ -236,6 +236,76 @@ fn sigterm_lets_an_in_flight_request_finish_and_exits_zero() {
 }
 
 #[test]
+fn sigterm_with_a_drain_answers_readyz_503_and_serves_everything_else_until_it_ends() {
+    let dir = support::temp_dir("drain");
+    let config = dir.join("agent.toml");
+    std::fs::write(&config, "drain-seconds = 3\n").unwrap();
+    let url = mariadb::shared().fresh_database();
+    let mut agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    wait_for_status(&agent.url("/readyz"), 200, SOON);
+
+    // Clients keep writing and reading through the stop; not one request fails while the agent listens.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = {
+        let (base, stop) = (agent.base.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut served, mut failed) = (0, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                let write = post_json(
+                    &format!("{base}/api/posts"),
+                    &json!({ "author": "drain", "body": "during the drain" }),
+                );
+                let read = get(&format!("{base}/api/posts"));
+                for reply in [write, read] {
+                    match reply {
+                        Ok(r) if r.status < 300 => served += 1,
+                        other => failed.push(format!("{other:?}")),
+                    }
+                }
+            }
+            (served, failed)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let signalled = std::time::Instant::now();
+    agent.signal("TERM");
+    let draining = wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(1));
+    let reply = get(&agent.url("/readyz")).unwrap();
+    assert_eq!(reply.json()["status"], "draining", "{}", reply.body);
+    assert_eq!(get(&agent.url("/livez")).unwrap().status, 200);
+    // Most of the drain later, still serving.
+    std::thread::sleep(Duration::from_millis(2000));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    let (served, failed) = load.join().unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} failed during the drain: {:?}",
+        failed.len(),
+        &failed[..failed.len().min(3)]
+    );
+    assert!(served > 10, "only {served} requests served");
+    assert_eq!(agent.wait_exit(Duration::from_secs(15)), Some(0), "{}", agent.log());
+    let took = signalled.elapsed();
+    assert!(
+        took >= Duration::from_secs(3),
+        "stopped before the drain ended: {took:?}"
+    );
+    assert!(agent.log().contains("draining"), "{}", agent.log());
+    eprintln!("drain: /readyz 503 after {draining:?}, {served} requests served, stopped after {took:?}");
+}
+
+#[test]
+fn a_drain_longer_than_the_units_allow_is_refused_naming_the_key() {
+    let dir = support::temp_dir("drain-bad");
+    let file = dir.join("agent.toml");
+    std::fs::write(&file, "drain-seconds = 60\n").unwrap();
+    let (code, _, stderr) = agent_command(&["serve", "--config", file.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("key `drain-seconds`: expected at most 10"), "{stderr}");
+    assert!(stderr.contains(file.to_str().unwrap()), "{stderr}");
+}
+
+#[test]
 fn socket_activation_and_ready_notification() {
     let db = mariadb::shared();
     let url = db.fresh_database();

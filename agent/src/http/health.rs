@@ -30,6 +30,10 @@ pub fn detailed(headers: &HeaderMap) -> bool {
 
 /// 200 only when the database answers, migrations are applied and first boot is complete.
 pub async fn readyz(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    if state.is_draining() {
+        // Stopping: still serving, but no longer to be sent new work (a load balancer takes the node out).
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(json!({ "status": "draining" }))).into_response();
+    }
     let r = state.readiness_cached().await;
     let problems: Vec<String> = [
         r.database.clone().err(),

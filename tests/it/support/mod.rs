@@ -80,6 +80,7 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 }
 
 /// A response as a user sees it.
+#[derive(Debug)]
 pub struct Reply {
     pub status: u16,
     pub body: String,
