@@ -5,7 +5,7 @@
 //! and `/healthz` says why, and stopping the supervisor stops the app gracefully.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -39,72 +39,15 @@ fn app_config(dir: &Path, listen: &str, command: &str, extra: &str) -> PathBuf {
     config
 }
 
-/// `foobar-agent app`: the supervisor of the config's `[app]`, logging to a file; killed when dropped.
-struct Supervisor {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Supervisor {
-    fn start(config: &Path, database_url: &str) -> Supervisor {
-        let log = support::temp_dir("supervisor-log").join("stderr.log");
-        let child = Command::new(support::binary("foobar-agent"))
-            .args([
-                "app",
-                "--config",
-                config.to_str().unwrap(),
-                "--database-url",
-                database_url,
-            ])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .expect("start foobar-agent app");
-        Supervisor { child, log }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    fn pid(&self) -> i64 {
-        i64::from(self.child.id())
-    }
-
-    fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the supervisor did not exit within {limit:?}: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Supervisor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// The agent and the app's supervisor, on one config and database: what the image runs in two units.
-fn start(config: &Path, database_url: &str) -> (AgentProcess, Supervisor) {
-    let supervisor = Supervisor::start(config, database_url);
+fn start(config: &Path, database_url: &str) -> (AgentProcess, AgentProcess) {
+    let supervisor = AgentProcess::supervise_app(config, database_url);
     let agent = AgentProcess::serve(database_url, &["--config", config.to_str().unwrap()]);
     (agent, supervisor)
 }
 
 /// The agent and the supervisor running the tiny app on a unix socket, with no health path.
-fn serve_tiny_app_on_a_socket(tag: &str) -> (AgentProcess, Supervisor) {
+fn serve_tiny_app_on_a_socket(tag: &str) -> (AgentProcess, AgentProcess) {
     let dir = support::temp_dir(tag);
     let socket = dir.join("app.sock");
     let config = app_config(
@@ -160,7 +103,7 @@ fn the_app_starts_after_its_migrations_with_its_own_database_user_in_its_environ
     );
 
     // The supervisor alone applies the migrations, as the app's user, then starts the app.
-    let supervisor = Supervisor::start(&config, &app_url);
+    let supervisor = AgentProcess::supervise_app(&config, &app_url);
     let deadline = Instant::now() + Duration::from_secs(30);
     let env = loop {
         if let Ok(reply) = get(&format!("http://127.0.0.1:{port}/env")) {
@@ -227,11 +170,11 @@ fn the_agent_is_not_ready_while_the_apps_supervisor_is_missing_or_silent() {
         ready.body
     );
 
-    let mut supervisor = Supervisor::start(&config, &url);
+    let mut supervisor = AgentProcess::supervise_app(&config, &url);
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let app_pid = app_check(&agent)["pid"].as_i64().unwrap();
     // A supervisor killed outright leaves its last report behind, which goes stale.
-    kill(supervisor.pid(), "KILL");
+    supervisor.signal("KILL");
     supervisor.wait_exit(Duration::from_secs(5));
     let silent = wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(10));
     let ready = get(&agent.url("/readyz")).unwrap();
@@ -452,7 +395,7 @@ fn stopping_the_supervisor_stops_the_app_gracefully() {
     let (agent, mut supervisor) = serve_tiny_app_on_a_socket("app-stop");
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let pid = app_check(&agent)["pid"].as_i64().unwrap();
-    kill(supervisor.pid(), "TERM");
+    supervisor.signal("TERM");
     assert_eq!(
         supervisor.wait_exit(Duration::from_secs(15)),
         Some(0),
@@ -488,7 +431,7 @@ fn stopping_the_supervisor_with_a_drain_keeps_the_app_serving_while_readiness_sa
     let (agent, mut supervisor) = start(&config, &mariadb::shared().fresh_database());
     wait_for_status(&agent.url("/readyz"), 200, Duration::from_secs(30));
     let signalled = Instant::now();
-    kill(supervisor.pid(), "TERM");
+    supervisor.signal("TERM");
     wait_for_status(&agent.url("/readyz"), 503, Duration::from_secs(1));
     assert!(get(&agent.url("/readyz"))
         .unwrap()

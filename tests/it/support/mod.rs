@@ -246,6 +246,31 @@ impl AgentProcess {
         agent
     }
 
+    /// `foobar-agent app`, the supervisor of the `[app]` in `config`, with its own database URL; it listens on
+    /// nothing (`base` is empty).
+    pub fn supervise_app(config: &std::path::Path, database_url: &str) -> AgentProcess {
+        let log = temp_dir("supervisor-log").join("stderr.log");
+        let child = Command::new(binary("foobar-agent"))
+            .args([
+                "app",
+                "--config",
+                config.to_str().unwrap(),
+                "--database-url",
+                database_url,
+            ])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start foobar-agent app");
+        AgentProcess {
+            child,
+            base: String::new(),
+            log,
+        }
+    }
+
     fn wait_listening(&self) {
         let addr = self.base.trim_start_matches("http://").to_string();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -284,7 +309,7 @@ impl AgentProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "agent did not exit within {limit:?}: {}",
+                "foobar-agent did not exit within {limit:?}: {}",
                 self.log()
             );
             std::thread::sleep(Duration::from_millis(50));
