@@ -63,6 +63,9 @@ struct Report {
 /// running app does not answer (it is starting), every `REPORT_SOON`, so the site is ready again soon after it is.
 pub const REPORT_EVERY: Duration = Duration::from_secs(1);
 pub const REPORT_SOON: Duration = Duration::from_millis(200);
+/// How often an app that answers is asked again (each probe is a request in its access log); one that does not is
+/// asked at every report, and a new run at once.
+pub const PROBE_EVERY: Duration = Duration::from_secs(5);
 const STALE_REPORT: Duration = Duration::from_secs(5);
 
 /// Where an app's state lives: in the supervisor that runs it (`foobar-agent app`), or in the supervisor's reports,
@@ -200,19 +203,21 @@ impl App {
 
     /// Writes the supervisor's report now: the status and a fresh probe of the running app. Written to a temporary
     /// file and renamed, so the agent never reads half a report.
-    pub async fn report(&self) -> std::io::Result<()> {
+    /// Without `probe`, the last probe's finding is reported again.
+    pub async fn report(&self, probe: bool) -> std::io::Result<()> {
         let Source::Supervised(status, _) = &self.source else {
             return Ok(());
         };
         let (pid, run) = self.run();
         let problem = match pid {
-            Some(_) => self.probe().await.err(),
-            None => None,
+            Some(_) if probe => Some(self.probe().await.err()),
+            Some(_) => None,
+            None => Some(None),
         };
         let status = {
             let mut status = status.lock().expect("app status lock");
             // A probe of a run that ended meanwhile says nothing about the next one.
-            if (status.pid, status.restarts) == (pid, run) {
+            if let (Some(problem), true) = (problem, (status.pid, status.restarts) == (pid, run)) {
                 status.problem = problem;
             }
             status.clone()

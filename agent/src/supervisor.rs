@@ -6,7 +6,7 @@
 use anyhow::bail;
 use tokio::sync::watch;
 
-use crate::app::{App, REPORT_EVERY, REPORT_SOON};
+use crate::app::{App, PROBE_EVERY, REPORT_EVERY, REPORT_SOON};
 use crate::config::Config;
 use crate::db::{self, migrate, DatabaseEnv};
 use crate::serve::{migrate_in_background, shutdown_signal};
@@ -46,8 +46,16 @@ pub async fn run(mut config: Config, database_url: Option<String>) -> anyhow::Re
         let app = app.clone();
         async move {
             let mut failing = false;
+            let mut probed: Option<(tokio::time::Instant, (Option<u32>, u64))> = None;
             loop {
-                match app.report().await {
+                let status = app.status();
+                let run = (status.pid, status.restarts);
+                let probe = status.problem.is_some()
+                    || probed.is_none_or(|(at, probed_run)| probed_run != run || at.elapsed() >= PROBE_EVERY);
+                if probe && status.pid.is_some() {
+                    probed = Some((tokio::time::Instant::now(), run));
+                }
+                match app.report(probe).await {
                     Ok(()) => failing = false,
                     Err(err) if !failing => {
                         tracing::warn!(path = %app.config.status_file.display(), error = %err, "cannot write the app's report for the agent");
@@ -89,7 +97,7 @@ pub async fn run(mut config: Config, database_url: Option<String>) -> anyhow::Re
         let _ = stop.wait_for(|stopped| *stopped).await;
     }
     reporter.abort();
-    let _ = app.report().await;
+    let _ = app.report(false).await;
     tracing::info!("stopped");
     Ok(())
 }
