@@ -91,6 +91,12 @@ pub struct Config {
     /// Milliseconds a read answer of the posts app is kept (the bound on how stale another node's write can be
     /// seen); 0 keeps nothing.
     pub read_cache_ms: u64,
+    /// Where `foobar-agent backup` writes (may be a mounted volume).
+    pub backup_dir: PathBuf,
+    /// How many backups `foobar-agent backup` keeps (the newest); older ones are removed after each backup.
+    pub backup_keep: u32,
+    /// A command (argv) run after each backup with the backup's path appended, to ship it elsewhere; empty: none.
+    pub backup_hook: Vec<String>,
     /// The site's own application server, which the agent runs and watches; absent: the built-in posts app only.
     pub app: Option<AppConfig>,
 }
@@ -242,6 +248,9 @@ impl Default for Config {
             acme_status: None,
             shutdown_timeout: 10,
             drain_seconds: 0,
+            backup_dir: PathBuf::from("/var/backups/foobar"),
+            backup_keep: 7,
+            backup_hook: Vec::new(),
             read_cache_ms: 1000,
             app: None,
         }
@@ -298,6 +307,18 @@ impl Config {
                 "key `drain-seconds`: expected at most {MAX_DRAIN_SECONDS} (the units' stop timeouts leave room for that much), got {}",
                 self.drain_seconds
             );
+        }
+        if self.backup_keep == 0 {
+            bail!("key `backup-keep`: expected at least 1 (the backup just taken)");
+        }
+        if !self.backup_dir.is_absolute() {
+            bail!(
+                "key `backup-dir`: expected an absolute path, like /var/backups/foobar, got `{}`",
+                self.backup_dir.display()
+            );
+        }
+        if self.backup_hook.first().is_some_and(|p| p.is_empty()) {
+            bail!("key `backup-hook`: expected a command line, like [\"rclone\", \"copy\"], got an empty program");
         }
         if self.migrate_lock_timeout == 0 {
             bail!("key `migrate-lock-timeout`: expected at least 1 second");

@@ -3,6 +3,7 @@
 
 pub mod acme;
 pub mod app;
+pub mod backup;
 pub mod cache;
 pub mod config;
 pub mod db;

@@ -72,6 +72,23 @@ enum Command {
         #[arg(long, value_name = "URL")]
         database_url: Option<String>,
     },
+    /// Take a backup of the site's database now (mariadb-dump --single-transaction, gzip) into `backup-dir`, named
+    /// by time; keep the newest `backup-keep`; then run `backup-hook` with its path
+    Backup {
+        #[command(flatten)]
+        common: Common,
+        /// Write into DIR instead of `backup-dir`
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
+    /// Load a backup of `foobar-agent backup` into the site's database (its tables are replaced); refuses a file that
+    /// is not one of ours or is cut short, before changing anything
+    Restore {
+        #[command(flatten)]
+        common: Common,
+        /// The backup (.sql.gz)
+        file: PathBuf,
+    },
     /// Apply pending migrations once and exit; non-zero with the reason when they cannot be applied
     Migrate {
         #[command(flatten)]
@@ -229,6 +246,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::App { config, database_url } => {
             foobar_agent::supervisor::run(Config::load(config.as_deref())?, database_url).await
+        }
+        Command::Backup { common, dir } => {
+            let mut config = load(&common)?;
+            if let Some(dir) = dir {
+                config.backup_dir = dir;
+            }
+            let taken = foobar_agent::backup::backup(&config)?;
+            println!(
+                "backup {} ({} bytes); removed {} older one(s), keeping {}",
+                taken.path.display(),
+                taken.bytes,
+                taken.removed.len(),
+                config.backup_keep
+            );
+            Ok(())
+        }
+        Command::Restore { common, file } => {
+            foobar_agent::backup::restore(&load(&common)?, &file)?;
+            println!("restored {}", file.display());
+            Ok(())
         }
         Command::Migrate { common } => {
             let applied = foobar_agent::serve::migrate_once(load(&common)?).await?;

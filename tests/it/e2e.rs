@@ -429,6 +429,34 @@ fn the_image_boots_under_bios_and_uefi_serves_the_site_and_keeps_data_across_pow
     let check = &health["checks"]["migrations:version"][0];
     assert_eq!(check["appliedThisStart"], 0, "no migration ran twice: {check}");
     assert_eq!(check["observedValue"], 1);
+
+    // The daily backup, run now by its unit, brings the post back after it is lost.
+    let key = &built().key;
+    let run = |command: &str| {
+        let (code, out, err) = ssh(&again, key, "admin", &[], command);
+        assert_eq!(code, 0, "{command}: {out}{err}");
+        out.trim().to_string()
+    };
+    assert_eq!(run("systemctl is-enabled foobar-backup.timer"), "enabled");
+    run("sudo systemctl start foobar-backup.service");
+    let backup = run("sudo sh -c 'ls /var/backups/foobar/foobar-foobar-*.sql.gz'");
+    assert!(
+        backup.ends_with(".sql.gz") && !backup.contains('\n'),
+        "one backup: {backup}"
+    );
+    run("sudo mariadb foobar -e 'DELETE FROM posts'");
+    // A read answer is kept for up to read-cache-ms (1 s).
+    std::thread::sleep(Duration::from_secs(2));
+    let (list, _) = get_host(&again.url("/api/posts"), SITE).unwrap();
+    assert!(!list.body.contains(&marker), "the post is gone: {}", list.body);
+    run(&format!("sudo -u foobar /usr/local/bin/foobar-agent restore {backup}"));
+    std::thread::sleep(Duration::from_secs(2));
+    let (list, _) = get_host(&again.url("/api/posts"), SITE).unwrap();
+    assert_eq!(
+        list.json()[0]["body"],
+        marker.as_str(),
+        "the post is back from the backup"
+    );
     drop(again);
 
     // OVMF, from the pristine image.

@@ -8,6 +8,7 @@
 mod agent_app;
 mod agent_http;
 mod agent_process;
+mod backup;
 mod builder;
 mod docs;
 mod e2e;

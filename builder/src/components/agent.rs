@@ -172,6 +172,14 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             "foobar-power-button.service",
             include_str!("../../../image/systemd/foobar-power-button.service"),
         ),
+        (
+            "foobar-backup.service",
+            include_str!("../../../image/systemd/foobar-backup.service"),
+        ),
+        (
+            "foobar-backup.timer",
+            include_str!("../../../image/systemd/foobar-backup.timer"),
+        ),
     ] {
         write(root, &format!("etc/systemd/system/{name}"), text, 0o644)?;
     }
@@ -180,6 +188,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         "foobar-agent.socket",
         "/etc/systemd/system/foobar-agent.socket",
         "sockets.target",
+    )?;
+    enable(
+        root,
+        "foobar-backup.timer",
+        "/etc/systemd/system/foobar-backup.timer",
+        "timers.target",
     )?;
     enable(
         root,
