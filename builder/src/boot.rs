@@ -27,7 +27,13 @@ pub struct BootPlan {
     pub metadata: Option<u16>,
     /// A NoCloud seed volume (labelled `cidata`) attached read-only as a second disk.
     pub seed: Option<PathBuf>,
+    /// The data disk (serial `foobar-data`), written to; made with `data_disk_size_mib` when it does not exist.
+    pub data_disk: Option<PathBuf>,
+    pub data_disk_size_mib: u64,
 }
+
+/// The serial the image's `data-disk` looks for (besides the ext4 label of the same name).
+pub const DATA_DISK_SERIAL: &str = "foobar-data";
 
 /// The clouds whose SMBIOS strings `--platform` imitates.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +94,34 @@ fn image_format(image: &Path) -> &'static str {
     }
 }
 
+/// An empty data disk at `path` of `size_mib` (qcow2 or raw by its extension), unless one is there already.
+fn make_data_disk(path: &Path, size_mib: u64) -> anyhow::Result<()> {
+    if path.exists() {
+        if !path.is_file() {
+            bail!("--data-disk {}: not a file", path.display());
+        }
+        return Ok(());
+    }
+    if !(64..=16 * 1024 * 1024).contains(&size_mib) {
+        bail!("--data-disk-size {size_mib}: expected 64 to 16777216 MiB");
+    }
+    let format = match image_format(path) {
+        "qcow2" => "qcow2",
+        "raw" => "raw",
+        _ => bail!(
+            "--data-disk {}: a new data disk is made as .qcow2 or .raw, not {}",
+            path.display(),
+            image_format(path)
+        ),
+    };
+    println!("making the data disk {} ({size_mib} MiB, {format})", path.display());
+    cmd("qemu-img")
+        .args(["create", "-q", "-f", format])
+        .arg(path)
+        .arg(format!("{size_mib}M"))
+        .run()
+}
+
 pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     if !plan.image.is_file() {
         bail!(
@@ -107,6 +141,9 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
             );
         }
     }
+    if let Some(disk) = &plan.data_disk {
+        make_data_disk(disk, plan.data_disk_size_mib)?;
+    }
     if plan.metadata.is_some() && crate::process::find_in_path("socat").is_none() {
         bail!("--metadata needs socat on this machine: apt-get install socat");
     }
@@ -115,8 +152,10 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     }
     let (http, https, ssh) = (plan.port, plan.port + 1, plan.port + 2);
     let accel = if kvm_usable() { "kvm" } else { "tcg,thread=multi" };
+    // The root disk boots first (bootindex 0) and is the first virtio disk (vda): devices given with -device are made
+    // before those of `-drive if=virtio`, so a data disk made with -device would otherwise come first.
     let mut drive = format!(
-        "file={},if=virtio,format={},cache=unsafe",
+        "file={},if=none,id=root,format={},cache=unsafe",
         plan.image.display(),
         image_format(&plan.image)
     );
@@ -147,6 +186,7 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
             "none",
         ])
         .args(["-drive", &drive])
+        .args(["-device", "virtio-blk-pci,drive=root,bootindex=0"])
         .arg("-nic")
         .arg(nic)
         .args(["-device", "virtio-rng-pci"]);
@@ -173,6 +213,17 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
             .arg("-drive")
             .arg(format!("file={},if=virtio,format=raw,readonly=on", seed.display()));
     }
+    if let Some(disk) = &plan.data_disk {
+        c = c
+            .arg("-drive")
+            .arg(format!(
+                "file={},if=none,id=data,format={}",
+                disk.display(),
+                image_format(disk)
+            ))
+            .arg("-device")
+            .arg(format!("virtio-blk-pci,drive=data,serial={DATA_DISK_SERIAL}"));
+    }
     c = match &plan.serial {
         Some(file) => c.arg("-serial").arg(format!("file:{}", file.display())),
         None => c.args(["-serial", "stdio"]),
@@ -191,5 +242,8 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     println!("  http:  http://127.0.0.1:{http}/  (send Host: www.foobar.com)");
     println!("  https: https://127.0.0.1:{https}/");
     println!("  ssh:   ssh -p {ssh} admin@127.0.0.1");
+    if let Some(disk) = &plan.data_disk {
+        println!("  data:  {} (the data disk, serial {DATA_DISK_SERIAL})", disk.display());
+    }
     Err(c.exec())
 }

@@ -22,6 +22,8 @@ pub struct ImageConfig {
     pub acme: Acme,
     /// Debian's security updates, applied by the instance itself.
     pub updates: Updates,
+    /// The data disk: where MariaDB's data directory lives when the instance has one.
+    pub data: Data,
     /// The site's own application server; absent: the built-in posts app.
     pub app: Option<App>,
 }
@@ -36,6 +38,7 @@ impl Default for ImageConfig {
             access: Access::default(),
             acme: Acme::default(),
             updates: Updates::default(),
+            data: Data::default(),
             app: None,
         }
     }
@@ -136,6 +139,14 @@ impl Default for Updates {
             reboot_time: String::new(),
         }
     }
+}
+
+/// `[data]`: the data disk. Without `disk`, a disk labelled or with serial `foobar-data` is the data disk.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Data {
+    /// The data disk's device, for a cloud's stable path (`/dev/disk/azure/scsi1/lun0`); absent: found by name.
+    pub disk: Option<PathBuf>,
 }
 
 /// `HH:MM`, 24-hour.
@@ -462,6 +473,22 @@ pub fn is_hostname(name: &str) -> bool {
 }
 
 impl ImageConfig {
+    fn validate_data(&self) -> anyhow::Result<()> {
+        if let Some(disk) = &self.data.disk {
+            let text = disk.to_string_lossy();
+            if !text.starts_with("/dev/")
+                || text.contains("/../")
+                || !text.chars().all(|c| c.is_ascii_alphanumeric() || "/-_.:+@".contains(c))
+            {
+                bail!(
+                    "key `data.disk`: expected a device path under /dev like /dev/disk/azure/scsi1/lun0, got `{}`",
+                    text.escape_debug()
+                );
+            }
+        }
+        Ok(())
+    }
+
     fn validate_acme(&self) -> anyhow::Result<()> {
         let acme = &self.acme;
         if !is_acme_url(&acme.directory) {
@@ -562,6 +589,7 @@ impl ImageConfig {
             }
         }
         self.validate_acme()?;
+        self.validate_data()?;
         check_mirror(&self.debian.mirror)?;
         if self.debian.suite.is_empty() || !self.debian.suite.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
             bail!(

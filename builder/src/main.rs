@@ -92,6 +92,12 @@ enum Command {
         /// Attach IMAGE (a `cidata`-labelled NoCloud seed) read-only as a second disk
         #[arg(long, value_name = "IMAGE")]
         seed: Option<PathBuf>,
+        /// Attach FILE as the data disk (serial foobar-data; MariaDB's data lives there); made if missing
+        #[arg(long, value_name = "FILE")]
+        data_disk: Option<PathBuf>,
+        /// The size of a data disk made by --data-disk, in MiB
+        #[arg(long, value_name = "MIB", default_value_t = 2048)]
+        data_disk_size: u64,
     },
     /// Run the smoke checks against a running instance over HTTP and HTTPS
     Smoke(SmokeArgs),
@@ -231,6 +237,8 @@ fn main() -> ExitCode {
             platform,
             metadata,
             seed,
+            data_disk,
+            data_disk_size,
         }) => require(
             &[Tool {
                 program: "qemu-system-x86_64",
@@ -251,6 +259,8 @@ fn main() -> ExitCode {
                 platform,
                 metadata,
                 seed,
+                data_disk,
+                data_disk_size_mib: data_disk_size,
             })
         }),
         Some(Command::Verify { image, manifest }) => {

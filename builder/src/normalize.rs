@@ -10,7 +10,8 @@ use anyhow::{bail, Context as _};
 
 use crate::util::sorted_entries;
 
-/// Left behind by package installation; their contents depend on when and in which order things ran.
+/// Left behind by package installation (files, or directories with what they hold); their contents depend on when and
+/// in which order things ran.
 const VOLATILE: &[&str] = &[
     "var/log/dpkg.log",
     "var/log/alternatives.log",
@@ -23,6 +24,13 @@ const VOLATILE: &[&str] = &[
     "var/cache/debconf/templates.dat-old",
     "var/lib/dpkg/status-old",
     "var/lib/dpkg/diversions-old",
+    // apt's lock files and download directories: their times and owner (root, or _apt once apt has downloaded into
+    // them) depend on whether the packages came from the archive or from the .deb cache. apt makes them again when
+    // it needs them.
+    "var/cache/apt/archives/lock",
+    "var/cache/apt/archives/partial",
+    "var/lib/apt/lists/lock",
+    "var/lib/apt/lists/partial",
 ];
 
 /// Removes the volatile files, then sets every modification time later than `epoch` to `epoch` and every access
@@ -30,9 +38,12 @@ const VOLATILE: &[&str] = &[
 pub fn normalize_rootfs(rootfs: &Path, epoch: u64) -> anyhow::Result<usize> {
     for path in VOLATILE {
         let full = rootfs.join(path);
-        if full.symlink_metadata().is_ok() {
-            std::fs::remove_file(&full).with_context(|| format!("cannot remove {}", full.display()))?;
+        match full.symlink_metadata() {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&full),
+            Ok(_) => std::fs::remove_file(&full),
+            Err(_) => continue,
         }
+        .with_context(|| format!("cannot remove {}", full.display()))?;
     }
     let mut count = 0;
     clamp_tree(rootfs, epoch as i64, &mut count)?;

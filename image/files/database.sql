@@ -1,9 +1,10 @@
--- foobar: the application's database and its user, made once in the image's package layer (mariadbd --bootstrap).
+-- foobar: the application's database and its users, made with the data directory at first boot
+-- (/usr/lib/foobar/datadir: mariadb-install-db --extra-file).
 -- The user authenticates by unix_socket: no password exists anywhere, so nothing secret is baked in. The
 -- `mysql_native_password USING 'invalid'` alternative (the form Debian gives root) can never match a password; it is
 -- there because clients without authentication plugin support (Node.js's mysql module) only get as far as the
 -- unix_socket check when the server starts the exchange with native password authentication.
--- Bootstrap mode starts without the grant tables; loading them makes CREATE USER and GRANT work.
+-- Bootstrap mode may start without the grant tables loaded; loading them makes CREATE USER and GRANT work.
 FLUSH PRIVILEGES;
 CREATE DATABASE IF NOT EXISTS foobar CHARACTER SET utf8mb4 COLLATE utf8mb4_unicode_ci;
 CREATE USER IF NOT EXISTS `foobar`@`localhost` IDENTIFIED VIA mysql_native_password USING 'invalid' OR unix_socket;
