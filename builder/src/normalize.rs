@@ -46,28 +46,42 @@ pub fn normalize_rootfs(rootfs: &Path, epoch: u64) -> anyhow::Result<usize> {
         .with_context(|| format!("cannot remove {}", full.display()))?;
     }
     let mut count = 0;
-    clamp_tree(rootfs, epoch as i64, &mut count)?;
+    clamp_tree(rootfs, epoch as i64, epoch as i64, &mut count)?;
     Ok(count)
 }
 
-fn clamp_tree(dir: &Path, epoch: i64, count: &mut usize) -> anyhow::Result<()> {
+/// The time every file the package layer's bootstrap made or changed gets (2023-11-14, `plan::FALLBACK_EPOCH`).
+pub const LAYER_EPOCH: i64 = 1_700_000_000;
+
+/// Sets the times of everything the bootstrap that began at `started` (seconds since the epoch) made or changed to
+/// `LAYER_EPOCH`: a layer made today and one made last week then hold the same times, and the files of packages keep
+/// theirs (from the .deb, older than any bootstrap). Without it, `normalize_rootfs` clamped only the times after
+/// `SOURCE_DATE_EPOCH`, so a layer cached before the last commit kept the hour it was made in 2,114 files.
+pub fn settle_layer_times(layer: &Path, started: i64) -> anyhow::Result<usize> {
+    let mut count = 0;
+    clamp_tree(layer, started, LAYER_EPOCH, &mut count)?;
+    Ok(count)
+}
+
+/// Every time at or after `from` becomes `to`, in `dir` and below.
+fn clamp_tree(dir: &Path, from: i64, to: i64, count: &mut usize) -> anyhow::Result<()> {
     for entry in sorted_entries(dir)? {
         let path = entry.path();
         if entry.file_type()?.is_dir() {
-            clamp_tree(&path, epoch, count)?;
+            clamp_tree(&path, from, to, count)?;
         }
-        clamp(&path, epoch)?;
+        clamp(&path, from, to)?;
         *count += 1;
     }
     // The directory itself last: clamping its children does not change it, but be explicit about the order.
-    clamp(dir, epoch)
+    clamp(dir, from, to)
 }
 
-fn clamp(path: &Path, epoch: i64) -> anyhow::Result<()> {
+fn clamp(path: &Path, from: i64, to: i64) -> anyhow::Result<()> {
     use std::os::unix::fs::MetadataExt as _;
     let meta = path.symlink_metadata()?;
-    let (sec, nsec) = if meta.mtime() >= epoch {
-        (epoch, 0)
+    let (sec, nsec) = if meta.mtime() >= from {
+        (to, 0)
     } else {
         (meta.mtime(), meta.mtime_nsec())
     };

@@ -39,6 +39,10 @@ fn last_commit_time() -> Option<u64> {
     String::from_utf8_lossy(&out).trim().parse().ok()
 }
 
+/// How a layer is made beyond its inputs; a change makes the layers cached before it unused. 2: the bootstrap's
+/// times settled to `normalize::LAYER_EPOCH`.
+const LAYER_FORMAT: u32 = 2;
+
 /// The package layer the components ask for. The cache key covers the suite, the mirror, the package list, the dpkg
 /// rules, each component's bootstrap step and this builder's version.
 pub fn layer(config: &ImageConfig, components: &[&Component]) -> Layer {
@@ -60,7 +64,7 @@ pub fn layer(config: &ImageConfig, components: &[&Component]) -> Layer {
         .map(|h| format!("{}={}\n", h.key, sha256_hex(h.file.as_bytes())))
         .collect();
     let text = format!(
-        "suite={}\nmirror={}\npackages={}\nexcludes={}|{}\n{hook_keys}builder={}",
+        "suite={}\nmirror={}\npackages={}\nexcludes={}|{}\n{hook_keys}builder={} layer-format={LAYER_FORMAT}",
         config.debian.suite,
         config.debian.mirror,
         packages.join(","),

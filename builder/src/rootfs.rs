@@ -88,6 +88,11 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
     if !ctx.config.debian.mirror.is_empty() {
         c = c.arg(&ctx.config.debian.mirror);
     }
+    // A second of margin: a file system may keep coarser times than the clock.
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64 - 1)
+        .unwrap_or(0);
     let result = c.progress().run();
     for file in hook_files {
         let _ = std::fs::remove_file(file);
@@ -95,7 +100,9 @@ pub fn bootstrap_rootfs(ctx: &Context, dest: &Path) -> anyhow::Result<()> {
     result.map_err(|err| match missing_package(ctx, &format!("{err:#}")) {
         Some(named) => err.context(named),
         None => err.context("mmdebstrap could not build the root file system"),
-    })
+    })?;
+    crate::normalize::settle_layer_times(dest, started)?;
+    Ok(())
 }
 
 /// When apt did not find a package the config asked for, says which key named it.
