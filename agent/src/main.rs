@@ -273,6 +273,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "applied {} migration(s); schema version {}",
                 applied.newly_applied, applied.version
             );
+            if !applied.unknown.is_empty() {
+                println!(
+                    "the database also has migration(s) {:?} applied, which this build does not know (a newer build's)",
+                    applied.unknown
+                );
+            }
             Ok(())
         }
     }

@@ -38,9 +38,26 @@ pub(crate) async fn migrate_in_background(
             SLOW
         };
         match migrate::apply(pool, migrator, lock_timeout).await {
-            Ok(migrate::Applied { version, newly_applied }) => {
-                tracing::info!(version, newly_applied, "schema is current");
-                report(MigrationStatus::Applied { version, newly_applied });
+            Ok(migrate::Applied {
+                version,
+                newly_applied,
+                unknown,
+            }) => {
+                if unknown.is_empty() {
+                    tracing::info!(version, newly_applied, "schema is current");
+                } else {
+                    tracing::warn!(
+                        version,
+                        newly_applied,
+                        ?unknown,
+                        "the database has migrations this build does not know (a newer build applied them); serving on"
+                    );
+                }
+                report(MigrationStatus::Applied {
+                    version,
+                    newly_applied,
+                    unknown,
+                });
                 return true;
             }
             Err(err) if err.is_retryable() => {

@@ -14,8 +14,13 @@ use crate::metrics::Metrics;
 pub enum MigrationStatus {
     /// Not applied yet; holds the last transient error, if any (database down, lock held).
     Pending(Option<String>),
-    /// `newly_applied`: how many this process applied (0 on a later boot with nothing new).
-    Applied { version: i64, newly_applied: i64 },
+    /// `newly_applied`: how many this process applied (0 on a later boot with nothing new); `unknown`: applied
+    /// migrations this build does not know (a newer build's, during a rollout), which do not stop it serving.
+    Applied {
+        version: i64,
+        newly_applied: i64,
+        unknown: Vec<i64>,
+    },
     /// A migration failed or was modified: not retried, never repaired.
     Failed(String),
 }

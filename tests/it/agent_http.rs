@@ -55,6 +55,7 @@ async fn ready_app(first_boot_marker: Option<std::path::PathBuf>) -> (Router, Ap
     state.set_migration_status(MigrationStatus::Applied {
         version: applied.version,
         newly_applied: applied.newly_applied,
+        unknown: applied.unknown,
     });
     (foobar_agent::app(state.clone()), state)
 }
@@ -479,6 +480,7 @@ async fn a_query_held_up_by_a_lock_answers_503_with_retry_after_within_the_query
     state.set_migration_status(MigrationStatus::Applied {
         version: 1,
         newly_applied: 1,
+        unknown: Vec::new(),
     });
     let app = foobar_agent::app(state);
 

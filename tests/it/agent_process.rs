@@ -394,6 +394,75 @@ fn configuration_errors_name_the_file_and_the_key() {
     );
 }
 
+/// During a rollout the old build meets the new build's migrations: it serves on and says so; a build whose migration
+/// differs from the one the database recorded is not ready, naming the migration.
+#[test]
+fn an_old_build_serves_on_beside_a_newer_builds_migrations_and_a_changed_one_is_named() {
+    let db = mariadb::shared();
+    let url = db.fresh_database();
+    // The new build: one more migration (an expand step: a new table the old build does not use).
+    let newer = migrations_copy();
+    std::fs::write(
+        newer.join("0002_expand.sql"),
+        "CREATE TABLE tags (id INT PRIMARY KEY);\n",
+    )
+    .unwrap();
+    let config = support::temp_dir("config").join("agent.toml");
+    std::fs::write(&config, format!("migrations = \"{}\"\n", newer.display())).unwrap();
+    let (code, out, stderr) = agent_command(&["migrate", "--config", config.to_str().unwrap(), "--database-url", &url]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("schema version 2"), "{out}");
+
+    // The old build (the embedded migrations only) starts, is ready and serves.
+    let agent = AgentProcess::serve(&url, &[]);
+    wait_for_status(&agent.url("/readyz"), 200, SOON);
+    let created = post_json(&agent.url("/api/posts"), &json!({"author": "a", "body": "old build"})).unwrap();
+    assert_eq!(created.status, 201, "{}", created.body);
+    let health = get(&agent.url("/healthz")).unwrap();
+    assert_eq!(health.status, 200, "{}", health.body);
+    let check = &health.json()["checks"]["migrations:version"][0];
+    assert_eq!(check["status"], "warn", "{check}");
+    assert_eq!(check["unknownMigrations"], json!([2]), "{check}");
+    assert!(
+        check["output"]
+            .as_str()
+            .unwrap()
+            .contains("which this build does not know"),
+        "{check}"
+    );
+    let (code, out, stderr) = agent_command(&["migrate", "--database-url", &url]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(out.contains("applied 0 migration(s)") && out.contains("[2]"), "{out}");
+    drop(agent);
+
+    // A build whose 0002 differs from the one applied: not ready, and /healthz names it.
+    std::fs::write(
+        newer.join("0002_expand.sql"),
+        "CREATE TABLE tags (id BIGINT PRIMARY KEY);\n",
+    )
+    .unwrap();
+    let agent = AgentProcess::serve(&url, &["--config", config.to_str().unwrap()]);
+    let deadline = std::time::Instant::now() + SOON;
+    let health = loop {
+        let health = get(&agent.url("/healthz")).unwrap();
+        if health.body.contains("0002_expand") || std::time::Instant::now() > deadline {
+            break health;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(health.status, 503, "{}", health.body);
+    let check = &health.json()["checks"]["migrations:version"][0];
+    assert_eq!(check["status"], "fail", "{check}");
+    assert!(
+        check["output"]
+            .as_str()
+            .unwrap()
+            .contains("migration 0002_expand was changed after it was applied"),
+        "{check}"
+    );
+    assert_eq!(get(&agent.url("/readyz")).unwrap().status, 503);
+}
+
 #[test]
 fn migrate_against_an_unreachable_database_fails_with_the_reason() {
     let (code, _, stderr) = agent_command(&[

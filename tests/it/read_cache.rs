@@ -28,6 +28,7 @@ async fn agent(database_url: &str, ttl: Duration) -> (Router, AppState) {
     state.set_migration_status(MigrationStatus::Applied {
         version: applied.version,
         newly_applied: applied.newly_applied,
+        unknown: applied.unknown,
     });
     (foobar_agent::app(state.clone()), state)
 }

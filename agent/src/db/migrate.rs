@@ -45,16 +45,21 @@ pub async fn load(dir: Option<&Path>) -> anyhow::Result<Migrator> {
         },
     };
     migrator.set_locking(false);
+    // Migrations a newer build applied (a rollout runs old and new builds side by side; expand/contract keeps the
+    // schema good for both): this build keeps serving and says so in /healthz (`Applied::unknown`).
+    migrator.set_ignore_missing(true);
     Ok(migrator)
 }
 
 /// What one `apply` found and did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     /// The schema version now (0 when there are no migrations).
     pub version: i64,
     /// How many migrations this call applied (0 when the schema was already current).
     pub newly_applied: i64,
+    /// Applied migrations this build does not know (a newer build applied them), by version.
+    pub unknown: Vec<i64>,
 }
 
 /// Applies every pending migration.
@@ -91,9 +96,18 @@ pub async fn apply(pool: &MySqlPool, migrator: &Migrator, lock_timeout: Duration
         .map_err(unreachable)?;
     let version = row.try_get::<i64, _>("v").unwrap_or(0);
     let after = applied_count(conn).await?;
+    let recorded: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(unreachable)?;
+    let unknown = recorded
+        .into_iter()
+        .filter(|v| !migrator.iter().any(|m| m.version == *v))
+        .collect();
     Ok(Applied {
         version,
         newly_applied: after - before,
+        unknown,
     })
 }
 

@@ -73,9 +73,11 @@ pub async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Respo
     let r = state.readiness_cached().await;
     let ready = r.is_ready();
     let version = r.migrations.as_ref().ok().copied();
-    let newly_applied = match state.migration_status() {
-        MigrationStatus::Applied { newly_applied, .. } => Some(newly_applied),
-        _ => None,
+    let (newly_applied, unknown) = match state.migration_status() {
+        MigrationStatus::Applied {
+            newly_applied, unknown, ..
+        } => (Some(newly_applied), unknown),
+        _ => (None, Vec::new()),
     };
     let mut body = json!({
         "status": if ready { "pass" } else { "fail" },
@@ -126,6 +128,17 @@ pub async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Respo
     if let Some(n) = newly_applied {
         // How many migrations this start applied: 0 on every boot after the one that brought them.
         body["checks"]["migrations:version"][0]["appliedThisStart"] = json!(n);
+    }
+    if !unknown.is_empty() {
+        // A newer build's migrations (during a rollout): this build serves on, and says so.
+        let check = &mut body["checks"]["migrations:version"][0];
+        check["status"] = json!("warn");
+        check["unknownMigrations"] = json!(unknown);
+        check["output"] = json!(format!(
+            "the database has migration(s) {} applied, which this build does not know (a newer build applied them); \
+             this build serves on, as expand/contract migrations allow",
+            unknown.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")
+        ));
     }
     if !detailed(&headers) {
         // Statuses and the version only: no error text, no app output, no counts.

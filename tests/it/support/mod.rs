@@ -416,7 +416,20 @@ pub struct Dns {
 }
 
 impl Dns {
+    /// Started on a free port: a port free for UDP may be taken for TCP (dnsmasq binds both), and then dnsmasq exits at
+    /// once; it is started again on another port, at most three times.
     pub fn start(www: Option<&str>) -> Dns {
+        let mut last_error = String::new();
+        for _ in 0..3 {
+            match Self::try_start(www) {
+                Ok(dns) => return dns,
+                Err(e) => last_error = e,
+            }
+        }
+        panic!("dnsmasq did not start answering: {last_error}");
+    }
+
+    fn try_start(www: Option<&str>) -> Result<Dns, String> {
         let port = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -446,15 +459,24 @@ impl Dns {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .expect("dnsmasq (apt-get install dnsmasq-base; `just deps` does)");
-        let dns = Dns { child, port };
+        let mut dns = Dns { child, port };
         // Ready once it answers.
         let resolver = foobar_builder::smoke::dns::Resolver::Server(format!("127.0.0.1:{port}").parse().unwrap());
         let deadline = Instant::now() + Duration::from_secs(10);
         while resolver.lookup("foobar.com").is_err() {
-            assert!(Instant::now() < deadline, "dnsmasq did not start answering");
+            if let Ok(Some(status)) = dns.child.try_wait() {
+                let mut err = String::new();
+                if let Some(mut pipe) = dns.child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut err);
+                }
+                return Err(format!("dnsmasq on port {port} exited ({status}): {err}"));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("no answer on port {port} within 10 s"));
+            }
             std::thread::sleep(Duration::from_millis(50));
         }
-        dns
+        Ok(dns)
     }
 
     pub fn server(&self) -> String {
