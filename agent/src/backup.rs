@@ -177,7 +177,7 @@ fn dump(connection: &Connection, partial: &Path) -> anyhow::Result<u64> {
         "{HEADER} `{}`, taken {} by foobar-agent {}",
         connection.database,
         unix_time_name(),
-        env!("CARGO_PKG_VERSION")
+        crate::VERSION
     )?;
     let mut child = tool("mariadb-dump", connection)
         .args([

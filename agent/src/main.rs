@@ -8,7 +8,7 @@ use foobar_agent::config::{Config, Listen};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "foobar-agent", version, about = "Application server of the foobar image")]
+#[command(name = "foobar-agent", version = foobar_agent::VERSION, about = "Application server of the foobar image")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -188,7 +188,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     }
     let inherited = std::env::var_os("LISTEN_FDS").is_some();
     let listener = listen(&config).await?;
-    tracing::info!(listen = %listener.describe(), version = env!("CARGO_PKG_VERSION"), "foobar-agent serving");
+    tracing::info!(listen = %listener.describe(), version = crate::VERSION, "foobar-agent serving");
 
     // Serving (health answers; /readyz says whether it is ready): the start is done.
     systemd::notify("READY=1");

@@ -368,7 +368,19 @@ async fn health_endpoints_report_each_component() {
     }
     let doc = get(&app, "/healthz").await.json();
     assert_eq!(doc["status"], "pass");
-    assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+    // The build: the package version and, in a git checkout, the commit it was built from.
+    assert_eq!(doc["version"], foobar_agent::VERSION);
+    let head = std::process::Command::new("git")
+        .args(["-C", env!("CARGO_MANIFEST_DIR"), "rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+    let expected = match head {
+        Some(commit) => format!("{}+{commit}", env!("CARGO_PKG_VERSION")),
+        None => env!("CARGO_PKG_VERSION").to_string(),
+    };
+    assert_eq!(foobar_agent::VERSION, expected);
     assert_eq!(doc["checks"]["migrations:version"][0]["status"], "pass");
     assert_eq!(doc["checks"]["migrations:version"][0]["observedValue"], 1);
     for component in ["database:connection", "migrations:version", "first-boot:marker"] {
@@ -400,7 +412,7 @@ async fn a_proxied_client_gets_statuses_and_the_version_only_unless_nginx_vouche
         let health = get_with(&app, "/healthz", headers).await;
         assert_eq!(health.status, StatusCode::SERVICE_UNAVAILABLE);
         let doc = health.json();
-        assert_eq!(doc["version"], env!("CARGO_PKG_VERSION"));
+        assert_eq!(doc["version"], foobar_agent::VERSION);
         assert_eq!(
             doc["checks"]["first-boot:marker"][0],
             json!({"status": "fail"}),

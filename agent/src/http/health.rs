@@ -81,7 +81,7 @@ pub async fn healthz(State(state): State<AppState>, headers: HeaderMap) -> Respo
     };
     let mut body = json!({
         "status": if ready { "pass" } else { "fail" },
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::VERSION,
         "serviceId": "foobar-agent",
         "checks": {
             "database:connection": check(&r.database, None),
