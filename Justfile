@@ -34,3 +34,9 @@ boot: image
 # Every test including the QEMU tier (builds and boots the image; minutes)
 e2e:
     FOOBAR_E2E=1 just test
+
+# Build the example cluster's image and boot its seven nodes in QEMU (as root): `imagebuild cluster status|down` after
+cluster: deps
+    cargo build --release --workspace
+    target/release/imagebuild --config examples/cluster/foobar.toml --out foobar-cluster.qcow2
+    target/release/imagebuild cluster up examples/cluster/cluster.toml --image foobar-cluster.qcow2

@@ -18,6 +18,8 @@ packages=(
   python3                 # the stand-in app server of the agent's [app] tests
   dnsmasq-base            # the DNS server of the smoke DNS check test and of the ACME test
   pebble uacme curl       # the ACME test server, the client the image runs (its failure test), HTTPS checks
+  haproxy                 # `haproxy -c` on a cluster node's rendered settings
+  iproute2                # `imagebuild cluster`: the network namespace, bridge and taps
 )
 
 missing=()
@@ -44,6 +46,6 @@ if printf '%s\n' "${missing[@]}" | grep -qx qemu-system-x86; then
 fi
 apt-get install -y -q --no-install-recommends "${missing[@]}" "${extra[@]}"
 # Package scripts may start the system's own servers; the tests start their own and want none running.
-for service in mariadb nginx; do
+for service in mariadb nginx haproxy; do
   service "$service" stop >/dev/null 2>&1 || true
 done

@@ -65,6 +65,9 @@ pub struct Config {
     pub listen: Listen,
     /// The MariaDB/MySQL URL; the default reaches the local server over its unix socket with `unix_socket` auth.
     pub database_url: String,
+    /// A file holding the database URL, used instead of `database-url` when it exists: a cluster's app node has its
+    /// URL, with the password, written there at first boot (0640, group foobar).
+    pub database_url_file: Option<PathBuf>,
     /// Connections kept in the pool.
     pub pool_size: u32,
     /// A directory of `NNNN_name.sql` migrations to apply instead of the ones built into the binary.
@@ -238,6 +241,7 @@ impl Default for Config {
         Config {
             listen: Listen::Unix(PathBuf::from("/run/foobar/agent.sock")),
             database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock".to_string(),
+            database_url_file: None,
             pool_size: 16,
             migrations: None,
             migrate_lock_timeout: 60,
@@ -272,8 +276,19 @@ impl Config {
             }
             Err(err) => return Err(err).with_context(|| format!("cannot read config file {}", path.display())),
         };
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))?;
+        if let Some(file) = &config.database_url_file {
+            match std::fs::read_to_string(file) {
+                Ok(url) => config.database_url = url.trim().to_string(),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(err).with_context(|| {
+                        format!("config file {}: key `database-url-file`: cannot read {}", path.display(), file.display())
+                    })
+                }
+            }
+        }
         config
             .validate()
             .with_context(|| format!("invalid config file {}", path.display()))?;

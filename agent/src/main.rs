@@ -1,8 +1,9 @@
 //! The `foobar-agent` command line: parses flags and dispatches.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use foobar_agent::config::{Config, Listen};
 use tracing_subscriber::EnvFilter;
@@ -126,6 +127,31 @@ enum Command {
         #[arg(long, value_name = "PROGRAM", default_value = foobar_agent::acme::HOOK)]
         hook: PathBuf,
     },
+    /// Turn on this machine's roles (first boot, as root, after instance-config): find it in the cluster description
+    /// (by the name the instance configuration gave, else its hostname), write the engines' settings (Galera,
+    /// HAProxy, keepalived) and the firewall for its roles, and mark the services it runs (/etc/foobar/active)
+    Node {
+        /// The root file system to write under
+        #[arg(long, value_name = "DIR", default_value = "/")]
+        root: PathBuf,
+    },
+    /// Before MariaDB starts on a db node: start a new Galera cluster or join one (Galera's own state files decide;
+    /// see `galera.rs`), written to /run/foobar-galera.env for MariaDB's unit
+    GaleraStart {
+        /// MariaDB's data directory
+        #[arg(long, value_name = "DIR", default_value = "/var/lib/mysql")]
+        datadir: PathBuf,
+    },
+    /// Answer HTTP on the socket systemd passes (or --listen) with 200 when this Galera node is Synced in the primary
+    /// component, 503 otherwise: the app nodes' HAProxy check (foobar-galera-check.socket, port 9200)
+    GaleraCheck {
+        /// Where to listen when systemd passes no socket
+        #[arg(long, value_name = "ADDR", default_value = "0.0.0.0:9200")]
+        listen: String,
+        /// MariaDB to ask
+        #[arg(long, value_name = "URL", default_value = foobar_agent::galera::CHECK_DATABASE_URL)]
+        database_url: String,
+    },
     /// Tell the platform how provisioning went (Azure's health report: Ready, or NotReady with first boot's error;
     /// nothing elsewhere). Run on every boot after first boot; retried for up to 20 minutes
     Report {
@@ -153,6 +179,36 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 config.listen = listen;
             }
             foobar_agent::serve::run(config).await
+        }
+        Command::Node { root } => {
+            let env = foobar_agent::metadata::read_site_env(&root).unwrap_or_default();
+            let host = foobar_agent::cluster::Host {
+                canonical: foobar_agent::metadata::site_env_value(&env, "CANONICAL")
+                    .unwrap_or_else(|| "localhost".into()),
+            };
+            let hostname = std::fs::read_to_string(root.join("etc/hostname")).unwrap_or_default();
+            let placement = foobar_agent::cluster::activate(&root, hostname.trim(), &host)?;
+            let roles: Vec<&str> = placement.roles.iter().map(|r| r.name()).collect();
+            match &placement.node {
+                Some(node) => println!("node {} ({}) of the cluster: roles {}", node.name, node.address, roles.join(", ")),
+                None => println!("not a node of a cluster description: roles {}", roles.join(", ")),
+            }
+            Ok(())
+        }
+        Command::GaleraCheck { listen, database_url } => {
+            let listener = match foobar_agent::systemd::take_listener() {
+                Some(foobar_agent::systemd::Inherited::Tcp(l)) => l,
+                Some(foobar_agent::systemd::Inherited::Unix(_)) => anyhow::bail!("galera-check: systemd passed a unix socket; expected TCP"),
+                None => std::net::TcpListener::bind(&listen).with_context(|| format!("galera-check: cannot listen on {listen}"))?,
+            };
+            foobar_agent::galera::check_server(listener, &database_url).await
+        }
+        Command::GaleraStart { datadir } => {
+            match foobar_agent::galera::run(Path::new("/"), &datadir)? {
+                foobar_agent::galera::Start::NewCluster(why) => println!("galera: new cluster: {why}"),
+                foobar_agent::galera::Start::Join(why) => println!("galera: {why}"),
+            }
+            Ok(())
         }
         Command::InstanceConfig { platform, seed_dir } => {
             let sources = platform.sources(seed_dir);
@@ -336,3 +392,4 @@ async fn main() -> ExitCode {
         }
     }
 }
+

@@ -30,6 +30,8 @@ pub struct BootPlan {
     /// The data disk (serial `foobar-data`), written to; made with `data_disk_size_mib` when it does not exist.
     pub data_disk: Option<PathBuf>,
     pub data_disk_size_mib: u64,
+    /// A tap device (and the NIC's MAC) instead of user networking: a cluster node on a bridge (`cluster.rs`).
+    pub tap: Option<(String, String)>,
 }
 
 /// The serial the image's `data-disk` looks for (besides the ext4 label of the same name).
@@ -150,6 +152,26 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
     if plan.uefi && !Path::new(OVMF).exists() {
         bail!("--uefi needs {OVMF}: apt-get install ovmf");
     }
+    let c = qemu(plan, None)?;
+    let (http, https, ssh) = (plan.port, plan.port + 1, plan.port + 2);
+    let accel = if kvm_usable() { "kvm" } else { "tcg,thread=multi" };
+    println!(
+        "booting {} ({}, {})",
+        plan.image.display(),
+        if plan.uefi { "UEFI" } else { "BIOS" },
+        accel
+    );
+    println!("  http:  http://127.0.0.1:{http}/  (send Host: www.foobar.com)");
+    println!("  https: https://127.0.0.1:{https}/");
+    println!("  ssh:   ssh -p {ssh} admin@127.0.0.1");
+    if let Some(disk) = &plan.data_disk {
+        println!("  data:  {} (the data disk, serial {DATA_DISK_SERIAL})", disk.display());
+    }
+    Err(c.exec())
+}
+
+/// QEMU's command line for `plan`; in the network namespace `netns` when given (`ip netns exec`).
+pub fn qemu(plan: &BootPlan, netns: Option<&str>) -> anyhow::Result<crate::process::Cmd> {
     let (http, https, ssh) = (plan.port, plan.port + 1, plan.port + 2);
     let accel = if kvm_usable() { "kvm" } else { "tcg,thread=multi" };
     // The root disk boots first (bootindex 0) and is the first virtio disk (vda): devices given with -device are made
@@ -174,7 +196,11 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
             ",guestfwd=tcp:{METADATA_ADDRESS}:80-cmd:socat - TCP:127.0.0.1:{port}"
         ));
     }
-    let mut c = cmd("qemu-system-x86_64")
+    let mut c = match netns {
+        Some(ns) => cmd("ip").args(["netns", "exec", ns, "qemu-system-x86_64"]),
+        None => cmd("qemu-system-x86_64"),
+    };
+    c = c
         .args([
             "-accel",
             accel,
@@ -187,9 +213,15 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
         ])
         .args(["-drive", &drive])
         .args(["-device", "virtio-blk-pci,drive=root,bootindex=0"])
-        .arg("-nic")
-        .arg(nic)
         .args(["-device", "virtio-rng-pci"]);
+    c = match &plan.tap {
+        Some((ifname, mac)) => c
+            .arg("-netdev")
+            .arg(format!("tap,id=net0,ifname={ifname},script=no,downscript=no"))
+            .arg("-device")
+            .arg(format!("virtio-net-pci,netdev=net0,mac={mac}")),
+        None => c.arg("-nic").arg(nic),
+    };
     if accel != "kvm" {
         c = c.args(["-cpu", "max"]);
     }
@@ -233,17 +265,5 @@ pub fn boot(plan: &BootPlan) -> anyhow::Result<()> {
             .arg("-monitor")
             .arg(format!("unix:{},server=on,wait=off", sock.display()));
     }
-    println!(
-        "booting {} ({}, {})",
-        plan.image.display(),
-        if plan.uefi { "UEFI" } else { "BIOS" },
-        accel
-    );
-    println!("  http:  http://127.0.0.1:{http}/  (send Host: www.foobar.com)");
-    println!("  https: https://127.0.0.1:{https}/");
-    println!("  ssh:   ssh -p {ssh} admin@127.0.0.1");
-    if let Some(disk) = &plan.data_disk {
-        println!("  data:  {} (the data disk, serial {DATA_DISK_SERIAL})", disk.display());
-    }
-    Err(c.exec())
+    Ok(c)
 }

@@ -12,8 +12,16 @@ pub const DEFAULT_CONFIG: &str = include_str!("../../image/foobar.toml");
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
 pub struct ImageConfig {
-    /// What the machine is for: a role from `roles.rs` (`all`: the one-server stack).
-    pub role: String,
+    /// What the machine is for: a role from `roles.rs` or a list of them (`all`: the one-server stack). With a
+    /// `cluster`, these are the roles of an instance that is none of its nodes.
+    #[serde(deserialize_with = "one_or_many")]
+    pub role: Vec<String>,
+    /// The cluster description (`cluster.toml`), relative to this file: the image gets the components of every role
+    /// its nodes hold, and each instance turns on its own node's roles at first boot.
+    pub cluster: Option<PathBuf>,
+    /// The description `cluster` names, read and checked, and its text as written.
+    #[serde(skip)]
+    pub cluster_description: Option<(foobar_agent::cluster::Description, String)>,
     pub debian: Debian,
     pub site: Site,
     pub disk: Disk,
@@ -31,7 +39,9 @@ pub struct ImageConfig {
 impl Default for ImageConfig {
     fn default() -> Self {
         ImageConfig {
-            role: "all".into(),
+            role: vec!["all".into()],
+            cluster: None,
+            cluster_description: None,
             debian: Debian::default(),
             site: Site::default(),
             disk: Disk::default(),
@@ -535,10 +545,33 @@ impl ImageConfig {
         if let Some(root) = config.site.root.as_mut().filter(|r| r.is_relative()) {
             *root = base.join(&*root);
         }
+        if let Some(path) = config.cluster.as_mut() {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+            let text = std::fs::read_to_string(&*path).with_context(|| {
+                format!("invalid config file {origin}: key `cluster`: cannot read {}", path.display())
+            })?;
+            let description = foobar_agent::cluster::Description::parse(&text).with_context(|| {
+                format!("invalid config file {origin}: key `cluster`: invalid cluster description {}", path.display())
+            })?;
+            config.cluster_description = Some((description, text));
+        }
         config
             .validate()
             .with_context(|| format!("invalid config file {origin}"))?;
         Ok(config)
+    }
+
+    /// Every role the image must be able to take: `role`, and those of the cluster's nodes; sorted, once each.
+    pub fn roles(&self) -> Vec<String> {
+        let mut roles: Vec<String> = self.role.clone();
+        if let Some((description, _)) = &self.cluster_description {
+            roles.extend(description.roles().iter().map(|r| r.name().to_string()));
+        }
+        roles.sort();
+        roles.dedup();
+        roles
     }
 
     pub fn load(path: Option<&Path>) -> anyhow::Result<ImageConfig> {
@@ -615,5 +648,22 @@ impl ImageConfig {
             bail!("key `access.ssh-authorized-keys`: expected OpenSSH public keys (ssh-ed25519 AAAA...), got `{bad}`");
         }
         Ok(())
+    }
+}
+
+/// `role = "all"` or `role = ["lb", "app"]`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    match OneOrMany::deserialize(deserializer)? {
+        OneOrMany::One(role) => Ok(vec![role]),
+        OneOrMany::Many(roles) if roles.is_empty() => {
+            Err(serde::de::Error::custom("expected a role or a list of roles, like \"all\" or [\"lb\", \"app\"]"))
+        }
+        OneOrMany::Many(roles) => Ok(roles),
     }
 }

@@ -3,6 +3,7 @@
 //! assembled from (`components`) and the roles that list them (`roles`).
 
 pub mod boot;
+pub mod cluster;
 pub mod bootloader;
 pub mod build;
 pub mod components;

@@ -101,6 +101,9 @@ enum Command {
     },
     /// Run the smoke checks against a running instance over HTTP and HTTPS
     Smoke(SmokeArgs),
+    /// A cluster on this machine: every node of a description in QEMU on one private network (as root)
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Check that an image is byte for byte what its build's manifest recorded
     Verify {
         /// The image to check
@@ -108,6 +111,47 @@ enum Command {
         /// The manifest to check against [default: IMAGE.manifest.json]
         #[arg(long, value_name = "FILE")]
         manifest: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Boot every node of the description FILE, one after another, in a network namespace of its own; print where
+    /// the site answers on this machine
+    Up {
+        /// The cluster description (cluster.toml)
+        file: PathBuf,
+        /// The image every node boots (built with a config whose `cluster` is FILE)
+        #[arg(long, value_name = "IMAGE")]
+        image: PathBuf,
+        /// The site answers on 127.0.0.1:PORT (HTTP) and PORT+1 (HTTPS)
+        #[arg(long, default_value_t = 8480)]
+        port: u16,
+        /// Memory of each node, MiB
+        #[arg(long, default_value_t = 768)]
+        memory: u32,
+        /// Seconds each node may take to finish its first boot
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Where the cluster's state, consoles and seeds are kept
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
+    },
+    /// Each node's roles, whether it runs, its /readyz (app) and Galera state (db), and the site's /readyz
+    Status {
+        /// The same as a JSON document (also each node's address, QEMU pid and monitor socket)
+        #[arg(long)]
+        json: bool,
+        /// The Host sent with the health requests
+        #[arg(long, default_value = "www.foobar.com")]
+        host: String,
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
+    },
+    /// Stop every node and helper of the cluster and remove its network namespace
+    Down {
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
     },
 }
 
@@ -261,8 +305,10 @@ fn main() -> ExitCode {
                 seed,
                 data_disk,
                 data_disk_size_mib: data_disk_size,
+                tap: None,
             })
         }),
+        Some(Command::Cluster(command)) => run_cluster(command),
         Some(Command::Verify { image, manifest }) => {
             foobar_builder::verify::verify(&image, manifest.as_deref()).map(|v| {
                 println!(
@@ -287,6 +333,60 @@ fn main() -> ExitCode {
         Err(err) => {
             eprintln!("imagebuild: error: {err:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    use foobar_builder::cluster;
+    match command {
+        ClusterCommand::Up { file, image, port, memory, timeout, state } => {
+            require(
+                &[
+                    Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" },
+                    Tool { program: "ip", package: "iproute2" },
+                    Tool { program: "dnsmasq", package: "dnsmasq-base" },
+                    Tool { program: "socat", package: "socat" },
+                    Tool { program: "curl", package: "curl" },
+                    Tool { program: "mkfs.fat", package: "dosfstools" },
+                    Tool { program: "mcopy", package: "mtools" },
+                ],
+                &[],
+            )?;
+            let plan = cluster::Up { description: file, image, state: state.clone(), port, memory_mib: memory, node_timeout: timeout };
+            let up = cluster::up(&plan).inspect_err(|_| {
+                eprintln!("imagebuild: the cluster did not come up; what started is still running: stop it with `imagebuild cluster down --state {}`", state.display());
+            })?;
+            println!("cluster {} is up", up.name);
+            println!("  site:      http://{}/  https://{}/  (send Host: www.foobar.com)", up.site, up.site_https);
+            println!("  namespace: {} (run clients with `ip netns exec {} ...`; the site is {} there)", up.namespace, up.namespace, up.target);
+            println!("  status:    imagebuild cluster status --state {}", state.display());
+            println!("  stop:      imagebuild cluster down --state {}", state.display());
+            Ok(())
+        }
+        ClusterCommand::Status { json, host, state } => {
+            let status = cluster::status(&state, &host)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                println!("cluster {}: site {} (/readyz {}), namespace {}", status.name, status.site, status.site_readyz, status.namespace);
+                for n in &status.nodes {
+                    let mut line = format!("  {:<8} {:<12} {:<15} {}", n.name, n.roles.join("+"), n.address, if n.running { "running" } else { "stopped" });
+                    if let Some(code) = n.readyz {
+                        line.push_str(&format!(", /readyz {code}"));
+                    }
+                    if let Some(galera) = &n.galera {
+                        line.push_str(&format!(", galera {galera}"));
+                    }
+                    println!("{line}");
+                }
+            }
+            Ok(())
+        }
+        ClusterCommand::Down { state } => {
+            let stopped = cluster::down(&state)?;
+            println!("cluster stopped ({stopped} process(es) ended)");
+            Ok(())
         }
     }
 }

@@ -122,7 +122,7 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "image/foobar.toml (built in)".to_string());
     let components =
-        roles::resolve(&config.role, roles::ROLES).with_context(|| format!("invalid config file {config_origin}"))?;
+        roles::resolve(&config.roles(), roles::ROLES).with_context(|| format!("invalid config file {config_origin}"))?;
     let site =
         crate::components::web::scan_site(&config).with_context(|| format!("invalid config file {config_origin}"))?;
 
@@ -237,7 +237,7 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
             .collect(),
         ports: ports(&components),
         site,
-        role: config.role.clone(),
+        role: config.roles().join("+"),
         components: components.iter().map(|c| c.name).collect(),
         config,
         config_origin,

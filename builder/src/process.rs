@@ -102,6 +102,33 @@ impl Cmd {
         anyhow::Error::new(err).context(format!("cannot start `{}`", self.line))
     }
 
+    /// Starts the command in a session of its own, its output appended to `log`, and leaves it running; its pid.
+    pub fn spawn_detached(mut self, log: &Path) -> anyhow::Result<u32> {
+        use std::os::unix::process::CommandExt as _;
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("cannot open {}", log.display()))?;
+        let child = self
+            .inner
+            .stdout(file.try_clone()?)
+            .stderr(file)
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("cannot start `{}`", self.line))?;
+        Ok(child.id())
+    }
+
+    /// Runs to completion and returns stdout, whatever the exit status (a probe whose failure is an answer).
+    pub fn output_lossy(mut self) -> Vec<u8> {
+        self.inner
+            .stderr(Stdio::null())
+            .output()
+            .map(|o| o.stdout)
+            .unwrap_or_default()
+    }
+
     pub fn run(self) -> anyhow::Result<()> {
         self.output().map(|_| ())
     }

@@ -111,11 +111,11 @@ fn an_app_site_sends_everything_but_static_files_and_the_agents_endpoints_to_the
 fn an_app_images_agent_configuration_snapshot() {
     let config = foobar_builder::config::ImageConfig::load(Some(&examples().join("flask/foobar.toml"))).unwrap();
     let app = config.app.as_ref().expect("the Flask example has an [app]");
-    let text = agent::agent_config(Some(app)).unwrap();
+    let text = agent::agent_config(Some(app), false).unwrap();
     expect_file!["snapshots/agent-flask.toml"].assert_eq(&text);
-    expect_file!["snapshots/agent-default.toml"].assert_eq(&agent::agent_config(None).unwrap());
+    expect_file!["snapshots/agent-default.toml"].assert_eq(&agent::agent_config(None, false).unwrap());
     let node = foobar_builder::config::ImageConfig::load(Some(&examples().join("node/foobar.toml"))).unwrap();
-    let text = agent::agent_config(node.app.as_ref()).unwrap();
+    let text = agent::agent_config(node.app.as_ref(), false).unwrap();
     assert!(text.contains("listen = \"127.0.0.1:8080\""), "{text}");
 }
 
@@ -499,7 +499,7 @@ fn a_cached_layer_that_changed_after_it_was_sealed_is_not_used() {
 fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
     use foobar_builder::{plan, roles};
     let config = foobar_builder::config::ImageConfig::load(None).unwrap();
-    assert_eq!(config.role, "all");
+    assert_eq!(config.role, ["all"]);
     let components = roles::resolve(&config.role, roles::ROLES).unwrap();
     let names: Vec<&str> = components.iter().map(|c| c.name).collect();
     assert_eq!(
@@ -543,7 +543,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
 fn the_layer_key_follows_the_resolved_package_list() {
     use foobar_builder::{plan, roles};
     let config = foobar_builder::config::ImageConfig::load(None).unwrap();
-    let components = roles::resolve("all", roles::ROLES).unwrap();
+    let components = roles::resolve(&["all".to_string()], roles::ROLES).unwrap();
     let key = plan::layer(&config, &components).key;
     assert_eq!(key, plan::layer(&config, &components).key, "the key is stable");
     let mut more = config.clone();
@@ -567,7 +567,7 @@ fn an_unknown_role_fails_the_build_naming_the_key_and_the_roles_and_writes_nothi
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(file.to_str().unwrap()), "file not named: {stderr}");
     assert!(
-        stderr.contains("key `role`") && stderr.contains("expected one of all") && stderr.contains("`webserver`"),
+        stderr.contains("key `role`") && stderr.contains("expected one or more of all") && stderr.contains("`webserver`"),
         "{stderr}"
     );
     let left: Vec<_> = std::fs::read_dir(&dir)
@@ -591,7 +591,7 @@ fn a_role_that_names_an_unknown_component_is_refused_naming_it() {
     }];
     let err = format!(
         "{:#}",
-        resolve("edge", &roles).err().expect("an unknown component is an error")
+        resolve(&["edge".to_string()], &roles).err().expect("an unknown component is an error")
     );
     assert!(
         err.contains("role `edge`") && err.contains("`loadbalancer`") && err.contains("base, boot, access"),
@@ -599,7 +599,7 @@ fn a_role_that_names_an_unknown_component_is_refused_naming_it() {
     );
     // Every built-in role names only components that exist.
     for role in foobar_builder::roles::ROLES {
-        resolve(role.name, foobar_builder::roles::ROLES).unwrap();
+        resolve(&[role.name.to_string()], foobar_builder::roles::ROLES).unwrap();
     }
 }
 
@@ -616,7 +616,7 @@ fn agent_reads(text: &str, tag: &str) -> foobar_agent::config::Config {
 fn the_agent_reads_the_agent_toml_imagebuild_writes_as_meant() {
     use foobar_agent::config::Listen;
     use std::path::PathBuf;
-    let config = agent_reads(&agent::agent_config(None).unwrap(), "agent-default");
+    let config = agent_reads(&agent::agent_config(None, false).unwrap(), "agent-default");
     assert_eq!(
         config.listen,
         Listen::Unix(PathBuf::from(foobar_builder::config::AGENT_SOCKET))
@@ -638,7 +638,7 @@ fn the_agent_reads_the_agent_toml_imagebuild_writes_as_meant() {
         let image = foobar_builder::config::ImageConfig::load(Some(&examples().join(format!("{example}/foobar.toml"))))
             .unwrap();
         let written = image.app.as_ref().unwrap();
-        let config = agent_reads(&agent::agent_config(Some(written)).unwrap(), example);
+        let config = agent_reads(&agent::agent_config(Some(written), false).unwrap(), example);
         assert_eq!(
             config.migrations.as_deref(),
             Some(std::path::Path::new(agent::APP_MIGRATIONS))
@@ -848,7 +848,7 @@ fn the_sites_files_change_the_image_seed_but_not_the_package_layer() {
         !paths.iter().any(|p| p.contains(".env")),
         "a dot-file would be copied: {paths:?}"
     );
-    let components = roles::resolve("all", roles::ROLES).unwrap();
+    let components = roles::resolve(&["all".to_string()], roles::ROLES).unwrap();
     let key = plan::layer(&config, &components).key;
     let digest = plan::site_digest(&tree);
     assert_eq!(

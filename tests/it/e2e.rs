@@ -220,7 +220,7 @@ struct Built {
 }
 
 /// One QEMU test at a time: two cores do not run several guests under TCG well.
-static QEMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) static QEMU: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Runs `imagebuild --out OUT --agent-bin <release agent> ARGS...`: its output and the seconds it took.
 fn imagebuild_out<S: AsRef<std::ffi::OsStr>>(out: &Path, args: &[S]) -> (std::process::Output, f64) {

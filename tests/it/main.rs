@@ -10,6 +10,8 @@ mod agent_http;
 mod agent_process;
 mod backup;
 mod builder;
+mod cluster;
+mod cluster_node;
 mod docs;
 mod e2e;
 mod formats;

@@ -166,6 +166,12 @@ pub struct InstanceConfig {
     /// ACME settings from the fragment's `[acme]` (the CA certificate itself is not recorded).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acme: Option<crate::acme::AcmeOverride>,
+    /// Which node of the cluster description this instance is (the fragment's `[node] name`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// The cluster's secrets (the fragment's `[secrets]`); never recorded.
+    #[serde(skip)]
+    pub secrets: Option<crate::cluster::Secrets>,
     /// What was given but not acted on, and why (a key for another user, an expired key, a script, ...).
     pub notes: Vec<String>,
     /// What was given but is invalid (a malformed fragment, a bad host name): skipped, each named; every valid part
@@ -183,6 +189,8 @@ impl InstanceConfig {
             site: None,
             tls: None,
             acme: None,
+            node: None,
+            secrets: None,
             notes: Vec::new(),
             errors: Vec::new(),
         }
@@ -288,6 +296,14 @@ pub fn apply(config: &mut InstanceConfig, root: &Path) -> anyhow::Result<()> {
         Some((_, short)) => set_hostname(root, &short)?,
         None => {}
     }
+    if config.node.is_some() || config.secrets.is_some() {
+        // For `foobar-agent node`, which runs next: readable by root only (the secrets).
+        let file = crate::cluster::NodeFile {
+            name: config.node.clone(),
+            secrets: config.secrets.clone().unwrap_or_default(),
+        };
+        write(root, crate::cluster::NODE_FILE, &toml::to_string(&file)?, 0o600)?;
+    }
     apply_keys_and_site(config, root)
 }
 
@@ -360,13 +376,13 @@ fn apply_keys_and_site(config: &mut InstanceConfig, root: &Path) -> anyhow::Resu
 /// `site.env` as the image wrote it, under `root`.
 pub(crate) const SITE_ENV: &str = "etc/foobar/site.env";
 
-pub(crate) fn read_site_env(root: &Path) -> anyhow::Result<String> {
+pub fn read_site_env(root: &Path) -> anyhow::Result<String> {
     let path = root.join(SITE_ENV);
     std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))
 }
 
 /// A value of `site.env` (`KEY='value'`, single-quoted shell), unquoted.
-pub(crate) fn site_env_value(env: &str, key: &str) -> Option<String> {
+pub fn site_env_value(env: &str, key: &str) -> Option<String> {
     env.lines()
         .find_map(|l| l.strip_prefix(&format!("{key}=")))
         .map(|v| v.trim_matches('\'').to_string())

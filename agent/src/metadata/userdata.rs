@@ -2,7 +2,8 @@
 //!
 //! Decoding first: gzip (EC2 and GCE accept compressed user data; the magic bytes tell it) and base64 (Azure always,
 //! GCE when `user-data-encoding: base64`). Then the format, by its first line or headers:
-//! - `#foobar-config`: TOML, `[site] domain = "..."` and `canonical = "..."`, `[tls]` and `[acme]`;
+//! - `#foobar-config`: TOML, `[site] domain = "..."` and `canonical = "..."`, `[tls]`, `[acme]`, and for a cluster
+//!   node `[node] name = "..."` and `[secrets]`;
 //! - `#cloud-config`: YAML (block or flow style), read with a real YAML parser: `hostname`, `fqdn`,
 //!   `ssh_authorized_keys`, and `users:` entries for the admin user (or `default`, which is the admin);
 //! - MIME multi-part (what `write-mime-multipart` and Terraform's cloud-init provider make): each part as above.
@@ -81,6 +82,13 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
         site: Option<SiteOverride>,
         tls: Option<TlsFiles>,
         acme: Option<crate::acme::AcmeOverride>,
+        node: Option<NodeName>,
+        secrets: Option<crate::cluster::Secrets>,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NodeName {
+        name: String,
     }
     let fragment: Fragment =
         toml::from_str(fragment).with_context(|| format!("{what}: invalid #foobar-config fragment"))?;
@@ -96,6 +104,20 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
     }
     if let Some(acme) = &fragment.acme {
         acme.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
+    if let Some(node) = &fragment.node {
+        if !valid_hostname(&node.name) || node.name.contains('.') {
+            bail!("{what}: key `node.name`: expected a node name of the cluster description, got `{}`", node.name);
+        }
+    }
+    if let Some(secrets) = &fragment.secrets {
+        secrets.validate().map_err(|e| anyhow::anyhow!("{what}: {e}"))?;
+    }
+    if let Some(node) = fragment.node {
+        config.node = Some(node.name);
+    }
+    if fragment.secrets.is_some() {
+        config.secrets = fragment.secrets;
     }
     if fragment.site.is_some() {
         config.site = fragment.site;

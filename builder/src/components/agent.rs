@@ -67,6 +67,11 @@ pub fn agent_app(app: &App) -> AgentApp {
 struct AgentConfig<'a> {
     listen: &'a str,
     database_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    database_url_file: Option<&'a str>,
+    /// In a cluster: the load balancers' checks (every second, two failures) see the drain before the stop.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain_seconds: Option<u32>,
     first_boot_marker: &'a str,
     acme_status: &'a str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,17 +80,28 @@ struct AgentConfig<'a> {
     app: Option<&'a AgentApp>,
 }
 
+/// Where a cluster's app node finds its database URL (`foobar_agent::cluster::DATABASE_URL_FILE`).
+const DATABASE_URL_FILE: &str = "/etc/foobar/database-url";
+
+/// How long an app node of a cluster drains before it stops: HAProxy's checks (`inter 1s fall 2`) take it out in
+/// 2 to 3 s (`foobar_agent::cluster`).
+const CLUSTER_DRAIN_SECONDS: u32 = 4;
+
 /// Where `foobar-agent acme` records its last attempt (its `acme::STATUS`).
 const ACME_STATUS: &str = "/var/lib/foobar/acme/status.json";
 
 /// `/etc/foobar/agent.toml`: socket-activated, MariaDB over its socket with unix_socket auth, ready after first boot;
 /// with an app, its migrations replace the built-in ones and the agent runs it.
-pub fn agent_config(app: Option<&App>) -> anyhow::Result<String> {
+/// In a cluster image (`cluster`), an app node's URL comes from the file its first boot writes.
+pub fn agent_config(app: Option<&App>, cluster: bool) -> anyhow::Result<String> {
     let app = app.map(agent_app);
     let listen = format!("unix:{}", crate::config::AGENT_SOCKET);
     let config = AgentConfig {
         listen: &listen,
         database_url: "mysql://foobar@localhost/foobar?socket=/run/mysqld/mysqld.sock",
+        // A cluster's app node: TCP through its local HAProxy, with the password first boot wrote there.
+        database_url_file: cluster.then_some(DATABASE_URL_FILE),
+        drain_seconds: cluster.then_some(CLUSTER_DRAIN_SECONDS),
         first_boot_marker: FIRST_BOOT_MARKER,
         acme_status: ACME_STATUS,
         migrations: app.as_ref().map(|_| APP_MIGRATIONS),
@@ -153,7 +169,7 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     write(
         root,
         "etc/foobar/agent.toml",
-        agent_config(ctx.config.app.as_ref())?,
+        agent_config(ctx.config.app.as_ref(), ctx.components.contains(&"cluster"))?,
         0o644,
     )?;
     if let Some(app) = &ctx.config.app {

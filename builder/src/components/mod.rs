@@ -17,10 +17,13 @@ use crate::process::Tool;
 
 pub mod access;
 pub mod agent;
+pub mod balancer;
 pub mod base;
 pub mod boot;
+pub mod cluster;
 pub mod database;
 pub mod firewall;
+pub mod galera;
 pub mod web;
 
 pub struct Component {
@@ -71,6 +74,9 @@ pub const ALL: &[&Component] = &[
     &web::COMPONENT,
     &database::COMPONENT,
     &agent::COMPONENT,
+    &balancer::COMPONENT,
+    &galera::COMPONENT,
+    &cluster::COMPONENT,
 ];
 
 pub fn by_name(name: &str) -> Option<&'static Component> {

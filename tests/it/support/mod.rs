@@ -490,3 +490,12 @@ impl Drop for Dns {
         let _ = self.child.wait();
     }
 }
+
+/// A program's path on PATH, if it is there.
+pub fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|dir| std::path::Path::new(dir).join(program))
+        .find(|p| p.is_file())
+}

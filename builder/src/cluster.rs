@@ -1,0 +1,371 @@
+//! `imagebuild cluster up|status|down`: every node of a cluster description in QEMU, on one private network, on
+//! this machine. The network is a bridge in a network namespace of its own (`foobar-NAME`), with the host's end at
+//! the network's first address; dnsmasq there gives each node its address by its MAC (the description's address);
+//! each node gets a NoCloud seed naming it and carrying the cluster's secrets, made here at random and kept in the
+//! state directory (0600), never in the image. Nodes boot one after another (each VM costs CPU under emulation).
+//! socat on 127.0.0.1 forwards the site (the floating address, or the first app node) to the host.
+//!
+//! What runs is recorded in `STATE/state.json`, which `status` and `down` read; `down` stops every process it names
+//! and removes the namespace, also after a failed `up`.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use foobar_agent::cluster::{Description, Role, GALERA_CHECK_PORT};
+use serde::{Deserialize, Serialize};
+
+use crate::boot::BootPlan;
+use crate::process::cmd;
+
+pub const DEFAULT_STATE: &str = "/run/foobar-cluster";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct State {
+    pub name: String,
+    pub namespace: String,
+    /// Where the site answers on the host: `127.0.0.1:PORT` (HTTP) and the next port (HTTPS).
+    pub site: String,
+    pub site_https: String,
+    /// What the site's address forwards to inside the namespace.
+    pub target: String,
+    pub nodes: Vec<NodeState>,
+    /// dnsmasq's and the forwarders' pids.
+    pub helpers: Vec<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub tap: String,
+    pub pid: u32,
+    pub monitor: PathBuf,
+    pub serial: PathBuf,
+}
+
+pub struct Up {
+    pub description: PathBuf,
+    pub image: PathBuf,
+    pub state: PathBuf,
+    pub port: u16,
+    pub memory_mib: u32,
+    /// Seconds each node may take to finish its first boot.
+    pub node_timeout: u64,
+}
+
+fn namespace(name: &str) -> String {
+    format!("foobar-{name}")
+}
+
+fn state_file(dir: &Path) -> PathBuf {
+    dir.join("state.json")
+}
+
+pub fn load_state(dir: &Path) -> anyhow::Result<State> {
+    let file = state_file(dir);
+    let text = std::fs::read_to_string(&file)
+        .with_context(|| format!("no cluster is up here ({} cannot be read)", file.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not a cluster state file", file.display()))
+}
+
+fn save_state(dir: &Path, state: &State) -> anyhow::Result<()> {
+    let file = state_file(dir);
+    let tmp = dir.join("state.json.new");
+    std::fs::write(&tmp, serde_json::to_string_pretty(state)?)?;
+    std::fs::rename(&tmp, &file).with_context(|| format!("cannot write {}", file.display()))
+}
+
+fn random_secret(len: usize) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    const CHARS: &[u8] = b"abcdefghijkmnopqrstuvwxyzABCDEFGHJKLMNPQRSTUVWXYZ23456789";
+    let mut bytes = vec![0u8; len];
+    std::fs::File::open("/dev/urandom")?.read_exact(&mut bytes)?;
+    Ok(bytes.iter().map(|b| CHARS[*b as usize % CHARS.len()] as char).collect())
+}
+
+/// The host's end of the bridge: the network's first address.
+fn gateway(description: &Description) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(description.network().base) + 1)
+}
+
+fn in_namespace(ns: &str, program: &str) -> crate::process::Cmd {
+    cmd("ip").args(["netns", "exec", ns, program])
+}
+
+/// A `cidata` volume with the node's name and the cluster's secrets.
+fn seed(dir: &Path, node: &str, secrets: &str) -> anyhow::Result<PathBuf> {
+    let files = dir.join(format!("{node}.seed"));
+    std::fs::create_dir_all(&files)?;
+    std::fs::write(files.join("meta-data"), format!("instance-id: {node}\nlocal-hostname: {node}\n"))?;
+    std::fs::write(
+        files.join("user-data"),
+        format!("#foobar-config\n[node]\nname = \"{node}\"\n\n{secrets}"),
+    )?;
+    let image = dir.join(format!("{node}.seed.img"));
+    let _ = std::fs::remove_file(&image);
+    cmd("mkfs.fat").args(["-C", "-n", "CIDATA"]).arg(&image).arg("1024").run()?;
+    cmd("mcopy")
+        .arg("-i")
+        .arg(&image)
+        .arg(files.join("meta-data"))
+        .arg(files.join("user-data"))
+        .arg("::")
+        .run()?;
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o600))?;
+    Ok(image)
+}
+
+pub fn up(plan: &Up) -> anyhow::Result<State> {
+    let description = Description::load(&plan.description)?;
+    if !plan.image.is_file() {
+        bail!("--image {}: no such image; build one with `imagebuild --config ... --out`", plan.image.display());
+    }
+    let gw = gateway(&description);
+    if description.nodes.iter().any(|n| n.address == gw) || description.floating_address == Some(gw) {
+        bail!(
+            "{}: {gw} is the host's end of the local network (the network's first address): give the nodes others",
+            plan.description.display()
+        );
+    }
+    std::fs::create_dir_all(&plan.state).with_context(|| format!("cannot create {}", plan.state.display()))?;
+    if state_file(&plan.state).exists() {
+        bail!(
+            "a cluster is already up ({}): stop it first with `imagebuild cluster down --state {}`",
+            state_file(&plan.state).display(),
+            plan.state.display()
+        );
+    }
+    let ns = namespace(&description.name);
+    let target = match description.floating_address {
+        Some(floating) => floating,
+        None => description
+            .with_role(Role::App)
+            .next()
+            .map(|n| n.address)
+            .context("a cluster without lb or app nodes has no site to show")?,
+    };
+    let mut state = State {
+        name: description.name.clone(),
+        namespace: ns.clone(),
+        site: format!("127.0.0.1:{}", plan.port),
+        site_https: format!("127.0.0.1:{}", plan.port + 1),
+        target: target.to_string(),
+        nodes: Vec::new(),
+        helpers: Vec::new(),
+    };
+    save_state(&plan.state, &state)?;
+
+    let network = description.network();
+    let _ = cmd("ip").args(["netns", "del", &ns]).run();
+    cmd("ip").args(["netns", "add", &ns]).run()?;
+    let ip = |args: &[&str]| in_namespace(&ns, "ip").args(args).run();
+    ip(&["link", "set", "lo", "up"])?;
+    ip(&["link", "add", "br0", "type", "bridge"])?;
+    ip(&["addr", "add", &format!("{gw}/{}", network.prefix), "dev", "br0"])?;
+    ip(&["link", "set", "br0", "up"])?;
+
+    let secrets = format!(
+        "[secrets]\ndatabase-password = \"{}\"\nvrrp-password = \"{}\"\n",
+        random_secret(24)?,
+        random_secret(8)?
+    );
+    let mut dnsmasq = in_namespace(&ns, "dnsmasq").args([
+        "--no-daemon",
+        "--conf-file=/dev/null",
+        "--port=0",
+        "--interface=br0",
+        "--bind-interfaces",
+        "--dhcp-authoritative",
+        "--log-facility=-",
+    ]);
+    dnsmasq = dnsmasq.arg(format!("--dhcp-range={},static,{}", network.base, Ipv4Addr::from(u32::MAX << (32 - network.prefix))));
+    let macs: Vec<String> = (0..description.nodes.len())
+        .map(|i| format!("52:54:00:88:{:02x}:{:02x}", i / 256, i % 256 + 10))
+        .collect();
+    for (node, mac) in description.nodes.iter().zip(&macs) {
+        dnsmasq = dnsmasq.arg(format!("--dhcp-host={mac},{},{}", node.address, node.name));
+    }
+    state.helpers.push(dnsmasq.spawn_detached(&plan.state.join("dnsmasq.log"))?);
+    for (port, guest) in [(plan.port, 80), (plan.port + 1, 443)] {
+        let forward = cmd("socat")
+            .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
+            .arg(format!("EXEC:ip netns exec {ns} socat STDIO TCP\\:{target}\\:{guest}"));
+        state.helpers.push(forward.spawn_detached(&plan.state.join("socat.log"))?);
+    }
+    save_state(&plan.state, &state)?;
+
+    for (i, node) in description.nodes.iter().enumerate() {
+        let started = Instant::now();
+        let tap = format!("tap{i}");
+        ip(&["tuntap", "add", &tap, "mode", "tap"])?;
+        ip(&["link", "set", &tap, "master", "br0", "up"])?;
+        let serial = plan.state.join(format!("{}.serial.log", node.name));
+        let monitor = plan.state.join(format!("{}.monitor", node.name));
+        let _ = std::fs::remove_file(&serial);
+        let boot = BootPlan {
+            image: plan.image.clone(),
+            port: 0,
+            uefi: false,
+            write: false,
+            memory_mib: plan.memory_mib,
+            serial: Some(serial.clone()),
+            monitor: Some(monitor.clone()),
+            forwards: Vec::new(),
+            platform: None,
+            metadata: None,
+            seed: Some(seed(&plan.state, &node.name, &secrets)?),
+            data_disk: None,
+            data_disk_size_mib: 0,
+            tap: Some((tap.clone(), macs[i].clone())),
+        };
+        let pid = crate::boot::qemu(&boot, Some(&ns))?.spawn_detached(&plan.state.join(format!("{}.qemu.log", node.name)))?;
+        state.nodes.push(NodeState {
+            name: node.name.clone(),
+            roles: node.roles.iter().map(|r| r.name().to_string()).collect(),
+            address: node.address,
+            mac: macs[i].clone(),
+            tap,
+            pid,
+            monitor,
+            serial: serial.clone(),
+        });
+        save_state(&plan.state, &state)?;
+        println!(
+            "{}: booting ({}; {})",
+            node.name,
+            node.roles.iter().map(|r| r.name()).collect::<Vec<_>>().join(", "),
+            node.address
+        );
+        wait_first_boot(&serial, pid, Duration::from_secs(plan.node_timeout))
+            .with_context(|| format!("node {} (its console: {})", node.name, serial.display()))?;
+        println!("{}: first boot done in {:.1} s", node.name, started.elapsed().as_secs_f64());
+    }
+    Ok(state)
+}
+
+/// Waits for first boot's last line on the node's console.
+fn wait_first_boot(serial: &Path, pid: u32, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = std::fs::read_to_string(serial).unwrap_or_default();
+        if text.contains("foobar-firstboot: done") {
+            return Ok(());
+        }
+        if !alive(pid) {
+            bail!("QEMU exited before first boot was done");
+        }
+        if Instant::now() > deadline {
+            bail!("first boot not done within {} s", timeout.as_secs());
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+pub fn alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid as i32, 0) == 0 }
+}
+
+/// One node as `status` shows it.
+#[derive(Debug, Serialize)]
+pub struct NodeStatus {
+    pub name: String,
+    pub roles: Vec<String>,
+    pub address: Ipv4Addr,
+    pub mac: String,
+    pub pid: u32,
+    pub monitor: PathBuf,
+    pub running: bool,
+    /// App nodes: `/readyz`'s status code (0: no answer).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readyz: Option<u16>,
+    /// Db nodes: what its Galera check says (`synced`, `not synced: ...`, or `no answer`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub galera: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub name: String,
+    pub namespace: String,
+    pub site: String,
+    pub site_https: String,
+    /// `/readyz` through the site's address inside the namespace (0: no answer).
+    pub site_readyz: u16,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// An HTTP GET from inside the namespace: the status code and body (code 0 when nothing answered).
+pub fn get_in(ns: &str, url: &str, host: &str) -> (u16, String) {
+    let out = in_namespace(ns, "curl")
+        .args(["-s", "-m", "3", "-H", &format!("Host: {host}"), "-w", "\n%{http_code}", url])
+        .output_lossy();
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    (code.trim().parse().unwrap_or(0), body.to_string())
+}
+
+pub fn status(dir: &Path, host: &str) -> anyhow::Result<Status> {
+    let state = load_state(dir)?;
+    let nodes = state
+        .nodes
+        .iter()
+        .map(|n| {
+            let running = alive(n.pid);
+            let has = |r: &str| n.roles.iter().any(|x| x == r);
+            NodeStatus {
+                name: n.name.clone(),
+                roles: n.roles.clone(),
+                address: n.address,
+                mac: n.mac.clone(),
+                pid: n.pid,
+                monitor: n.monitor.clone(),
+                running,
+                readyz: has("app").then(|| get_in(&state.namespace, &format!("http://{}/readyz", n.address), host).0),
+                galera: has("db").then(|| {
+                    match get_in(&state.namespace, &format!("http://{}:{GALERA_CHECK_PORT}/", n.address), host) {
+                        (0, _) => "no answer".to_string(),
+                        (_, body) => body.trim().to_string(),
+                    }
+                }),
+            }
+        })
+        .collect();
+    Ok(Status {
+        site_readyz: get_in(&state.namespace, &format!("http://{}/readyz", state.target), host).0,
+        name: state.name,
+        namespace: state.namespace,
+        site: state.site,
+        site_https: state.site_https,
+        nodes,
+    })
+}
+
+/// Stops every QEMU and helper the state names, removes the namespace and the state. Nothing running is an error
+/// only when there is no state at all.
+pub fn down(dir: &Path) -> anyhow::Result<usize> {
+    let state = load_state(dir)?;
+    let mut stopped = 0;
+    for pid in state.nodes.iter().map(|n| n.pid).chain(state.helpers.iter().copied()) {
+        if alive(pid) {
+            // SAFETY: plain kill of a process this cluster started (its own process group).
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+                libc::kill(pid as i32, libc::SIGKILL);
+            }
+            stopped += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state.nodes.iter().any(|n| alive(n.pid)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = cmd("ip").args(["netns", "del", &state.namespace]).run();
+    std::fs::remove_file(state_file(dir)).with_context(|| format!("cannot remove {}", state_file(dir).display()))?;
+    Ok(stopped)
+}

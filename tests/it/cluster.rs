@@ -1,0 +1,448 @@
+//! The cluster tier (QEMU, CI; ignored otherwise): the example topology of `examples/cluster/` (2 lb, 2 app, 3 db)
+//! from one image, brought up with `imagebuild cluster up` in a network namespace of its own, then one failure after
+//! another under load from inside that namespace: an app node, the active load balancer, the Galera node that takes
+//! the writes, each cut off like a power failure (QEMU killed). `imagebuild cluster down` stops everything, also when
+//! the test fails.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::support::{self, binary, release_binary};
+
+const SITE: &str = "www.foobar.com";
+const FLOATING: &str = "10.88.0.10";
+
+fn example(file: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster").join(file)
+}
+
+/// The cluster; `imagebuild cluster down` when dropped.
+struct Cluster {
+    state: PathBuf,
+    namespace: String,
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let out = Command::new(binary("imagebuild"))
+            .args(["cluster", "down", "--state"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        eprintln!("cluster down: {}", String::from_utf8_lossy(&out.stdout).trim());
+    }
+}
+
+impl Cluster {
+    fn status(&self) -> Value {
+        let out = Command::new(binary("imagebuild"))
+            .args(["cluster", "status", "--json", "--state"])
+            .arg(&self.state)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster status: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    fn node(&self, name: &str) -> Value {
+        self.status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// A power cut: the node's QEMU is killed.
+    fn kill(&self, name: &str) {
+        let pid = self.node(name)["pid"].as_i64().unwrap() as i32;
+        // SAFETY: kill of a QEMU this test's cluster started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {name}");
+        let start = Instant::now();
+        while self.node(name)["running"] == true {
+            assert!(start.elapsed() < Duration::from_secs(10), "{name} still runs");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// `ip netns exec NS PROGRAM ARGS`: (exit code, stdout).
+    fn exec(&self, program: &str, args: &[&str]) -> (i32, String) {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.namespace, program])
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Whether a TCP connection to ADDR:PORT is accepted from the private network (the namespace's end of it).
+    fn answers(&self, addr: &str, port: u16) -> bool {
+        let (code, _) = self.exec("bash", &["-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]);
+        code == 0
+    }
+
+    /// The MAC the floating address answers from, as the namespace last saw it.
+    fn floating_mac(&self) -> String {
+        let _ = self.exec("ping", &["-c", "1", "-W", "1", FLOATING]);
+        let (_, out) = self.exec("ip", &["neigh", "show", FLOATING]);
+        out.split_whitespace()
+            .skip_while(|w| *w != "lladdr")
+            .nth(1)
+            .unwrap_or("")
+            .to_string()
+    }
+}
+
+/// Enters the namespace on this thread (only this thread: its sockets are then on the cluster's network).
+fn enter(namespace: &str) {
+    let path = std::ffi::CString::new(format!("/var/run/netns/{namespace}")).unwrap();
+    // SAFETY: opens the namespace file and joins it for the calling thread; the descriptor is closed after.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        assert!(fd >= 0, "open {namespace}");
+        assert_eq!(libc::setns(fd, libc::CLONE_NEWNET), 0, "setns {namespace}");
+        libc::close(fd);
+    }
+}
+
+/// One request's outcome.
+#[derive(Debug, Clone)]
+struct Outcome {
+    /// When it was sent, and when its answer (or failure) came.
+    sent: Instant,
+    at: Instant,
+    post: bool,
+    /// The status, or None when no answer came (connection refused or reset, timeout).
+    status: Option<u16>,
+    /// A created post's id.
+    id: Option<i64>,
+}
+
+/// Load against the floating address from inside the namespace: each worker a keep-alive client, GET and POST mixed
+/// (one POST every third request).
+struct Load {
+    stop: Arc<AtomicBool>,
+    outcomes: Arc<Mutex<Vec<Outcome>>>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(namespace: &str, workers: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let outcomes = Arc::new(Mutex::new(Vec::new()));
+        let workers = (0..workers)
+            .map(|w| {
+                let (stop, outcomes, ns) = (stop.clone(), outcomes.clone(), namespace.to_string());
+                std::thread::spawn(move || {
+                    enter(&ns);
+                    let agent = ureq::AgentBuilder::new()
+                        .timeout(Duration::from_secs(10))
+                        .max_idle_connections_per_host(1)
+                        .build();
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let sent = Instant::now();
+                        let post = n % 3 == (w as u64 % 3);
+                        let result = if post {
+                            agent
+                                .post(&format!("http://{FLOATING}/api/posts"))
+                                .set("Host", SITE)
+                                .send_json(json!({"author": format!("load{w}"), "body": format!("w{w} n{n}")}))
+                        } else {
+                            agent.get(&format!("http://{FLOATING}/api/posts?limit=5")).set("Host", SITE).call()
+                        };
+                        let (status, id) = match result {
+                            Ok(r) => {
+                                let status = r.status();
+                                let id = if post {
+                                    r.into_json::<Value>().ok().and_then(|v| v["id"].as_i64())
+                                } else {
+                                    None
+                                };
+                                (Some(status), id)
+                            }
+                            Err(ureq::Error::Status(code, _)) => (Some(code), None),
+                            Err(_) => (None, None),
+                        };
+                        outcomes.lock().unwrap().push(Outcome {
+                            sent,
+                            at: Instant::now(),
+                            post,
+                            status,
+                            id,
+                        });
+                        // About 4 requests a second per worker: POSTs stay under nginx's write rate per client.
+                        std::thread::sleep(Duration::from_millis(200));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            stop,
+            outcomes,
+            workers,
+        }
+    }
+
+    fn since(&self, from: Instant) -> Vec<Outcome> {
+        self.outcomes.lock().unwrap().iter().filter(|o| o.at >= from).cloned().collect()
+    }
+
+    fn finish(self) -> Vec<Outcome> {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.workers {
+            w.join().unwrap();
+        }
+        Arc::try_unwrap(self.outcomes).unwrap().into_inner().unwrap()
+    }
+}
+
+fn failed(o: &Outcome) -> bool {
+    !matches!(o.status, Some(200) | Some(201))
+}
+
+fn summary(outcomes: &[Outcome]) -> String {
+    let mut by: BTreeMap<String, usize> = BTreeMap::new();
+    for o in outcomes {
+        let key = format!(
+            "{} {}",
+            if o.post { "POST" } else { "GET" },
+            o.status.map_or("no answer".to_string(), |s| s.to_string())
+        );
+        *by.entry(key).or_default() += 1;
+    }
+    format!("{by:?}")
+}
+
+/// Waits until `f` holds, polling every 500 ms; the seconds it took.
+fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> f64 {
+    let start = Instant::now();
+    while !f() {
+        assert!(start.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    start.elapsed().as_secs_f64()
+}
+
+fn report(line: String) {
+    use std::io::Write as _;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+#[test]
+#[ignore = "QEMU tier, as root: seven guests; run with FOOBAR_E2E=1 just test"]
+fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node() {
+    let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster tier makes a network namespace: run it as root");
+    let dir = support::temp_dir("cluster");
+    let image = dir.join("cluster.qcow2");
+    let start = Instant::now();
+    let out = Command::new(binary("imagebuild"))
+        .arg("--out")
+        .arg(&image)
+        .arg("--agent-bin")
+        .arg(release_binary("foobar-agent"))
+        .arg("--config")
+        .arg(example("foobar.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "imagebuild: {}", String::from_utf8_lossy(&out.stderr));
+    let build_secs = start.elapsed().as_secs_f64();
+
+    // Up: every node, one after another, then the site ready through the floating address.
+    let state = dir.join("state");
+    let port = support::free_port_block(2);
+    let started = Instant::now();
+    let up = Command::new(binary("imagebuild"))
+        .args(["cluster", "up"])
+        .arg(example("cluster.toml"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--port", &port.to_string(), "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let cluster = Cluster {
+        state: state.clone(),
+        namespace: "foobar-foobar".into(),
+    };
+    let up_text = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(
+        up.status.success(),
+        "cluster up: {up_text}{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    let ready = |c: &Cluster| {
+        let s = c.status();
+        s["site_readyz"] == 200
+            && s["nodes"].as_array().unwrap().iter().all(|n| {
+                n["running"] == true
+                    && (n["readyz"].is_null() || n["readyz"] == 200)
+                    && (n["galera"].is_null() || n["galera"] == "synced")
+            })
+    };
+    wait_until("every node ready", Duration::from_secs(300), || ready(&cluster));
+    let up_secs = started.elapsed().as_secs_f64();
+    report(format!(
+        "cluster: image built in {build_secs:.0} s; 7 nodes up and ready in {up_secs:.1} s (one after another)\n{up_text}"
+    ));
+
+    // Smoke over HTTP and HTTPS through the site's address on the host (the floating address behind it).
+    let smoke = Command::new(binary("imagebuild"))
+        .args(["smoke", &format!("http://127.0.0.1:{port}"), "--host", SITE, "--insecure", "--format", "json"])
+        .output()
+        .unwrap();
+    let smoke_text = String::from_utf8_lossy(&smoke.stdout).into_owned();
+    assert!(smoke.status.success(), "smoke through the floating address: {smoke_text}");
+    let https = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("Host: {SITE}")])
+        .arg(format!("https://127.0.0.1:{}/readyz", port + 1))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&https.stdout), "200", "HTTPS through the floating address");
+
+    // Each role's ports only, from the private network.
+    for (node, addr, open, closed) in [
+        ("lb1", "10.88.0.11", &[80u16, 443][..], &[3306u16, 4567, 9200][..]),
+        ("app1", "10.88.0.21", &[80, 443], &[3306, 4567, 9200]),
+        ("db1", "10.88.0.31", &[3306, 4567, 9200], &[80, 443]),
+    ] {
+        for port in open {
+            assert!(cluster.answers(addr, *port), "{node}: port {port} does not answer");
+        }
+        for port in closed {
+            assert!(!cluster.answers(addr, *port), "{node}: port {port} answers, and its roles do not use it");
+        }
+    }
+    // The migrations ran once for the cluster: both app nodes are ready and the record holds each migration once.
+    let user_data = std::fs::read_to_string(state.join("app1.seed/user-data")).unwrap();
+    let password = user_data
+        .lines()
+        .find_map(|l| l.strip_prefix("database-password = "))
+        .unwrap()
+        .trim_matches('"')
+        .to_string();
+    let (code, rows) = cluster.exec(
+        "mariadb",
+        &[
+            "-h", "10.88.0.31", "-u", "foobar", &format!("-p{password}"), "-N", "-B", "foobar", "-e",
+            "SELECT version, COUNT(*) FROM _sqlx_migrations GROUP BY version ORDER BY version",
+        ],
+    );
+    let migrations = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql"))
+        .unwrap()
+        .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
+        .count();
+    assert_eq!(code, 0, "the database answers the app nodes' user from the private network");
+    let rows: Vec<&str> = rows.lines().collect();
+    assert_eq!(rows.len(), migrations, "every migration recorded: {rows:?}");
+    assert!(rows.iter().all(|r| r.ends_with("\t1")), "each migration once: {rows:?}");
+
+    let load = Load::start(&cluster.namespace, 3);
+    std::thread::sleep(Duration::from_secs(5));
+
+    // An app node: a power cut under load.
+    let cut = Instant::now();
+    cluster.kill("app1");
+    std::thread::sleep(Duration::from_secs(10));
+    let during = load.since(cut);
+    let gets_failed = during.iter().filter(|o| !o.post && failed(o)).count();
+    let posts_failed = during.iter().filter(|o| o.post && failed(o)).count();
+    report(format!("cluster: app1 killed: {} ({} requests)", summary(&during), during.len()));
+    assert_eq!(gets_failed, 0, "GETs failed when an app node died: {}", summary(&during));
+    assert!(posts_failed <= 3, "more POSTs failed than were in flight: {}", summary(&during));
+
+    // The active load balancer.
+    let lbs: BTreeMap<String, String> = cluster.status()["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["roles"][0] == "lb")
+        .map(|n| (n["mac"].as_str().unwrap().to_string(), n["name"].as_str().unwrap().to_string()))
+        .collect();
+    let active = lbs
+        .get(&cluster.floating_mac())
+        .cloned()
+        .expect("the floating address answers from an lb node");
+    let cut = Instant::now();
+    cluster.kill(&active);
+    std::thread::sleep(Duration::from_secs(15));
+    let during = load.since(cut);
+    let failures: Vec<&Outcome> = during.iter().filter(|o| failed(o)).collect();
+    // How long requests failed: from the cut to the last failed request's sending (a request sent while the
+    // address moved may learn so only at its next retransmission, later).
+    let window = failures.iter().map(|o| o.sent.saturating_duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
+    let last_answer = failures.iter().map(|o| o.at.duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
+    report(format!(
+        "cluster: active lb {active} killed: requests sent up to {window:.1} s after the cut failed (the last failure \
+         came {last_answer:.1} s after it); {}",
+        summary(&during)
+    ));
+    assert!(window <= 5.0, "requests failed for {window:.1} s after the active lb died");
+    let other = lbs.values().find(|n| **n != active).unwrap();
+    assert_eq!(lbs.get(&cluster.floating_mac()), Some(other), "the other lb holds the floating address");
+
+    // The Galera node that takes the writes (every app node's HAProxy sends them to the first db node).
+    let cut = Instant::now();
+    cluster.kill("db1");
+    std::thread::sleep(Duration::from_secs(20));
+    let during = load.since(cut);
+    let posts: Vec<&Outcome> = during.iter().filter(|o| o.post).collect();
+    let resumed = posts
+        .iter()
+        .find(|o| o.status == Some(201) && posts.iter().any(|f| failed(f) && f.at < o.at))
+        .map(|o| o.at.duration_since(cut).as_secs_f64());
+    let last_failure = posts.iter().filter(|o| failed(o)).map(|o| o.at.duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
+    report(format!(
+        "cluster: db1 killed: last failed write {last_failure:.1} s after the cut, writes resumed {}; {}",
+        resumed.map_or("without a failure".to_string(), |s| format!("after {s:.1} s")),
+        summary(&during)
+    ));
+    assert!(last_failure <= 10.0, "writes failed {last_failure:.1} s after the db node died");
+    for db in ["db2", "db3"] {
+        assert_eq!(cluster.node(db)["galera"], "synced", "{db} after db1 died");
+    }
+
+    let outcomes = load.finish();
+    // Every POST answered 201 is there, read through the floating address.
+    let created: Vec<i64> = outcomes.iter().filter_map(|o| o.id).collect();
+    assert!(created.len() > 20, "too few writes to judge: {}", summary(&outcomes));
+    let reader = std::thread::spawn({
+        let ns = cluster.namespace.clone();
+        move || {
+            enter(&ns);
+            let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+            created
+                .iter()
+                .filter(|id| {
+                    agent
+                        .get(&format!("http://{FLOATING}/api/posts/{id}"))
+                        .set("Host", SITE)
+                        .call()
+                        .map(|r| r.status())
+                        .ok()
+                        != Some(200)
+                })
+                .copied()
+                .collect::<Vec<i64>>()
+        }
+    });
+    let missing = reader.join().unwrap();
+    report(format!(
+        "cluster: {} requests in all ({}), {} posts acknowledged, {} missing",
+        outcomes.len(),
+        summary(&outcomes),
+        outcomes.iter().filter(|o| o.id.is_some()).count(),
+        missing.len()
+    ));
+    assert!(missing.is_empty(), "posts answered 201 but gone: {missing:?}");
+}

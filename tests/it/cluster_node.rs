@@ -1,0 +1,336 @@
+//! A cluster node's first boot, fast: the real `foobar-agent instance-config` and `foobar-agent node` on a scratch
+//! root with the example description, then what each role gets (the engines' settings, checked by HAProxy itself
+//! where it is installed), what it does not, and the errors that name the problem. Also the description's checks,
+//! Galera's start decision from its own files, and what the builder makes of a config with a cluster.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+
+use foobar_agent::cluster::Description;
+use foobar_agent::galera::{decide, Start, State};
+
+use crate::support::{self, binary};
+
+const PASSWORD: &str = "correct-horse-battery";
+const VRRP: &str = "s3cret42";
+
+fn example_description() -> String {
+    std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster/cluster.toml")).unwrap()
+}
+
+/// A root as the cluster image has it: the description, the default roles, site.env and a hostname.
+fn root_with(tag: &str, description: &str) -> PathBuf {
+    let root = support::temp_dir(tag);
+    for (path, text) in [
+        ("etc/foobar/cluster.toml", description),
+        ("etc/foobar/default-roles", "all\n"),
+        ("etc/foobar/site.env", "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\n"),
+        ("etc/hostname", "localhost\n"),
+        ("etc/hosts", "127.0.0.1 localhost\n"),
+    ] {
+        let file = root.join(path);
+        std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+        std::fs::write(file, text).unwrap();
+    }
+    root
+}
+
+fn agent(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(binary("foobar-agent")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// First boot's two steps: the instance configuration from a NoCloud seed with `user_data`, then `node` (here not run
+/// when the first fails, so that each step's own errors are seen).
+fn first_boot(root: &Path, user_data: &str) -> (i32, String, String) {
+    let seed = support::temp_dir("node-seed");
+    std::fs::write(seed.join("meta-data"), "instance-id: i-1\n").unwrap();
+    std::fs::write(seed.join("user-data"), user_data).unwrap();
+    let dmi = support::temp_dir("node-dmi");
+    std::fs::write(dmi.join("sys_vendor"), "QEMU\n").unwrap();
+    let (code, out, err) = agent(&[
+        "instance-config",
+        "--root",
+        root.to_str().unwrap(),
+        "--dmi-dir",
+        dmi.to_str().unwrap(),
+        "--seed-dir",
+        seed.to_str().unwrap(),
+    ]);
+    if code != 0 {
+        return (code, out, err);
+    }
+    agent(&["node", "--root", root.to_str().unwrap()])
+}
+
+fn read(root: &Path, path: &str) -> String {
+    std::fs::read_to_string(root.join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn mode(root: &Path, path: &str) -> u32 {
+    std::fs::metadata(root.join(path)).unwrap().permissions().mode() & 0o777
+}
+
+fn active(root: &Path) -> Vec<String> {
+    let mut units: Vec<String> = std::fs::read_dir(root.join("etc/foobar/active"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    units.sort();
+    units
+}
+
+fn fragment(node: &str, secrets: &str) -> String {
+    format!("#foobar-config\n[node]\nname = \"{node}\"\n\n[secrets]\n{secrets}")
+}
+
+/// `haproxy -c` on a rendered file, where HAProxy is installed (`scripts/deps.sh` installs it).
+fn haproxy_accepts(root: &Path) {
+    if support::which("haproxy").is_none() {
+        eprintln!("haproxy is not installed: its own check of the rendered file is skipped");
+        return;
+    }
+    let out = std::process::Command::new("haproxy")
+        .args(["-c", "-f"])
+        .arg(root.join("etc/haproxy/haproxy.cfg"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "haproxy -c refuses the rendered file: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        read(root, "etc/haproxy/haproxy.cfg")
+    );
+}
+
+#[test]
+fn an_app_node_gets_nginx_the_agent_and_a_local_database_proxy_with_its_secret_and_no_database() {
+    let root = root_with("node-app", &example_description());
+    let (code, out, err) = first_boot(
+        &root,
+        &fragment("app1", &format!("database-password = \"{PASSWORD}\"\n")),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("node app1 (10.88.0.21) of the cluster: roles app"), "{out}");
+    assert_eq!(
+        active(&root),
+        ["foobar-agent.service", "foobar-agent.socket", "foobar-app.service", "haproxy.service", "nginx.service"]
+    );
+    // The secret: in the node file (root only) and the agent's URL (0640), never in the record.
+    assert_eq!(mode(&root, "etc/foobar/node.toml"), 0o600);
+    assert_eq!(
+        read(&root, "etc/foobar/database-url").trim(),
+        format!("mysql://foobar:{PASSWORD}@127.0.0.1:3306/foobar")
+    );
+    assert_eq!(mode(&root, "etc/foobar/database-url"), 0o640);
+    let record = read(&root, "var/lib/foobar/instance.json");
+    assert!(!record.contains(PASSWORD) && record.contains("app1"), "{record}");
+    // The database proxy: db1 first, the others backups, each checked on 9200; no front end for the site.
+    let haproxy = read(&root, "etc/haproxy/haproxy.cfg");
+    assert!(haproxy.contains("bind 127.0.0.1:3306"), "{haproxy}");
+    assert!(haproxy.contains("server db1 10.88.0.31:3306\n"), "{haproxy}");
+    assert!(haproxy.contains("server db2 10.88.0.32:3306 backup"), "{haproxy}");
+    assert!(haproxy.contains("check port 9200"), "{haproxy}");
+    assert!(!haproxy.contains("bind :80"), "{haproxy}");
+    haproxy_accepts(&root);
+    // The firewall: the site's ports from the private network only, no database port.
+    let nft = read(&root, "etc/nftables.conf");
+    assert!(nft.contains("ip saddr 10.88.0.0/24 tcp dport { 80, 443 } accept"), "{nft}");
+    assert!(nft.contains("tcp dport { 22 } accept") && !nft.contains("3306"), "{nft}");
+    assert!(read(&root, "etc/foobar/nginx-cluster.conf").contains("set_real_ip_from 10.88.0.0/24;"));
+    assert!(!root.join("etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf").exists());
+}
+
+#[test]
+fn a_db_node_gets_galera_on_its_private_address_and_the_first_one_may_start_the_cluster() {
+    for (name, addr, first) in [("db1", "10.88.0.31", true), ("db3", "10.88.0.33", false)] {
+        let root = root_with("node-db", &example_description());
+        let (code, out, err) = first_boot(&root, &fragment(name, &format!("database-password = \"{PASSWORD}\"\n")));
+        assert_eq!(code, 0, "{out}{err}");
+        assert_eq!(
+            active(&root),
+            ["foobar-backup.timer", "foobar-galera-check.service", "foobar-galera-check.socket", "mariadb.service"]
+        );
+        let cnf = read(&root, "etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf");
+        for line in [
+            format!("bind-address = {addr}"),
+            "wsrep_cluster_address = gcomm://10.88.0.31,10.88.0.32,10.88.0.33".to_string(),
+            format!("wsrep_node_name = {name}"),
+            "wsrep_on = ON".to_string(),
+            "pc.recovery=TRUE".to_string(),
+        ] {
+            assert!(cnf.contains(&line), "{line} missing:\n{cnf}");
+        }
+        assert_eq!(root.join("etc/foobar/galera-first").exists(), first, "{name}");
+        let peers = read(&root, "etc/foobar/galera-peers");
+        assert!(!peers.contains(addr) && peers.lines().count() == 2, "{peers}");
+        let users = read(&root, "etc/foobar/cluster-users.sql");
+        assert!(users.contains("`foobar`@`10.88.0.0/255.255.255.0`") && users.contains(PASSWORD), "{users}");
+        assert_eq!(mode(&root, "etc/foobar/cluster-users.sql"), 0o600);
+        let nft = read(&root, "etc/nftables.conf");
+        assert!(
+            nft.contains("ip saddr 10.88.0.0/24 tcp dport { 3306, 4444, 4567, 4568, 9200 } accept"),
+            "{nft}"
+        );
+        assert!(!nft.contains("80,") && !root.join("etc/haproxy/haproxy.cfg").exists(), "{nft}");
+    }
+}
+
+#[test]
+fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_secret() {
+    let root = root_with("node-lb", &example_description());
+    let (code, out, err) = first_boot(&root, &fragment("lb2", &format!("vrrp-password = \"{VRRP}\"\n")));
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(active(&root), ["haproxy.service", "keepalived.service"]);
+    let haproxy = read(&root, "etc/haproxy/haproxy.cfg");
+    for line in [
+        "bind :80",
+        "bind :443",
+        "http-check send meth GET uri /readyz hdr Host www.foobar.com",
+        "server app1 10.88.0.21:80",
+        "server app2 10.88.0.22:443",
+        "http-request disable-l7-retry if METH_POST",
+    ] {
+        assert!(haproxy.contains(line), "{line} missing:\n{haproxy}");
+    }
+    assert!(!haproxy.contains("3306"), "{haproxy}");
+    haproxy_accepts(&root);
+    let keepalived = read(&root, "etc/keepalived/keepalived.conf");
+    assert_eq!(mode(&root, "etc/keepalived/keepalived.conf"), 0o600);
+    for line in ["10.88.0.10/24", "unicast_src_ip 10.88.0.12", "        10.88.0.11\n", VRRP, "priority 140"] {
+        assert!(keepalived.contains(line), "{line} missing:\n{keepalived}");
+    }
+    let nft = read(&root, "etc/nftables.conf");
+    assert!(nft.contains("tcp dport { 22, 80, 443 } accept") && nft.contains("ip protocol 112"), "{nft}");
+}
+
+#[test]
+fn a_missing_secret_or_a_node_the_description_lacks_fails_first_boot_naming_it() {
+    let root = root_with("node-nosecret", &example_description());
+    let (code, _, err) = first_boot(&root, "#foobar-config\n[node]\nname = \"lb1\"\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("secrets.vrrp-password") && err.contains("never in the image"), "{err}");
+    assert!(!root.join("etc/foobar/active").exists(), "no role turned on");
+
+    let root = root_with("node-unknown", &example_description());
+    let (code, _, err) = first_boot(&root, "#foobar-config\n[node]\nname = \"web9\"\n");
+    assert_ne!(code, 0);
+    assert!(err.contains("`web9`") && err.contains("lb1, lb2, db1"), "{err}");
+
+    // A secret that is not one: instance-config names the key, and nothing of the fragment applies.
+    let root = root_with("node-badsecret", &example_description());
+    let (code, _, err) = first_boot(&root, &fragment("lb1", "vrrp-password = \"far-too-long\"\n"));
+    assert_ne!(code, 0);
+    assert!(err.contains("secrets.vrrp-password") && err.contains("VRRP's limit"), "{err}");
+    assert!(!root.join("etc/foobar/node.toml").exists(), "nothing of the bad fragment applies");
+
+    // Outside the description, the image's default role: the one-server stack, no cluster settings.
+    let root = root_with("node-outside", &example_description());
+    let (code, out, err) = first_boot(&root, "#cloud-config\nhostname: other\n");
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("not a node of a cluster description: roles all"), "{out}");
+    assert!(active(&root).contains(&"mariadb.service".to_string()));
+    assert!(!root.join("etc/haproxy/haproxy.cfg").exists());
+
+    // The hostname names the node when the instance configuration does not.
+    let root = root_with("node-hostname", &example_description());
+    let (code, out, err) = first_boot(
+        &root,
+        "#cloud-config\nhostname: db2\n",
+    );
+    assert_ne!(code, 0, "db2 without its secret: {out}");
+    assert!(err.contains("secrets.database-password"), "{err}");
+}
+
+#[test]
+fn a_cluster_description_with_a_mistake_is_refused_naming_the_key() {
+    let good = example_description();
+    for (change, expected) in [
+        (good.replace("10.88.0.0/24", "10.88.0.1/24"), "key `network`"),
+        (good.replace("10.88.0.22", "10.88.1.22"), "node `app2`: key `address`"),
+        (good.replace("10.88.0.22", "10.88.0.21"), "another node's address"),
+        (good.replace("floating-address = \"10.88.0.10\"", "floating-address = \"10.88.0.11\""), "key `floating-address`"),
+        (good.replace("floating-address = \"10.88.0.10\"\n", ""), "key `floating-address`"),
+        (good.replace("name = \"db3\"", "name = \"db2\""), "`db2` names two nodes"),
+        (good.replace("roles = [\"lb\"]\naddress = \"10.88.0.12\"", "roles = [\"lb\", \"app\"]\naddress = \"10.88.0.12\""), "lb and app on one node"),
+        (good.replace("roles = [\"lb\"]\naddress = \"10.88.0.12\"", "roles = [\"all\"]\naddress = \"10.88.0.12\""), "`all` is the one-server stack"),
+        (good.replace("roles = [\"db\"]\naddress = \"10.88.0.33\"", "roles = [\"app\"]\naddress = \"10.88.0.33\""), "two db nodes"),
+        (good.replace("roles = [\"lb\"]", "roles = [\"proxy\"]"), "unknown variant `proxy`"),
+        (good.replace("name = \"foobar\"", "name = \"foobar\"\npassword = \"x\""), "unknown field `password`"),
+    ] {
+        let err = format!("{:#}", Description::parse(&change).expect_err(expected));
+        assert!(err.contains(expected), "expected {expected}: {err}");
+    }
+    let d = Description::parse(&good).unwrap();
+    assert_eq!(d.nodes.len(), 7);
+    assert_eq!(d.roles().iter().map(|r| r.name()).collect::<Vec<_>>(), ["lb", "app", "db"]);
+}
+
+#[test]
+fn galera_starts_a_new_cluster_only_from_the_node_its_own_files_say_may() {
+    let peer = Some("10.88.0.32".parse().unwrap());
+    let fresh = State::default();
+    let cut_off = State { was_member: true, safe_to_bootstrap: false, view_saved: true };
+    let stopped_last = State { was_member: true, safe_to_bootstrap: true, view_saved: false };
+    let stopped_earlier = State { was_member: true, safe_to_bootstrap: false, view_saved: false };
+    let new = |s: &Start| matches!(s, Start::NewCluster(_));
+    // A peer that answers is always joined, whatever the files say.
+    for state in [&fresh, &cut_off, &stopped_last, &stopped_earlier] {
+        assert!(!new(&decide(state, true, peer)), "{state:?}");
+    }
+    assert!(new(&decide(&fresh, true, None)), "the first db node starts the very first cluster");
+    assert!(!new(&decide(&fresh, false, None)), "the others wait for it");
+    assert!(!new(&decide(&cut_off, true, None)), "pc.recovery re-forms a cluster cut off by a power failure");
+    assert!(new(&decide(&stopped_last, false, None)), "the node that stopped last starts it again");
+    assert!(!new(&decide(&stopped_earlier, true, None)), "a node that stopped earlier would lose the last writes");
+
+    // Galera's own files, as it writes them.
+    let dir = support::temp_dir("grastate");
+    std::fs::write(
+        dir.join("grastate.dat"),
+        "# GALERA saved state\nversion: 2.1\nuuid:    5ee99582-bb8d-11e2-b8e3-23de375c1d30\nseqno:   8204503945773\nsafe_to_bootstrap: 1\n",
+    )
+    .unwrap();
+    assert_eq!(State::read(&dir), stopped_last);
+    std::fs::write(
+        dir.join("grastate.dat"),
+        "# GALERA saved state\nversion: 2.1\nuuid:    00000000-0000-0000-0000-000000000000\nseqno:   -1\nsafe_to_bootstrap: 0\n",
+    )
+    .unwrap();
+    std::fs::write(dir.join("gvwstate.dat"), "my_uuid: c5d5d990-30ee-11e4-aab1-46d0ed84b408\n").unwrap();
+    assert_eq!(State { was_member: false, safe_to_bootstrap: false, view_saved: true }, State::read(&dir));
+}
+
+#[test]
+fn an_image_for_a_cluster_holds_every_role_it_names_and_a_bad_cluster_key_names_the_file() {
+    use foobar_builder::config::ImageConfig;
+    use foobar_builder::roles;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
+    let config = ImageConfig::load(Some(&dir.join("foobar.toml"))).unwrap();
+    assert_eq!(config.roles(), ["all", "app", "db", "lb"]);
+    let names: Vec<&str> = roles::resolve(&config.roles(), roles::ROLES).unwrap().iter().map(|c| c.name).collect();
+    assert_eq!(
+        names,
+        ["base", "boot", "access", "firewall", "web", "database", "agent", "balancer", "galera", "cluster"]
+    );
+    let lb: Vec<&str> = roles::resolve(&["lb".to_string()], roles::ROLES).unwrap().iter().map(|c| c.name).collect();
+    assert!(!lb.contains(&"database") && !lb.contains(&"web"), "{lb:?}");
+
+    let scratch = support::temp_dir("cluster-config");
+    let file = scratch.join("foobar.toml");
+    std::fs::write(&file, "cluster = \"nowhere.toml\"\n").unwrap();
+    let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
+    assert!(err.contains(file.to_str().unwrap()) && err.contains("key `cluster`") && err.contains("nowhere.toml"), "{err}");
+    std::fs::write(scratch.join("c.toml"), "name = \"x\"\nnetwork = \"10.0.0.0/33\"\n[[node]]\nname = \"a\"\nroles = [\"db\"]\naddress = \"10.0.0.2\"\n").unwrap();
+    std::fs::write(&file, "cluster = \"c.toml\"\n").unwrap();
+    let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
+    assert!(err.contains("c.toml") && err.contains("key `network`"), "{err}");
+    std::fs::write(&file, "role = []\n").unwrap();
+    let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
+    assert!(err.contains("expected a role or a list of roles"), "{err}");
+}
