@@ -286,10 +286,24 @@ pub fn services(roles: &BTreeSet<Role>) -> BTreeSet<&'static str> {
     let mut out = BTreeSet::new();
     for role in roles {
         let units: &[&str] = match role {
-            Role::All => &["nginx.service", "foobar-agent.socket", "foobar-agent.service", "mariadb.service", "foobar-app.service", "foobar-backup.timer"],
+            Role::All => &[
+                "nginx.service",
+                "foobar-agent.socket",
+                "foobar-agent.service",
+                "foobar-datadir.service",
+                "mariadb.service",
+                "foobar-app.service",
+                "foobar-backup.timer",
+            ],
             Role::Lb => &["haproxy.service", "keepalived.service"],
             Role::App => &["nginx.service", "foobar-agent.socket", "foobar-agent.service", "foobar-app.service", "haproxy.service"],
-            Role::Db => &["mariadb.service", "foobar-backup.timer", "foobar-galera-check.socket", "foobar-galera-check.service"],
+            Role::Db => &[
+                "foobar-datadir.service",
+                "mariadb.service",
+                "foobar-backup.timer",
+                "foobar-galera-check.socket",
+                "foobar-galera-check.service",
+            ],
         };
         out.extend(units.iter().copied());
     }
@@ -404,8 +418,10 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
                  wsrep_node_name = {node}\n\
                  wsrep_node_address = {addr}\n\
                  wsrep_sst_method = rsync\n\
+                 # A joining node copies the whole data directory: a small redo log keeps that short.\n\
+                 innodb_log_file_size = 16M\n\
                  # pc.recovery: after a power cut of every node, the last primary component forms again by itself.\n\
-                 wsrep_provider_options = \"pc.recovery=TRUE;gcache.size=64M;gmcast.listen_addr=tcp://{addr}:4567;ist.recv_addr={addr}\"\n",
+                 wsrep_provider_options = \"pc.recovery=TRUE;gcache.size=32M;gmcast.listen_addr=tcp://{addr}:4567;ist.recv_addr={addr}\"\n",
                 name = description.name,
                 addr = node.address,
                 node = node.name,
@@ -589,6 +605,34 @@ pub fn firewall(description: &Description, node: &Node) -> anyhow::Result<String
     Ok(text)
 }
 
+const HOSTS_BEGIN: &str = "# foobar: the cluster's nodes (written at first boot)";
+const HOSTS_END: &str = "# foobar: end of the cluster's nodes";
+
+/// `/etc/hosts` with every node's name and address (in place of an earlier such block): the engines look their
+/// peers up by address (rsync's daemon during a state transfer does), and no DNS server may answer for them.
+pub fn hosts(current: &str, description: &Description) -> String {
+    let mut out = String::new();
+    let mut inside = false;
+    for line in current.lines() {
+        if line == HOSTS_BEGIN {
+            inside = true;
+        } else if line == HOSTS_END {
+            inside = false;
+        } else if !inside {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out.push_str(HOSTS_BEGIN);
+    out.push('\n');
+    for node in &description.nodes {
+        out.push_str(&format!("{} {}\n", node.address, node.name));
+    }
+    out.push_str(HOSTS_END);
+    out.push('\n');
+    out
+}
+
 /// `foobar-agent node`: places this instance and writes what its roles need under `root`. Returns the placement.
 pub fn activate(root: &Path, hostname: &str, host: &Host) -> anyhow::Result<Placement> {
     let description_path = root.join(DESCRIPTION);
@@ -616,6 +660,7 @@ pub fn activate(root: &Path, hostname: &str, host: &Host) -> anyhow::Result<Plac
     let mut outputs = Vec::new();
     if let (Some(description), Some(node)) = (&description, &placement.node) {
         outputs = render(description, node, &node_file.secrets, host)?;
+        outputs.push(output("etc/hosts", hosts(&std::fs::read_to_string(root.join("etc/hosts")).unwrap_or_default(), description), 0o644));
     }
     for o in &outputs {
         write_file(root, o)?;

@@ -2,10 +2,11 @@
 //! one. Galera itself replicates, transfers state and re-forms its primary component; this only answers the one
 //! question Galera leaves to whoever starts the server, from Galera's own files:
 //!
-//! - a peer answers on Galera's port: join it (a state transfer brings this node up to date);
+//! - a peer is Synced in a primary component (its check on port 9200 says 200): join it (a state transfer brings
+//!   this node up to date);
+//! - `grastate.dat` says `safe_to_bootstrap: 1` (this node stopped last, cleanly): start the cluster again from it;
 //! - `gvwstate.dat` exists (the node was cut off, not stopped): start normally; with `pc.recovery` the last primary
 //!   component forms again by itself once its nodes are back;
-//! - `grastate.dat` says `safe_to_bootstrap: 1` (this node stopped last, cleanly): start a new cluster from it;
 //! - the node was never in a cluster and is the description's first db node (`galera-first`): start a new one;
 //! - otherwise wait for the node that may start it (the start fails and systemd tries again).
 
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 
-pub const GALERA_PORT: u16 = 4567;
 /// What MariaDB's unit reads: `_WSREP_NEW_CLUSTER=--wsrep-new-cluster` or empty.
 pub const ENV_FILE: &str = "/run/foobar-galera.env";
 
@@ -53,45 +53,57 @@ impl State {
     }
 }
 
-pub fn decide(state: &State, first: bool, peer_answers: Option<Ipv4Addr>) -> Start {
-    if let Some(peer) = peer_answers {
-        return Start::Join(format!("{peer} answers on Galera's port: joining the cluster through it"));
-    }
-    if state.view_saved {
-        return Start::Join(
-            "no peer answers yet and this node was cut off (gvwstate.dat): starting normally; the cluster forms again \
-             by itself (pc.recovery) once its other nodes are back"
-                .into(),
-        );
+pub fn decide(state: &State, first: bool, synced_peer: Option<Ipv4Addr>) -> Start {
+    if let Some(peer) = synced_peer {
+        return Start::Join(format!("{peer} is Synced in a primary component: joining the cluster through it"));
     }
     if state.safe_to_bootstrap {
         return Start::NewCluster(
-            "no peer answers and this node stopped last (grastate.dat: safe_to_bootstrap: 1): starting the cluster from it"
+            "no peer is Synced and this node stopped last (grastate.dat: safe_to_bootstrap: 1): starting the cluster \
+             from it"
+                .into(),
+        );
+    }
+    if state.view_saved {
+        return Start::Join(
+            "no peer is Synced yet and this node was cut off (gvwstate.dat): starting normally; the cluster forms \
+             again by itself (pc.recovery) once its other nodes are back"
                 .into(),
         );
     }
     if !state.was_member && first {
         return Start::NewCluster(
-            "no peer answers and this node, the description's first db node, was never in a cluster: starting a new one"
+            "no peer is Synced and this node, the description's first db node, was never in a cluster: starting a \
+             new one"
                 .into(),
         );
     }
     Start::Join(
-        "no peer answers: waiting to join the node that may start the cluster (the one that stopped last, or the first \
-         db node on the first boot)"
+        "no peer is Synced: waiting to join the node that may start the cluster (the one that stopped last, or the \
+         first db node on the first boot)"
             .into(),
     )
 }
 
-/// The first peer that accepts a connection on Galera's port, asked `rounds` times a second apart.
-pub fn probe(peers: &[Ipv4Addr], rounds: u32) -> Option<Ipv4Addr> {
+/// The first peer whose Galera check (HTTP on port 9200) answers 200, asked `rounds` times a second apart.
+pub fn synced_peer(peers: &[Ipv4Addr], rounds: u32) -> Option<Ipv4Addr> {
+    use std::io::{Read as _, Write as _};
     for round in 0..rounds {
         if round > 0 {
             std::thread::sleep(Duration::from_secs(1));
         }
         for peer in peers {
-            let addr = SocketAddr::from((*peer, GALERA_PORT));
-            if TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_ok() {
+            let addr = SocketAddr::from((*peer, crate::cluster::GALERA_CHECK_PORT));
+            let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(700)) else {
+                continue;
+            };
+            let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut head = [0u8; 12];
+            let synced = stream.write_all(b"GET / HTTP/1.0\r\nHost: galera\r\n\r\n").is_ok()
+                && stream.read_exact(&mut head).is_ok()
+                && head.starts_with(b"HTTP/1.")
+                && &head[9..12] == b"200";
+            if synced {
                 return Some(*peer);
             }
         }
@@ -113,7 +125,7 @@ pub fn run(root: &Path, datadir: &Path) -> anyhow::Result<Start> {
             .map(|p| p.parse().with_context(|| format!("{}: `{p}` is not an address", peers_file.display())))
             .collect::<anyhow::Result<_>>()?;
         let first = root.join("etc/foobar/galera-first").exists();
-        decide(&State::read(datadir), first, probe(&peers, 3))
+        decide(&State::read(datadir), first, synced_peer(&peers, 3))
     };
     let line = match &start {
         Start::NewCluster(_) => "_WSREP_NEW_CLUSTER=--wsrep-new-cluster\n",

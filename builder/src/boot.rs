@@ -87,7 +87,7 @@ pub fn kvm_usable() -> bool {
     opens && hardware && !pvm
 }
 
-fn image_format(image: &Path) -> &'static str {
+pub fn image_format(image: &Path) -> &'static str {
     match image.extension().and_then(|e| e.to_str()) {
         Some("qcow2") => "qcow2",
         Some("vmdk") => "vmdk",

@@ -45,6 +45,7 @@ pub struct NodeState {
     pub pid: u32,
     pub monitor: PathBuf,
     pub serial: PathBuf,
+    pub memory_mib: u32,
 }
 
 pub struct Up {
@@ -183,6 +184,10 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         "--dhcp-authoritative",
         "--log-facility=-",
     ]);
+    // Leases of this cluster only: another cluster's (a MAC that held another address) would refuse an address.
+    let leases = plan.state.join("dnsmasq.leases");
+    let _ = std::fs::remove_file(&leases);
+    dnsmasq = dnsmasq.arg(format!("--dhcp-leasefile={}", leases.display()));
     dnsmasq = dnsmasq.arg(format!("--dhcp-range={},static,{}", network.base, Ipv4Addr::from(u32::MAX << (32 - network.prefix))));
     let macs: Vec<String> = (0..description.nodes.len())
         .map(|i| format!("52:54:00:88:{:02x}:{:02x}", i / 256, i % 256 + 10))
@@ -204,36 +209,30 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         let tap = format!("tap{i}");
         ip(&["tuntap", "add", &tap, "mode", "tap"])?;
         ip(&["link", "set", &tap, "master", "br0", "up"])?;
-        let serial = plan.state.join(format!("{}.serial.log", node.name));
-        let monitor = plan.state.join(format!("{}.monitor", node.name));
-        let _ = std::fs::remove_file(&serial);
-        let boot = BootPlan {
-            image: plan.image.clone(),
-            port: 0,
-            uefi: false,
-            write: false,
-            memory_mib: plan.memory_mib,
-            serial: Some(serial.clone()),
-            monitor: Some(monitor.clone()),
-            forwards: Vec::new(),
-            platform: None,
-            metadata: None,
-            seed: Some(seed(&plan.state, &node.name, &secrets)?),
-            data_disk: None,
-            data_disk_size_mib: 0,
-            tap: Some((tap.clone(), macs[i].clone())),
-        };
-        let pid = crate::boot::qemu(&boot, Some(&ns))?.spawn_detached(&plan.state.join(format!("{}.qemu.log", node.name)))?;
-        state.nodes.push(NodeState {
+        // Each node's own disk: a copy-on-write overlay of the image, kept across its restarts (`cluster start`).
+        let disk = plan.state.join(format!("{}.qcow2", node.name));
+        let image = std::fs::canonicalize(&plan.image)?;
+        cmd("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "-F", crate::boot::image_format(&image), "-b"])
+            .arg(&image)
+            .arg(&disk)
+            .run()?;
+        seed(&plan.state, &node.name, &secrets)?;
+        let mut node_state = NodeState {
             name: node.name.clone(),
             roles: node.roles.iter().map(|r| r.name().to_string()).collect(),
             address: node.address,
             mac: macs[i].clone(),
             tap,
-            pid,
-            monitor,
-            serial: serial.clone(),
-        });
+            pid: 0,
+            monitor: plan.state.join(format!("{}.monitor", node.name)),
+            serial: plan.state.join(format!("{}.serial.log", node.name)),
+            memory_mib: plan.memory_mib,
+        };
+        let serial = node_state.serial.clone();
+        let pid = start_node(&plan.state, &ns, &node_state)?;
+        node_state.pid = pid;
+        state.nodes.push(node_state);
         save_state(&plan.state, &state)?;
         println!(
             "{}: booting ({}; {})",
@@ -246,6 +245,74 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         println!("{}: first boot done in {:.1} s", node.name, started.elapsed().as_secs_f64());
     }
     Ok(state)
+}
+
+/// Boots a node from its own disk in the state directory; its QEMU's pid.
+fn start_node(dir: &Path, ns: &str, node: &NodeState) -> anyhow::Result<u32> {
+    let _ = std::fs::remove_file(&node.serial);
+    let boot = BootPlan {
+        image: dir.join(format!("{}.qcow2", node.name)),
+        port: 0,
+        uefi: false,
+        write: true,
+        memory_mib: node.memory_mib,
+        serial: Some(node.serial.clone()),
+        monitor: Some(node.monitor.clone()),
+        forwards: Vec::new(),
+        platform: None,
+        metadata: None,
+        seed: Some(dir.join(format!("{}.seed.img", node.name))),
+        data_disk: None,
+        data_disk_size_mib: 0,
+        tap: Some((node.tap.clone(), node.mac.clone())),
+    };
+    crate::boot::qemu(&boot, Some(ns))?.spawn_detached(&dir.join(format!("{}.qemu.log", node.name)))
+}
+
+/// `cluster start NODE`: boots a node that is not running again, from its own disk (what it wrote is kept).
+pub fn start(dir: &Path, name: &str) -> anyhow::Result<u32> {
+    let mut state = load_state(dir)?;
+    let Some(node) = state.nodes.iter_mut().find(|n| n.name == name) else {
+        bail!(
+            "no node `{name}` in this cluster; its nodes: {}",
+            state.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+        );
+    };
+    if alive(node.pid) {
+        bail!("node `{name}` is running (QEMU pid {})", node.pid);
+    }
+    node.pid = start_node(dir, &state.namespace, node)?;
+    let pid = node.pid;
+    save_state(dir, &state)?;
+    Ok(pid)
+}
+
+/// `cluster stop NODE`: the ACPI power button (a clean shutdown), or with `power_cut` the QEMU process killed.
+pub fn stop(dir: &Path, name: &str, power_cut: bool) -> anyhow::Result<()> {
+    let state = load_state(dir)?;
+    let Some(node) = state.nodes.iter().find(|n| n.name == name) else {
+        bail!("no node `{name}` in this cluster");
+    };
+    if !alive(node.pid) {
+        return Ok(());
+    }
+    if power_cut {
+        // SAFETY: kill of a QEMU this cluster started.
+        unsafe { libc::kill(node.pid as i32, libc::SIGKILL) };
+    } else {
+        use std::io::Write as _;
+        let mut monitor = std::os::unix::net::UnixStream::connect(&node.monitor)
+            .with_context(|| format!("{}: cannot reach QEMU's monitor", node.monitor.display()))?;
+        monitor.write_all(b"system_powerdown\n")?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while alive(node.pid) {
+        if Instant::now() > deadline {
+            bail!("node `{name}` still runs 60 s after its power button");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    Ok(())
 }
 
 /// Waits for first boot's last line on the node's console.
@@ -266,9 +333,14 @@ fn wait_first_boot(serial: &Path, pid: u32, timeout: Duration) -> anyhow::Result
     }
 }
 
+/// Whether the process runs: it exists and is not a zombie (a killed QEMU whose parent has not reaped it yet).
 pub fn alive(pid: u32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid as i32, 0) == 0 }
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses and may hold spaces.
+    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    !matches!(state, Some("Z") | Some("X") | None)
 }
 
 /// One node as `status` shows it.

@@ -148,6 +148,20 @@ enum ClusterCommand {
         #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
         state: PathBuf,
     },
+    /// Boot a node of the cluster again from its own disk (after `stop`, or a power cut)
+    Start {
+        node: String,
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
+    },
+    /// Stop a node: its ACPI power button (a clean shutdown), or --power-cut (QEMU killed)
+    Stop {
+        node: String,
+        #[arg(long)]
+        power_cut: bool,
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
+    },
     /// Stop every node and helper of the cluster and remove its network namespace
     Down {
         #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
@@ -381,6 +395,16 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                     println!("{line}");
                 }
             }
+            Ok(())
+        }
+        ClusterCommand::Start { node, state } => {
+            let pid = cluster::start(&state, &node)?;
+            println!("{node}: booting (QEMU pid {pid})");
+            Ok(())
+        }
+        ClusterCommand::Stop { node, power_cut, state } => {
+            cluster::stop(&state, &node, power_cut)?;
+            println!("{node}: {}", if power_cut { "power cut" } else { "powered off" });
             Ok(())
         }
         ClusterCommand::Down { state } => {

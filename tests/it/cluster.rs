@@ -90,7 +90,7 @@ impl Cluster {
 
     /// The MAC the floating address answers from, as the namespace last saw it.
     fn floating_mac(&self) -> String {
-        let _ = self.exec("ping", &["-c", "1", "-W", "1", FLOATING]);
+        let _ = self.answers(FLOATING, 80);
         let (_, out) = self.exec("ip", &["neigh", "show", FLOATING]);
         out.split_whitespace()
             .skip_while(|w| *w != "lladdr")
@@ -290,7 +290,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
                     && (n["galera"].is_null() || n["galera"] == "synced")
             })
     };
-    wait_until("every node ready", Duration::from_secs(300), || ready(&cluster));
+    wait_until("every node ready", Duration::from_secs(400), || ready(&cluster));
     let up_secs = started.elapsed().as_secs_f64();
     report(format!(
         "cluster: image built in {build_secs:.0} s; 7 nodes up and ready in {up_secs:.1} s (one after another)\n{up_text}"

@@ -144,6 +144,12 @@ fn an_app_node_gets_nginx_the_agent_and_a_local_database_proxy_with_its_secret_a
     assert!(nft.contains("tcp dport { 22 } accept") && !nft.contains("3306"), "{nft}");
     assert!(read(&root, "etc/foobar/nginx-cluster.conf").contains("set_real_ip_from 10.88.0.0/24;"));
     assert!(!root.join("etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf").exists());
+    // Every node by name in /etc/hosts, once, also when node runs again.
+    let (code, _, err) = agent(&["node", "--root", root.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let hosts = read(&root, "etc/hosts");
+    assert!(hosts.contains("127.0.0.1 localhost\n"), "{hosts}");
+    assert_eq!(hosts.matches("10.88.0.31 db1\n").count(), 1, "{hosts}");
 }
 
 #[test]
@@ -154,7 +160,13 @@ fn a_db_node_gets_galera_on_its_private_address_and_the_first_one_may_start_the_
         assert_eq!(code, 0, "{out}{err}");
         assert_eq!(
             active(&root),
-            ["foobar-backup.timer", "foobar-galera-check.service", "foobar-galera-check.socket", "mariadb.service"]
+            [
+                "foobar-backup.timer",
+                "foobar-datadir.service",
+                "foobar-galera-check.service",
+                "foobar-galera-check.socket",
+                "mariadb.service"
+            ]
         );
         let cnf = read(&root, "etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf");
         for line in [
@@ -279,7 +291,7 @@ fn galera_starts_a_new_cluster_only_from_the_node_its_own_files_say_may() {
     let stopped_last = State { was_member: true, safe_to_bootstrap: true, view_saved: false };
     let stopped_earlier = State { was_member: true, safe_to_bootstrap: false, view_saved: false };
     let new = |s: &Start| matches!(s, Start::NewCluster(_));
-    // A peer that answers is always joined, whatever the files say.
+    // A peer that is Synced in a primary component is always joined, whatever the files say.
     for state in [&fresh, &cut_off, &stopped_last, &stopped_earlier] {
         assert!(!new(&decide(state, true, peer)), "{state:?}");
     }
@@ -287,6 +299,8 @@ fn galera_starts_a_new_cluster_only_from_the_node_its_own_files_say_may() {
     assert!(!new(&decide(&fresh, false, None)), "the others wait for it");
     assert!(!new(&decide(&cut_off, true, None)), "pc.recovery re-forms a cluster cut off by a power failure");
     assert!(new(&decide(&stopped_last, false, None)), "the node that stopped last starts it again");
+    let both = State { view_saved: true, ..stopped_last.clone() };
+    assert!(new(&decide(&both, false, None)), "stopped last wins over an older saved view");
     assert!(!new(&decide(&stopped_earlier, true, None)), "a node that stopped earlier would lose the last writes");
 
     // Galera's own files, as it writes them.
