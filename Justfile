@@ -39,4 +39,4 @@ e2e:
 cluster: deps
     cargo build --release --workspace
     target/release/imagebuild --config examples/cluster/foobar.toml --out foobar-cluster.qcow2
-    target/release/imagebuild cluster up examples/cluster/cluster.toml --image foobar-cluster.qcow2
+    target/release/imagebuild cluster up examples/cluster/cluster.toml --image foobar-cluster.qcow2 --hold app3

@@ -56,6 +56,8 @@ pub struct Up {
     pub memory_mib: u32,
     /// Seconds each node may take to finish its first boot.
     pub node_timeout: u64,
+    /// Nodes made ready (disk, seed, network) but not booted: `cluster start NODE` adds them later.
+    pub hold: Vec<String>,
 }
 
 fn namespace(name: &str) -> String {
@@ -134,6 +136,11 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         );
     }
     std::fs::create_dir_all(&plan.state).with_context(|| format!("cannot create {}", plan.state.display()))?;
+    for name in &plan.hold {
+        if description.node(name).is_none() {
+            bail!("--hold {name}: no such node in {}", plan.description.display());
+        }
+    }
     if state_file(&plan.state).exists() {
         bail!(
             "a cluster is already up ({}): stop it first with `imagebuild cluster down --state {}`",
@@ -229,6 +236,12 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
             serial: plan.state.join(format!("{}.serial.log", node.name)),
             memory_mib: plan.memory_mib,
         };
+        if plan.hold.contains(&node.name) {
+            println!("{}: held (start it with `imagebuild cluster start {}`)", node.name, node.name);
+            state.nodes.push(node_state);
+            save_state(&plan.state, &state)?;
+            continue;
+        }
         let serial = node_state.serial.clone();
         let pid = start_node(&plan.state, &ns, &node_state)?;
         node_state.pid = pid;

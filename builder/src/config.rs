@@ -653,17 +653,25 @@ impl ImageConfig {
 
 /// `role = "all"` or `role = ["lb", "app"]`.
 fn one_or_many<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
-    #[derive(Deserialize)]
-    #[serde(untagged)]
-    enum OneOrMany {
-        One(String),
-        Many(Vec<String>),
-    }
-    match OneOrMany::deserialize(deserializer)? {
-        OneOrMany::One(role) => Ok(vec![role]),
-        OneOrMany::Many(roles) if roles.is_empty() => {
-            Err(serde::de::Error::custom("expected a role or a list of roles, like \"all\" or [\"lb\", \"app\"]"))
+    struct Roles;
+    impl<'de> serde::de::Visitor<'de> for Roles {
+        type Value = Vec<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a role or a list of roles, like \"all\" or [\"lb\", \"app\"]")
         }
-        OneOrMany::Many(roles) => Ok(roles),
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Self::Value, E> {
+            Ok(vec![v.to_string()])
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+            let mut roles = Vec::new();
+            while let Some(role) = seq.next_element::<String>()? {
+                roles.push(role);
+            }
+            if roles.is_empty() {
+                return Err(serde::de::Error::invalid_length(0, &self));
+            }
+            Ok(roles)
+        }
     }
+    deserializer.deserialize_any(Roles)
 }

@@ -133,6 +133,9 @@ enum ClusterCommand {
         /// Seconds each node may take to finish its first boot
         #[arg(long, default_value_t = 300)]
         timeout: u64,
+        /// Make NODE ready but do not boot it (repeatable): `imagebuild cluster start NODE` adds it later
+        #[arg(long, value_name = "NODE")]
+        hold: Vec<String>,
         /// Where the cluster's state, consoles and seeds are kept
         #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
         state: PathBuf,
@@ -354,7 +357,7 @@ fn main() -> ExitCode {
 fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
     use foobar_builder::cluster;
     match command {
-        ClusterCommand::Up { file, image, port, memory, timeout, state } => {
+        ClusterCommand::Up { file, image, port, memory, timeout, hold, state } => {
             require(
                 &[
                     Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" },
@@ -367,7 +370,7 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                 ],
                 &[],
             )?;
-            let plan = cluster::Up { description: file, image, state: state.clone(), port, memory_mib: memory, node_timeout: timeout };
+            let plan = cluster::Up { description: file, image, state: state.clone(), port, memory_mib: memory, node_timeout: timeout, hold };
             let up = cluster::up(&plan).inspect_err(|_| {
                 eprintln!("imagebuild: the cluster did not come up; what started is still running: stop it with `imagebuild cluster down --state {}`", state.display());
             })?;

@@ -1,8 +1,9 @@
-//! The cluster tier (QEMU, CI; ignored otherwise): the example topology of `examples/cluster/` (2 lb, 2 app, 3 db)
-//! from one image, brought up with `imagebuild cluster up` in a network namespace of its own, then one failure after
-//! another under load from inside that namespace: an app node, the active load balancer, the Galera node that takes
-//! the writes, each cut off like a power failure (QEMU killed). `imagebuild cluster down` stops everything, also when
-//! the test fails.
+//! The cluster tier (QEMU, CI; ignored otherwise): the example topology of `examples/cluster/` (2 lb, 2 app, 3 db,
+//! and a spare app node held back) from one image, brought up with `imagebuild cluster up` in a network namespace of
+//! its own; then, under load from inside that namespace, the spare app node added, and one failure after another: an
+//! app node, the active load balancer, the Galera node that takes the writes, each cut off like a power failure
+//! (QEMU killed); then a full restart of the database tier. `imagebuild cluster down` stops everything, also when the
+//! test fails.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -26,6 +27,8 @@ fn example(file: &str) -> PathBuf {
 struct Cluster {
     state: PathBuf,
     namespace: String,
+    /// The admin's SSH key the image was built with.
+    key: PathBuf,
 }
 
 impl Drop for Cluster {
@@ -58,6 +61,29 @@ impl Cluster {
             .find(|n| n["name"] == name)
             .cloned()
             .unwrap_or_else(|| panic!("no node {name}"))
+    }
+
+    /// `imagebuild ARGS --state STATE`, which must succeed.
+    fn imagebuild(&self, args: &[&str]) {
+        let out = Command::new(binary("imagebuild")).args(args).arg("--state").arg(&self.state).output().unwrap();
+        assert!(
+            out.status.success(),
+            "imagebuild {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// A command on a node over SSH (as admin, from the namespace): (exit code, stdout).
+    fn ssh(&self, addr: &str, command: &str) -> (i32, String) {
+        let key = self.key.to_str().unwrap().to_string();
+        self.exec(
+            "ssh",
+            &[
+                "-i", &key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
+                "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", &format!("admin@{addr}"), command,
+            ],
+        )
     }
 
     /// A power cut: the node's QEMU is killed.
@@ -238,13 +264,16 @@ fn report(line: String) {
 }
 
 #[test]
-#[ignore = "QEMU tier, as root: seven guests; run with FOOBAR_E2E=1 just test"]
+#[ignore = "QEMU tier, as root: eight guests; run with FOOBAR_E2E=1 just test"]
 fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node() {
     let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: geteuid has no preconditions.
     assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster tier makes a network namespace: run it as root");
     let dir = support::temp_dir("cluster");
     let image = dir.join("cluster.qcow2");
+    let key = dir.join("id_ed25519");
+    let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status();
+    assert!(keygen.unwrap().success(), "ssh-keygen runs");
     let start = Instant::now();
     let out = Command::new(binary("imagebuild"))
         .arg("--out")
@@ -253,6 +282,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .arg(release_binary("foobar-agent"))
         .arg("--config")
         .arg(example("foobar.toml"))
+        .arg("--ssh-key")
+        .arg(key.with_extension("pub"))
         .output()
         .unwrap();
     assert!(out.status.success(), "imagebuild: {}", String::from_utf8_lossy(&out.stderr));
@@ -267,13 +298,14 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .arg(example("cluster.toml"))
         .arg("--image")
         .arg(&image)
-        .args(["--port", &port.to_string(), "--state"])
+        .args(["--port", &port.to_string(), "--hold", "app3", "--state"])
         .arg(&state)
         .output()
         .unwrap();
     let cluster = Cluster {
         state: state.clone(),
         namespace: "foobar-foobar".into(),
+        key: key.clone(),
     };
     let up_text = String::from_utf8_lossy(&up.stdout).into_owned();
     assert!(
@@ -284,7 +316,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let ready = |c: &Cluster| {
         let s = c.status();
         s["site_readyz"] == 200
-            && s["nodes"].as_array().unwrap().iter().all(|n| {
+            && s["nodes"].as_array().unwrap().iter().filter(|n| n["name"] != "app3").all(|n| {
                 n["running"] == true
                     && (n["readyz"].is_null() || n["readyz"] == 200)
                     && (n["galera"].is_null() || n["galera"] == "synced")
@@ -350,6 +382,23 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let load = Load::start(&cluster.namespace, 3);
     std::thread::sleep(Duration::from_secs(5));
 
+    // A third app node joins under load: the load balancers send it requests once it is ready, and nothing fails.
+    let added = Instant::now();
+    cluster.imagebuild(&["cluster", "start", "app3"]);
+    let booted = wait_until("app3 ready", Duration::from_secs(300), || cluster.node("app3")["readyz"] == 200);
+    let ready_at = Instant::now();
+    let served = wait_until("app3 gets requests from the load balancers", Duration::from_secs(60), || {
+        let (_, count) = cluster.ssh("10.88.0.23", "sudo grep -c 'GET /api/posts' /var/log/nginx/access.log");
+        count.trim().parse::<u32>().unwrap_or(0) > 0
+    });
+    let during = load.since(added);
+    report(format!(
+        "cluster: app3 added: ready {booted:.1} s after its start, its first request {served:.1} s after that; {}",
+        summary(&during)
+    ));
+    assert!(ready_at.elapsed() <= Duration::from_secs(30), "app3 got no request within 30 s of being ready");
+    assert_eq!(during.iter().filter(|o| failed(o)).count(), 0, "requests failed while app3 joined: {}", summary(&during));
+
     // An app node: a power cut under load.
     let cut = Instant::now();
     cluster.kill("app1");
@@ -413,6 +462,27 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     }
 
     let outcomes = load.finish();
+
+    // A full restart of the database tier: db1 is off already (cut), db2 and then db3 are powered off by their
+    // buttons (db3 stops last), then all three boot again, db1 first. Galera's own files decide who starts it.
+    for db in ["db2", "db3"] {
+        cluster.imagebuild(&["cluster", "stop", db]);
+    }
+    let restart = Instant::now();
+    for db in ["db1", "db2", "db3"] {
+        cluster.imagebuild(&["cluster", "start", db]);
+    }
+    let formed = wait_until("the database tier formed again", Duration::from_secs(400), || {
+        let s = cluster.status();
+        s["site_readyz"] == 200
+            && s["nodes"].as_array().unwrap().iter().filter(|n| !n["galera"].is_null()).all(|n| n["galera"] == "synced")
+    });
+    report(format!(
+        "cluster: every db node off (db1 cut, db2 then db3 by the power button), booted again: all Synced and the \
+         site ready {:.1} s after the first start ({formed:.1} s of waiting)",
+        restart.elapsed().as_secs_f64()
+    ));
+
     // Every POST answered 201 is there, read through the floating address.
     let created: Vec<i64> = outcomes.iter().filter_map(|o| o.id).collect();
     assert!(created.len() > 20, "too few writes to judge: {}", summary(&outcomes));
