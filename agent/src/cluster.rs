@@ -469,20 +469,18 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
              # A new connection to the app node for each request: one to a dead node fails to connect, which is\n    \
              # retried for every method, where a reused one would take the request and never answer.\n    \
              option http-server-close\n    \
-             timeout server 5s\n    default-server check inter 1s fall 2 rise 2\n",
+             timeout server 5s\n    default-server check inter 2s fastinter 1s fall 2 rise 2\n",
             canonical = host.canonical,
         ));
         for app in &apps {
             haproxy.push_str(&format!("    server {} {}:80\n", app.name, app.address));
         }
         haproxy.push_str(&format!(
-            "\nbackend apps_https\n    mode tcp\n    balance roundrobin\n    option httpchk\n    \
-             http-check send meth GET uri /readyz hdr Host {canonical}\n    http-check expect status 200\n    \
-             default-server check port 80 inter 1s fall 2 rise 2\n",
-            canonical = host.canonical,
+            "\nbackend apps_https\n    mode tcp\n    balance roundrobin\n    \
+             # Each server is up when the same node is in apps_http: one health check per node.\n",
         ));
         for app in &apps {
-            haproxy.push_str(&format!("    server {} {}:443\n", app.name, app.address));
+            haproxy.push_str(&format!("    server {} {}:443 track apps_http/{}\n", app.name, app.address, app.name));
         }
         let password = need(&secrets.vrrp_password, "vrrp-password", "lb")?;
         let floating = description.floating_address.expect("validated: lb nodes need it");
@@ -498,12 +496,13 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
             format!(
                 "# foobar: the floating address {floating} (written at first boot). The lb node whose HAProxy runs and\n\
                  # that has the highest priority holds it; when it dies, the next takes it within about 3 s.\n\
-                 global_defs {{\n    router_id {node}\n    enable_script_security\n    script_user root\n}}\n\n\
-                 vrrp_script haproxy_running {{\n    script \"/usr/bin/systemctl is-active --quiet haproxy.service\"\n    interval 1\n    fall 2\n    rise 2\n}}\n\n\
+                 global_defs {{\n    router_id {node}\n}}\n\n\
+                 # HAProxy's process, watched through the kernel's process events (no polling).\n\
+                 vrrp_track_process haproxy_running {{\n    process haproxy\n    quorum 1\n    delay 1\n}}\n\n\
                  vrrp_instance {name} {{\n    state BACKUP\n    interface {iface}\n    virtual_router_id {router}\n    \
                  priority {priority}\n    advert_int 1\n    nopreempt\n    unicast_src_ip {addr}\n    unicast_peer {{\n{peers}    }}\n    \
                  authentication {{\n        auth_type PASS\n        auth_pass {password}\n    }}\n    \
-                 virtual_ipaddress {{\n        {floating}/{prefix}\n    }}\n    track_script {{\n        haproxy_running\n    }}\n}}\n",
+                 virtual_ipaddress {{\n        {floating}/{prefix}\n    }}\n    track_process {{\n        haproxy_running\n    }}\n}}\n",
                 node = node.name,
                 name = description.name,
                 iface = INTERFACE_PLACEHOLDER,

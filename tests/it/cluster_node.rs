@@ -205,7 +205,7 @@ fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_se
         "bind :443",
         "http-check send meth GET uri /readyz hdr Host www.foobar.com",
         "server app1 10.88.0.21:80",
-        "server app2 10.88.0.22:443",
+        "server app2 10.88.0.22:443 track apps_http/app2",
         "http-request disable-l7-retry if METH_POST",
     ] {
         assert!(haproxy.contains(line), "{line} missing:\n{haproxy}");
