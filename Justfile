@@ -40,3 +40,9 @@ cluster: deps
     cargo build --release --workspace
     target/release/imagebuild --config examples/cluster/foobar.toml --out foobar-cluster.qcow2
     target/release/imagebuild cluster up examples/cluster/cluster.toml --image foobar-cluster.qcow2 --hold app3
+
+# The cluster tier: builds the example cluster's image, brings it up and cuts nodes under load (as root; ~10 minutes)
+cluster-test: deps
+    cargo build --workspace
+    cargo build --release --workspace
+    FOOBAR_E2E=1 cargo test -p foobar-tests --features cluster-tier --test it -- --include-ignored --nocapture --test-threads=1 cluster::

@@ -110,7 +110,8 @@ impl Cluster {
 
     /// Whether a TCP connection to ADDR:PORT is accepted from the private network (the namespace's end of it).
     fn answers(&self, addr: &str, port: u16) -> bool {
-        let (code, _) = self.exec("bash", &["-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]);
+        // A closed port drops the connection attempt (the firewall's policy): 3 s without an answer is closed.
+        let (code, _) = self.exec("timeout", &["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]);
         code == 0
     }
 
@@ -335,9 +336,11 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .unwrap();
     let smoke_text = String::from_utf8_lossy(&smoke.stdout).into_owned();
     assert!(smoke.status.success(), "smoke through the floating address: {smoke_text}");
+    // The site's name as TLS's server name too: nginx refuses a handshake for any other.
     let https = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "-H", &format!("Host: {SITE}")])
-        .arg(format!("https://127.0.0.1:{}/readyz", port + 1))
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
+        .arg(format!("{SITE}:{}:127.0.0.1", port + 1))
+        .arg(format!("https://{SITE}:{}/readyz", port + 1))
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&https.stdout), "200", "HTTPS through the floating address");
