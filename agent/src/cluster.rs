@@ -418,6 +418,9 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
                  wsrep_node_name = {node}\n\
                  wsrep_node_address = {addr}\n\
                  wsrep_sst_method = rsync\n\
+                 # Reads wait for every write the cluster committed before them: a post read back right after its\n\
+                 # insert is found even when the two went to different nodes (the app nodes' proxy changed node).\n\
+                 wsrep_sync_wait = 1\n\
                  # A joining node copies the whole data directory: a small redo log keeps that short.\n\
                  innodb_log_file_size = 16M\n\
                  # pc.recovery: after a power cut of every node, the last primary component forms again by itself.\n\

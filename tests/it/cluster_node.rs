@@ -175,6 +175,7 @@ fn a_db_node_gets_galera_on_its_private_address_and_the_first_one_may_start_the_
             format!("wsrep_node_name = {name}"),
             "wsrep_on = ON".to_string(),
             "pc.recovery=TRUE".to_string(),
+            "wsrep_sync_wait = 1".to_string(),
         ] {
             assert!(cnf.contains(&line), "{line} missing:\n{cnf}");
         }
