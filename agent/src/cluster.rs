@@ -478,10 +478,10 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
         for app in &apps {
             haproxy.push_str(&format!("    server {} {}:80\n", app.name, app.address));
         }
-        haproxy.push_str(&format!(
+        haproxy.push_str(
             "\nbackend apps_https\n    mode tcp\n    balance roundrobin\n    \
              # Each server is up when the same node is in apps_http: one health check per node.\n",
-        ));
+        );
         for app in &apps {
             haproxy.push_str(&format!("    server {} {}:443 track apps_http/{}\n", app.name, app.address, app.name));
         }
