@@ -142,8 +142,8 @@ fn valid_name(name: &str) -> bool {
 impl Description {
     /// Reads and checks a description; errors name the file and the key.
     pub fn load(path: &Path) -> anyhow::Result<Description> {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("cannot read the cluster description {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the cluster description {}", path.display()))?;
         Description::parse(&text).with_context(|| format!("invalid cluster description {}", path.display()))
     }
 
@@ -159,7 +159,10 @@ impl Description {
 
     fn validate(&self) -> anyhow::Result<()> {
         if !valid_name(&self.name) {
-            bail!("key `name`: expected lowercase letters, digits and `-`, got `{}`", self.name);
+            bail!(
+                "key `name`: expected lowercase letters, digits and `-`, got `{}`",
+                self.name
+            );
         }
         let Some(network) = Network::parse(&self.network) else {
             bail!(
@@ -174,13 +177,19 @@ impl Description {
         for node in &self.nodes {
             let key = format!("node `{}`", node.name);
             if !valid_name(&node.name) {
-                bail!("key `node.name`: expected a host name (lowercase letters, digits and `-`), got `{}`", node.name);
+                bail!(
+                    "key `node.name`: expected a host name (lowercase letters, digits and `-`), got `{}`",
+                    node.name
+                );
             }
             if !names.insert(&node.name) {
                 bail!("key `node.name`: `{}` names two nodes", node.name);
             }
             if !network.host(node.address) {
-                bail!("{key}: key `address`: {} is not a host address of the network {network}", node.address);
+                bail!(
+                    "{key}: key `address`: {} is not a host address of the network {network}",
+                    node.address
+                );
             }
             if !addresses.insert(node.address) {
                 bail!("{key}: key `address`: {} is another node's address too", node.address);
@@ -204,9 +213,7 @@ impl Description {
                 bail!("key `floating-address`: expected the address clients use (lb nodes hold it in turn)");
             };
             if !network.host(floating) || addresses.contains(&floating) {
-                bail!(
-                    "key `floating-address`: expected a free host address of the network {network}, got {floating}"
-                );
+                bail!("key `floating-address`: expected a free host address of the network {network}, got {floating}");
             }
         }
         if self.router_id == 0 {
@@ -259,7 +266,9 @@ impl Secrets {
     pub fn validate(&self) -> Result<(), String> {
         if let Some(p) = &self.database_password {
             if p.len() < 12 || !p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
-                return Err("key `secrets.database-password`: expected at least 12 letters, digits, `-`, `_` or `.`".into());
+                return Err(
+                    "key `secrets.database-password`: expected at least 12 letters, digits, `-`, `_` or `.`".into(),
+                );
             }
         }
         if let Some(p) = &self.vrrp_password {
@@ -296,7 +305,13 @@ pub fn services(roles: &BTreeSet<Role>) -> BTreeSet<&'static str> {
                 "foobar-backup.timer",
             ],
             Role::Lb => &["haproxy.service", "keepalived.service"],
-            Role::App => &["nginx.service", "foobar-agent.socket", "foobar-agent.service", "foobar-app.service", "haproxy.service"],
+            Role::App => &[
+                "nginx.service",
+                "foobar-agent.socket",
+                "foobar-agent.service",
+                "foobar-app.service",
+                "haproxy.service",
+            ],
             Role::Db => &[
                 "foobar-datadir.service",
                 "mariadb.service",
@@ -460,8 +475,12 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
 
     let mut haproxy = String::from(HAPROXY_GLOBAL);
     if roles.contains(&Role::Lb) {
-        haproxy.push_str("\nfrontend site_http\n    bind :80\n    mode http\n    option httplog\n    default_backend apps_http\n");
-        haproxy.push_str("\nfrontend site_https\n    bind :443\n    mode tcp\n    option tcplog\n    default_backend apps_https\n");
+        haproxy.push_str(
+            "\nfrontend site_http\n    bind :80\n    mode http\n    option httplog\n    default_backend apps_http\n",
+        );
+        haproxy.push_str(
+            "\nfrontend site_https\n    bind :443\n    mode tcp\n    option tcplog\n    default_backend apps_https\n",
+        );
         haproxy.push_str(&format!(
             "\nbackend apps_http\n    mode http\n    balance roundrobin\n    option httpchk\n    \
              http-check send meth GET uri /readyz hdr Host {canonical}\n    http-check expect status 200\n    \
@@ -483,7 +502,10 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
              # Each server is up when the same node is in apps_http: one health check per node.\n",
         );
         for app in &apps {
-            haproxy.push_str(&format!("    server {} {}:443 track apps_http/{}\n", app.name, app.address, app.name));
+            haproxy.push_str(&format!(
+                "    server {} {}:443 track apps_http/{}\n",
+                app.name, app.address, app.name
+            ));
         }
         let password = need(&secrets.vrrp_password, "vrrp-password", "lb")?;
         let floating = description.floating_address.expect("validated: lb nodes need it");
@@ -598,12 +620,18 @@ pub fn firewall(description: &Description, node: &Node) -> anyhow::Result<String
         ));
     }
     if roles.contains(&Role::Db) {
-        text.push_str(&format!("        ip saddr {network} udp dport 4567 accept comment \"Galera\"\n"));
+        text.push_str(&format!(
+            "        ip saddr {network} udp dport 4567 accept comment \"Galera\"\n"
+        ));
     }
     if roles.contains(&Role::Lb) {
-        text.push_str(&format!("        ip saddr {network} ip protocol 112 accept comment \"VRRP\"\n"));
+        text.push_str(&format!(
+            "        ip saddr {network} ip protocol 112 accept comment \"VRRP\"\n"
+        ));
     }
-    text.push_str("    }\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n    }\n}\n");
+    text.push_str(
+        "    }\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n    }\n}\n",
+    );
     Ok(text)
 }
 
@@ -658,11 +686,23 @@ pub fn activate(root: &Path, hostname: &str, host: &Host) -> anyhow::Result<Plac
             );
         }
     }
-    let placement = place(description.as_ref(), node_file.name.as_deref(), hostname, &default_roles)?;
+    let placement = place(
+        description.as_ref(),
+        node_file.name.as_deref(),
+        hostname,
+        &default_roles,
+    )?;
     let mut outputs = Vec::new();
     if let (Some(description), Some(node)) = (&description, &placement.node) {
         outputs = render(description, node, &node_file.secrets, host)?;
-        outputs.push(output("etc/hosts", hosts(&std::fs::read_to_string(root.join("etc/hosts")).unwrap_or_default(), description), 0o644));
+        outputs.push(output(
+            "etc/hosts",
+            hosts(
+                &std::fs::read_to_string(root.join("etc/hosts")).unwrap_or_default(),
+                description,
+            ),
+            0o644,
+        ));
     }
     for o in &outputs {
         write_file(root, o)?;
@@ -675,7 +715,8 @@ pub fn activate(root: &Path, hostname: &str, host: &Host) -> anyhow::Result<Plac
         std::fs::write(new.join(service), "").with_context(|| format!("cannot write {}", new.display()))?;
     }
     let _ = std::fs::remove_dir_all(&active);
-    std::fs::rename(&new, &active).with_context(|| format!("cannot rename {} to {}", new.display(), active.display()))?;
+    std::fs::rename(&new, &active)
+        .with_context(|| format!("cannot rename {} to {}", new.display(), active.display()))?;
     Ok(placement)
 }
 

@@ -284,7 +284,11 @@ impl Config {
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
                     return Err(err).with_context(|| {
-                        format!("config file {}: key `database-url-file`: cannot read {}", path.display(), file.display())
+                        format!(
+                            "config file {}: key `database-url-file`: cannot read {}",
+                            path.display(),
+                            file.display()
+                        )
                     })
                 }
             }

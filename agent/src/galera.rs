@@ -55,7 +55,9 @@ impl State {
 
 pub fn decide(state: &State, first: bool, synced_peer: Option<Ipv4Addr>) -> Start {
     if let Some(peer) = synced_peer {
-        return Start::Join(format!("{peer} is Synced in a primary component: joining the cluster through it"));
+        return Start::Join(format!(
+            "{peer} is Synced in a primary component: joining the cluster through it"
+        ));
     }
     if state.safe_to_bootstrap {
         return Start::NewCluster(
@@ -118,11 +120,14 @@ pub fn run(root: &Path, datadir: &Path) -> anyhow::Result<Start> {
     let start = if !root.join("etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf").exists() {
         Start::Join("not a db node of a cluster: MariaDB starts on its own".into())
     } else {
-        let text = std::fs::read_to_string(&peers_file)
-            .with_context(|| format!("cannot read {}", peers_file.display()))?;
+        let text =
+            std::fs::read_to_string(&peers_file).with_context(|| format!("cannot read {}", peers_file.display()))?;
         let peers: Vec<Ipv4Addr> = text
             .split_whitespace()
-            .map(|p| p.parse().with_context(|| format!("{}: `{p}` is not an address", peers_file.display())))
+            .map(|p| {
+                p.parse()
+                    .with_context(|| format!("{}: `{p}` is not an address", peers_file.display()))
+            })
             .collect::<anyhow::Result<_>>()?;
         let first = root.join("etc/foobar/galera-first").exists();
         decide(&State::read(datadir), first, synced_peer(&peers, 3))

@@ -190,7 +190,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let placement = foobar_agent::cluster::activate(&root, hostname.trim(), &host)?;
             let roles: Vec<&str> = placement.roles.iter().map(|r| r.name()).collect();
             match &placement.node {
-                Some(node) => println!("node {} ({}) of the cluster: roles {}", node.name, node.address, roles.join(", ")),
+                Some(node) => println!(
+                    "node {} ({}) of the cluster: roles {}",
+                    node.name,
+                    node.address,
+                    roles.join(", ")
+                ),
                 None => println!("not a node of a cluster description: roles {}", roles.join(", ")),
             }
             Ok(())
@@ -198,8 +203,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::GaleraCheck { listen, database_url } => {
             let listener = match foobar_agent::systemd::take_listener() {
                 Some(foobar_agent::systemd::Inherited::Tcp(l)) => l,
-                Some(foobar_agent::systemd::Inherited::Unix(_)) => anyhow::bail!("galera-check: systemd passed a unix socket; expected TCP"),
-                None => std::net::TcpListener::bind(&listen).with_context(|| format!("galera-check: cannot listen on {listen}"))?,
+                Some(foobar_agent::systemd::Inherited::Unix(_)) => {
+                    anyhow::bail!("galera-check: systemd passed a unix socket; expected TCP")
+                }
+                None => std::net::TcpListener::bind(&listen)
+                    .with_context(|| format!("galera-check: cannot listen on {listen}"))?,
             };
             foobar_agent::galera::check_server(listener, &database_url).await
         }
@@ -392,4 +400,3 @@ async fn main() -> ExitCode {
         }
     }
 }
-

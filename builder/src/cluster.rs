@@ -103,14 +103,21 @@ fn in_namespace(ns: &str, program: &str) -> crate::process::Cmd {
 fn seed(dir: &Path, node: &str, secrets: &str) -> anyhow::Result<PathBuf> {
     let files = dir.join(format!("{node}.seed"));
     std::fs::create_dir_all(&files)?;
-    std::fs::write(files.join("meta-data"), format!("instance-id: {node}\nlocal-hostname: {node}\n"))?;
+    std::fs::write(
+        files.join("meta-data"),
+        format!("instance-id: {node}\nlocal-hostname: {node}\n"),
+    )?;
     std::fs::write(
         files.join("user-data"),
         format!("#foobar-config\n[node]\nname = \"{node}\"\n\n{secrets}"),
     )?;
     let image = dir.join(format!("{node}.seed.img"));
     let _ = std::fs::remove_file(&image);
-    cmd("mkfs.fat").args(["-C", "-n", "CIDATA"]).arg(&image).arg("1024").run()?;
+    cmd("mkfs.fat")
+        .args(["-C", "-n", "CIDATA"])
+        .arg(&image)
+        .arg("1024")
+        .run()?;
     cmd("mcopy")
         .arg("-i")
         .arg(&image)
@@ -126,7 +133,10 @@ fn seed(dir: &Path, node: &str, secrets: &str) -> anyhow::Result<PathBuf> {
 pub fn up(plan: &Up) -> anyhow::Result<State> {
     let description = Description::load(&plan.description)?;
     if !plan.image.is_file() {
-        bail!("--image {}: no such image; build one with `imagebuild --config ... --out`", plan.image.display());
+        bail!(
+            "--image {}: no such image; build one with `imagebuild --config ... --out`",
+            plan.image.display()
+        );
     }
     let gw = gateway(&description);
     if description.nodes.iter().any(|n| n.address == gw) || description.floating_address == Some(gw) {
@@ -195,19 +205,27 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
     let leases = plan.state.join("dnsmasq.leases");
     let _ = std::fs::remove_file(&leases);
     dnsmasq = dnsmasq.arg(format!("--dhcp-leasefile={}", leases.display()));
-    dnsmasq = dnsmasq.arg(format!("--dhcp-range={},static,{}", network.base, Ipv4Addr::from(u32::MAX << (32 - network.prefix))));
+    dnsmasq = dnsmasq.arg(format!(
+        "--dhcp-range={},static,{}",
+        network.base,
+        Ipv4Addr::from(u32::MAX << (32 - network.prefix))
+    ));
     let macs: Vec<String> = (0..description.nodes.len())
         .map(|i| format!("52:54:00:88:{:02x}:{:02x}", i / 256, i % 256 + 10))
         .collect();
     for (node, mac) in description.nodes.iter().zip(&macs) {
         dnsmasq = dnsmasq.arg(format!("--dhcp-host={mac},{},{}", node.address, node.name));
     }
-    state.helpers.push(dnsmasq.spawn_detached(&plan.state.join("dnsmasq.log"))?);
+    state
+        .helpers
+        .push(dnsmasq.spawn_detached(&plan.state.join("dnsmasq.log"))?);
     for (port, guest) in [(plan.port, 80), (plan.port + 1, 443)] {
         let forward = cmd("socat")
             .arg(format!("TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork"))
             .arg(format!("EXEC:ip netns exec {ns} socat STDIO TCP\\:{target}\\:{guest}"));
-        state.helpers.push(forward.spawn_detached(&plan.state.join("socat.log"))?);
+        state
+            .helpers
+            .push(forward.spawn_detached(&plan.state.join("socat.log"))?);
     }
     save_state(&plan.state, &state)?;
 
@@ -220,7 +238,15 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         let disk = plan.state.join(format!("{}.qcow2", node.name));
         let image = std::fs::canonicalize(&plan.image)?;
         cmd("qemu-img")
-            .args(["create", "-q", "-f", "qcow2", "-F", crate::boot::image_format(&image), "-b"])
+            .args([
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                crate::boot::image_format(&image),
+                "-b",
+            ])
             .arg(&image)
             .arg(&disk)
             .run()?;
@@ -237,7 +263,10 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
             memory_mib: plan.memory_mib,
         };
         if plan.hold.contains(&node.name) {
-            println!("{}: held (start it with `imagebuild cluster start {}`)", node.name, node.name);
+            println!(
+                "{}: held (start it with `imagebuild cluster start {}`)",
+                node.name, node.name
+            );
             state.nodes.push(node_state);
             save_state(&plan.state, &state)?;
             continue;
@@ -255,7 +284,11 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         );
         wait_first_boot(&serial, pid, Duration::from_secs(plan.node_timeout))
             .with_context(|| format!("node {} (its console: {})", node.name, serial.display()))?;
-        println!("{}: first boot done in {:.1} s", node.name, started.elapsed().as_secs_f64());
+        println!(
+            "{}: first boot done in {:.1} s",
+            node.name,
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(state)
 }
@@ -288,7 +321,12 @@ pub fn start(dir: &Path, name: &str) -> anyhow::Result<u32> {
     let Some(node) = state.nodes.iter_mut().find(|n| n.name == name) else {
         bail!(
             "no node `{name}` in this cluster; its nodes: {}",
-            state.nodes.iter().map(|n| n.name.as_str()).collect::<Vec<_>>().join(", ")
+            state
+                .nodes
+                .iter()
+                .map(|n| n.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     };
     if alive(node.pid) {
@@ -352,7 +390,9 @@ pub fn alive(pid: u32) -> bool {
         return false;
     };
     // The state follows the command name, which is in parentheses and may hold spaces.
-    let state = stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next());
+    let state = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().next());
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
@@ -388,7 +428,16 @@ pub struct Status {
 /// An HTTP GET from inside the namespace: the status code and body (code 0 when nothing answered).
 pub fn get_in(ns: &str, url: &str, host: &str) -> (u16, String) {
     let out = in_namespace(ns, "curl")
-        .args(["-s", "-m", "3", "-H", &format!("Host: {host}"), "-w", "\n%{http_code}", url])
+        .args([
+            "-s",
+            "-m",
+            "3",
+            "-H",
+            &format!("Host: {host}"),
+            "-w",
+            "\n%{http_code}",
+            url,
+        ])
         .output_lossy();
     let text = String::from_utf8_lossy(&out).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
@@ -413,7 +462,11 @@ pub fn status(dir: &Path, host: &str) -> anyhow::Result<Status> {
                 running,
                 readyz: has("app").then(|| get_in(&state.namespace, &format!("http://{}/readyz", n.address), host).0),
                 galera: has("db").then(|| {
-                    match get_in(&state.namespace, &format!("http://{}:{GALERA_CHECK_PORT}/", n.address), host) {
+                    match get_in(
+                        &state.namespace,
+                        &format!("http://{}:{GALERA_CHECK_PORT}/", n.address),
+                        host,
+                    ) {
                         (0, _) => "no answer".to_string(),
                         (_, body) => body.trim().to_string(),
                     }

@@ -550,10 +550,16 @@ impl ImageConfig {
                 *path = base.join(&*path);
             }
             let text = std::fs::read_to_string(&*path).with_context(|| {
-                format!("invalid config file {origin}: key `cluster`: cannot read {}", path.display())
+                format!(
+                    "invalid config file {origin}: key `cluster`: cannot read {}",
+                    path.display()
+                )
             })?;
             let description = foobar_agent::cluster::Description::parse(&text).with_context(|| {
-                format!("invalid config file {origin}: key `cluster`: invalid cluster description {}", path.display())
+                format!(
+                    "invalid config file {origin}: key `cluster`: invalid cluster description {}",
+                    path.display()
+                )
             })?;
             config.cluster_description = Some((description, text));
         }

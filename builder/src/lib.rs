@@ -3,9 +3,9 @@
 //! assembled from (`components`) and the roles that list them (`roles`).
 
 pub mod boot;
-pub mod cluster;
 pub mod bootloader;
 pub mod build;
+pub mod cluster;
 pub mod components;
 pub mod config;
 pub mod context;

@@ -357,26 +357,69 @@ fn main() -> ExitCode {
 fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
     use foobar_builder::cluster;
     match command {
-        ClusterCommand::Up { file, image, port, memory, timeout, hold, state } => {
+        ClusterCommand::Up {
+            file,
+            image,
+            port,
+            memory,
+            timeout,
+            hold,
+            state,
+        } => {
             require(
                 &[
-                    Tool { program: "qemu-system-x86_64", package: "qemu-system-x86" },
-                    Tool { program: "ip", package: "iproute2" },
-                    Tool { program: "dnsmasq", package: "dnsmasq-base" },
-                    Tool { program: "socat", package: "socat" },
-                    Tool { program: "curl", package: "curl" },
-                    Tool { program: "mkfs.fat", package: "dosfstools" },
-                    Tool { program: "mcopy", package: "mtools" },
+                    Tool {
+                        program: "qemu-system-x86_64",
+                        package: "qemu-system-x86",
+                    },
+                    Tool {
+                        program: "ip",
+                        package: "iproute2",
+                    },
+                    Tool {
+                        program: "dnsmasq",
+                        package: "dnsmasq-base",
+                    },
+                    Tool {
+                        program: "socat",
+                        package: "socat",
+                    },
+                    Tool {
+                        program: "curl",
+                        package: "curl",
+                    },
+                    Tool {
+                        program: "mkfs.fat",
+                        package: "dosfstools",
+                    },
+                    Tool {
+                        program: "mcopy",
+                        package: "mtools",
+                    },
                 ],
                 &[],
             )?;
-            let plan = cluster::Up { description: file, image, state: state.clone(), port, memory_mib: memory, node_timeout: timeout, hold };
+            let plan = cluster::Up {
+                description: file,
+                image,
+                state: state.clone(),
+                port,
+                memory_mib: memory,
+                node_timeout: timeout,
+                hold,
+            };
             let up = cluster::up(&plan).inspect_err(|_| {
                 eprintln!("imagebuild: the cluster did not come up; what started is still running: stop it with `imagebuild cluster down --state {}`", state.display());
             })?;
             println!("cluster {} is up", up.name);
-            println!("  site:      http://{}/  https://{}/  (send Host: www.foobar.com)", up.site, up.site_https);
-            println!("  namespace: {} (run clients with `ip netns exec {} ...`; the site is {} there)", up.namespace, up.namespace, up.target);
+            println!(
+                "  site:      http://{}/  https://{}/  (send Host: www.foobar.com)",
+                up.site, up.site_https
+            );
+            println!(
+                "  namespace: {} (run clients with `ip netns exec {} ...`; the site is {} there)",
+                up.namespace, up.namespace, up.target
+            );
             println!("  status:    imagebuild cluster status --state {}", state.display());
             println!("  stop:      imagebuild cluster down --state {}", state.display());
             Ok(())
@@ -386,9 +429,18 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
             if json {
                 println!("{}", serde_json::to_string_pretty(&status)?);
             } else {
-                println!("cluster {}: site {} (/readyz {}), namespace {}", status.name, status.site, status.site_readyz, status.namespace);
+                println!(
+                    "cluster {}: site {} (/readyz {}), namespace {}",
+                    status.name, status.site, status.site_readyz, status.namespace
+                );
                 for n in &status.nodes {
-                    let mut line = format!("  {:<8} {:<12} {:<15} {}", n.name, n.roles.join("+"), n.address, if n.running { "running" } else { "stopped" });
+                    let mut line = format!(
+                        "  {:<8} {:<12} {:<15} {}",
+                        n.name,
+                        n.roles.join("+"),
+                        n.address,
+                        if n.running { "running" } else { "stopped" }
+                    );
                     if let Some(code) = n.readyz {
                         line.push_str(&format!(", /readyz {code}"));
                     }

@@ -121,8 +121,8 @@ pub fn plan(flags: Flags, stage_tools: &[&[Tool]]) -> anyhow::Result<Context> {
         .as_ref()
         .map(|p| p.display().to_string())
         .unwrap_or_else(|| "image/foobar.toml (built in)".to_string());
-    let components =
-        roles::resolve(&config.roles(), roles::ROLES).with_context(|| format!("invalid config file {config_origin}"))?;
+    let components = roles::resolve(&config.roles(), roles::ROLES)
+        .with_context(|| format!("invalid config file {config_origin}"))?;
     let site =
         crate::components::web::scan_site(&config).with_context(|| format!("invalid config file {config_origin}"))?;
 

@@ -25,11 +25,15 @@ pub const ROLES: &[Role] = &[
     },
     Role {
         name: "app",
-        components: &["base", "boot", "access", "firewall", "web", "agent", "balancer", "cluster"],
+        components: &[
+            "base", "boot", "access", "firewall", "web", "agent", "balancer", "cluster",
+        ],
     },
     Role {
         name: "db",
-        components: &["base", "boot", "access", "firewall", "database", "agent", "galera", "cluster"],
+        components: &[
+            "base", "boot", "access", "firewall", "database", "agent", "galera", "cluster",
+        ],
     },
 ];
 

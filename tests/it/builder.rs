@@ -567,7 +567,9 @@ fn an_unknown_role_fails_the_build_naming_the_key_and_the_roles_and_writes_nothi
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains(file.to_str().unwrap()), "file not named: {stderr}");
     assert!(
-        stderr.contains("key `role`") && stderr.contains("expected one or more of all") && stderr.contains("`webserver`"),
+        stderr.contains("key `role`")
+            && stderr.contains("expected one or more of all")
+            && stderr.contains("`webserver`"),
         "{stderr}"
     );
     let left: Vec<_> = std::fs::read_dir(&dir)
@@ -591,7 +593,9 @@ fn a_role_that_names_an_unknown_component_is_refused_naming_it() {
     }];
     let err = format!(
         "{:#}",
-        resolve(&["edge".to_string()], &roles).err().expect("an unknown component is an error")
+        resolve(&["edge".to_string()], &roles)
+            .err()
+            .expect("an unknown component is an error")
     );
     assert!(
         err.contains("role `edge`") && err.contains("`loadbalancer`") && err.contains("base, boot, access"),

@@ -20,7 +20,9 @@ const SITE: &str = "www.foobar.com";
 const FLOATING: &str = "10.88.0.10";
 
 fn example(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster").join(file)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples/cluster")
+        .join(file)
 }
 
 /// The cluster; `imagebuild cluster down` when dropped.
@@ -49,7 +51,11 @@ impl Cluster {
             .arg(&self.state)
             .output()
             .unwrap();
-        assert!(out.status.success(), "cluster status: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "cluster status: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -65,7 +71,12 @@ impl Cluster {
 
     /// `imagebuild ARGS --state STATE`, which must succeed.
     fn imagebuild(&self, args: &[&str]) {
-        let out = Command::new(binary("imagebuild")).args(args).arg("--state").arg(&self.state).output().unwrap();
+        let out = Command::new(binary("imagebuild"))
+            .args(args)
+            .arg("--state")
+            .arg(&self.state)
+            .output()
+            .unwrap();
         assert!(
             out.status.success(),
             "imagebuild {args:?}: {}{}",
@@ -80,8 +91,20 @@ impl Cluster {
         self.exec(
             "ssh",
             &[
-                "-i", &key, "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null", "-o",
-                "BatchMode=yes", "-o", "LogLevel=ERROR", "-o", "ConnectTimeout=10", &format!("admin@{addr}"), command,
+                "-i",
+                &key,
+                "-o",
+                "StrictHostKeyChecking=no",
+                "-o",
+                "UserKnownHostsFile=/dev/null",
+                "-o",
+                "BatchMode=yes",
+                "-o",
+                "LogLevel=ERROR",
+                "-o",
+                "ConnectTimeout=10",
+                &format!("admin@{addr}"),
+                command,
             ],
         )
     }
@@ -105,13 +128,19 @@ impl Cluster {
             .args(args)
             .output()
             .unwrap();
-        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned())
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     }
 
     /// Whether a TCP connection to ADDR:PORT is accepted from the private network (the namespace's end of it).
     fn answers(&self, addr: &str, port: u16) -> bool {
         // A closed port drops the connection attempt (the firewall's policy): 3 s without an answer is closed.
-        let (code, _) = self.exec("timeout", &["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")]);
+        let (code, _) = self.exec(
+            "timeout",
+            &["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")],
+        );
         code == 0
     }
 
@@ -184,7 +213,10 @@ impl Load {
                                 .set("Host", SITE)
                                 .send_json(json!({"author": format!("load{w}"), "body": format!("w{w} n{n}")}))
                         } else {
-                            agent.get(&format!("http://{FLOATING}/api/posts?limit=5")).set("Host", SITE).call()
+                            agent
+                                .get(&format!("http://{FLOATING}/api/posts?limit=5"))
+                                .set("Host", SITE)
+                                .call()
                         };
                         let (status, id) = match result {
                             Ok(r) => {
@@ -220,7 +252,13 @@ impl Load {
     }
 
     fn since(&self, from: Instant) -> Vec<Outcome> {
-        self.outcomes.lock().unwrap().iter().filter(|o| o.at >= from).cloned().collect()
+        self.outcomes
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|o| o.at >= from)
+            .cloned()
+            .collect()
     }
 
     fn finish(self) -> Vec<Outcome> {
@@ -269,11 +307,18 @@ fn report(line: String) {
 fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node() {
     let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: geteuid has no preconditions.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "the cluster tier makes a network namespace: run it as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the cluster tier makes a network namespace: run it as root"
+    );
     let dir = support::temp_dir("cluster");
     let image = dir.join("cluster.qcow2");
     let key = dir.join("id_ed25519");
-    let keygen = Command::new("ssh-keygen").args(["-q", "-t", "ed25519", "-N", "", "-f"]).arg(&key).status();
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status();
     assert!(keygen.unwrap().success(), "ssh-keygen runs");
     let start = Instant::now();
     let out = Command::new(binary("imagebuild"))
@@ -287,7 +332,11 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .arg(key.with_extension("pub"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "imagebuild: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "imagebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let build_secs = start.elapsed().as_secs_f64();
 
     // Up: every node, one after another, then the site ready through the floating address.
@@ -317,11 +366,16 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let ready = |c: &Cluster| {
         let s = c.status();
         s["site_readyz"] == 200
-            && s["nodes"].as_array().unwrap().iter().filter(|n| n["name"] != "app3").all(|n| {
-                n["running"] == true
-                    && (n["readyz"].is_null() || n["readyz"] == 200)
-                    && (n["galera"].is_null() || n["galera"] == "synced")
-            })
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| n["name"] != "app3")
+                .all(|n| {
+                    n["running"] == true
+                        && (n["readyz"].is_null() || n["readyz"] == 200)
+                        && (n["galera"].is_null() || n["galera"] == "synced")
+                })
     };
     wait_until("every node ready", Duration::from_secs(400), || ready(&cluster));
     let up_secs = started.elapsed().as_secs_f64();
@@ -331,11 +385,22 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
 
     // Smoke over HTTP and HTTPS through the site's address on the host (the floating address behind it).
     let smoke = Command::new(binary("imagebuild"))
-        .args(["smoke", &format!("http://127.0.0.1:{port}"), "--host", SITE, "--insecure", "--format", "json"])
+        .args([
+            "smoke",
+            &format!("http://127.0.0.1:{port}"),
+            "--host",
+            SITE,
+            "--insecure",
+            "--format",
+            "json",
+        ])
         .output()
         .unwrap();
     let smoke_text = String::from_utf8_lossy(&smoke.stdout).into_owned();
-    assert!(smoke.status.success(), "smoke through the floating address: {smoke_text}");
+    assert!(
+        smoke.status.success(),
+        "smoke through the floating address: {smoke_text}"
+    );
     // The site's name as TLS's server name too: nginx refuses a handshake for any other.
     let https = Command::new("curl")
         .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
@@ -343,7 +408,11 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .arg(format!("https://{SITE}:{}/readyz", port + 1))
         .output()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&https.stdout), "200", "HTTPS through the floating address");
+    assert_eq!(
+        String::from_utf8_lossy(&https.stdout),
+        "200",
+        "HTTPS through the floating address"
+    );
 
     // Each role's ports only, from the private network.
     for (node, addr, open, closed) in [
@@ -355,7 +424,10 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
             assert!(cluster.answers(addr, *port), "{node}: port {port} does not answer");
         }
         for port in closed {
-            assert!(!cluster.answers(addr, *port), "{node}: port {port} answers, and its roles do not use it");
+            assert!(
+                !cluster.answers(addr, *port),
+                "{node}: port {port} answers, and its roles do not use it"
+            );
         }
     }
     // The migrations ran once for the cluster: both app nodes are ready and the record holds each migration once.
@@ -369,7 +441,15 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let (code, rows) = cluster.exec(
         "mariadb",
         &[
-            "-h", "10.88.0.31", "-u", "foobar", &format!("-p{password}"), "-N", "-B", "foobar", "-e",
+            "-h",
+            "10.88.0.31",
+            "-u",
+            "foobar",
+            &format!("-p{password}"),
+            "-N",
+            "-B",
+            "foobar",
+            "-e",
             "SELECT version, COUNT(*) FROM _sqlx_migrations GROUP BY version ORDER BY version",
         ],
     );
@@ -377,7 +457,10 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .unwrap()
         .filter(|e| e.as_ref().unwrap().path().extension().is_some_and(|x| x == "sql"))
         .count();
-    assert_eq!(code, 0, "the database answers the app nodes' user from the private network");
+    assert_eq!(
+        code, 0,
+        "the database answers the app nodes' user from the private network"
+    );
     let rows: Vec<&str> = rows.lines().collect();
     assert_eq!(rows.len(), migrations, "every migration recorded: {rows:?}");
     assert!(rows.iter().all(|r| r.ends_with("\t1")), "each migration once: {rows:?}");
@@ -388,19 +471,33 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     // A third app node joins under load: the load balancers send it requests once it is ready, and nothing fails.
     let added = Instant::now();
     cluster.imagebuild(&["cluster", "start", "app3"]);
-    let booted = wait_until("app3 ready", Duration::from_secs(300), || cluster.node("app3")["readyz"] == 200);
-    let ready_at = Instant::now();
-    let served = wait_until("app3 gets requests from the load balancers", Duration::from_secs(60), || {
-        let (_, count) = cluster.ssh("10.88.0.23", "sudo grep -c 'GET /api/posts' /var/log/nginx/access.log");
-        count.trim().parse::<u32>().unwrap_or(0) > 0
+    let booted = wait_until("app3 ready", Duration::from_secs(300), || {
+        cluster.node("app3")["readyz"] == 200
     });
+    let ready_at = Instant::now();
+    let served = wait_until(
+        "app3 gets requests from the load balancers",
+        Duration::from_secs(60),
+        || {
+            let (_, count) = cluster.ssh("10.88.0.23", "sudo grep -c 'GET /api/posts' /var/log/nginx/access.log");
+            count.trim().parse::<u32>().unwrap_or(0) > 0
+        },
+    );
     let during = load.since(added);
     report(format!(
         "cluster: app3 added: ready {booted:.1} s after its start, its first request {served:.1} s after that; {}",
         summary(&during)
     ));
-    assert!(ready_at.elapsed() <= Duration::from_secs(30), "app3 got no request within 30 s of being ready");
-    assert_eq!(during.iter().filter(|o| failed(o)).count(), 0, "requests failed while app3 joined: {}", summary(&during));
+    assert!(
+        ready_at.elapsed() <= Duration::from_secs(30),
+        "app3 got no request within 30 s of being ready"
+    );
+    assert_eq!(
+        during.iter().filter(|o| failed(o)).count(),
+        0,
+        "requests failed while app3 joined: {}",
+        summary(&during)
+    );
 
     // An app node: a power cut under load.
     let cut = Instant::now();
@@ -409,9 +506,22 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let during = load.since(cut);
     let gets_failed = during.iter().filter(|o| !o.post && failed(o)).count();
     let posts_failed = during.iter().filter(|o| o.post && failed(o)).count();
-    report(format!("cluster: app1 killed: {} ({} requests)", summary(&during), during.len()));
-    assert_eq!(gets_failed, 0, "GETs failed when an app node died: {}", summary(&during));
-    assert!(posts_failed <= 3, "more POSTs failed than were in flight: {}", summary(&during));
+    report(format!(
+        "cluster: app1 killed: {} ({} requests)",
+        summary(&during),
+        during.len()
+    ));
+    assert_eq!(
+        gets_failed,
+        0,
+        "GETs failed when an app node died: {}",
+        summary(&during)
+    );
+    assert!(
+        posts_failed <= 3,
+        "more POSTs failed than were in flight: {}",
+        summary(&during)
+    );
 
     // The active load balancer.
     let lbs: BTreeMap<String, String> = cluster.status()["nodes"]
@@ -419,7 +529,12 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .unwrap()
         .iter()
         .filter(|n| n["roles"][0] == "lb")
-        .map(|n| (n["mac"].as_str().unwrap().to_string(), n["name"].as_str().unwrap().to_string()))
+        .map(|n| {
+            (
+                n["mac"].as_str().unwrap().to_string(),
+                n["name"].as_str().unwrap().to_string(),
+            )
+        })
         .collect();
     let active = lbs
         .get(&cluster.floating_mac())
@@ -432,16 +547,29 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let failures: Vec<&Outcome> = during.iter().filter(|o| failed(o)).collect();
     // How long requests failed: from the cut to the last failed request's sending (a request sent while the
     // address moved may learn so only at its next retransmission, later).
-    let window = failures.iter().map(|o| o.sent.saturating_duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
-    let last_answer = failures.iter().map(|o| o.at.duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
+    let window = failures
+        .iter()
+        .map(|o| o.sent.saturating_duration_since(cut).as_secs_f64())
+        .fold(0.0, f64::max);
+    let last_answer = failures
+        .iter()
+        .map(|o| o.at.duration_since(cut).as_secs_f64())
+        .fold(0.0, f64::max);
     report(format!(
         "cluster: active lb {active} killed: requests sent up to {window:.1} s after the cut failed (the last failure \
          came {last_answer:.1} s after it); {}",
         summary(&during)
     ));
-    assert!(window <= 5.0, "requests failed for {window:.1} s after the active lb died");
+    assert!(
+        window <= 5.0,
+        "requests failed for {window:.1} s after the active lb died"
+    );
     let other = lbs.values().find(|n| **n != active).unwrap();
-    assert_eq!(lbs.get(&cluster.floating_mac()), Some(other), "the other lb holds the floating address");
+    assert_eq!(
+        lbs.get(&cluster.floating_mac()),
+        Some(other),
+        "the other lb holds the floating address"
+    );
 
     // The Galera node that takes the writes (every app node's HAProxy sends them to the first db node).
     let cut = Instant::now();
@@ -453,13 +581,20 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .iter()
         .find(|o| o.status == Some(201) && posts.iter().any(|f| failed(f) && f.at < o.at))
         .map(|o| o.at.duration_since(cut).as_secs_f64());
-    let last_failure = posts.iter().filter(|o| failed(o)).map(|o| o.at.duration_since(cut).as_secs_f64()).fold(0.0, f64::max);
+    let last_failure = posts
+        .iter()
+        .filter(|o| failed(o))
+        .map(|o| o.at.duration_since(cut).as_secs_f64())
+        .fold(0.0, f64::max);
     report(format!(
         "cluster: db1 killed: last failed write {last_failure:.1} s after the cut, writes resumed {}; {}",
         resumed.map_or("without a failure".to_string(), |s| format!("after {s:.1} s")),
         summary(&during)
     ));
-    assert!(last_failure <= 10.0, "writes failed {last_failure:.1} s after the db node died");
+    assert!(
+        last_failure <= 10.0,
+        "writes failed {last_failure:.1} s after the db node died"
+    );
     for db in ["db2", "db3"] {
         assert_eq!(cluster.node(db)["galera"], "synced", "{db} after db1 died");
     }
@@ -478,7 +613,12 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let formed = wait_until("the database tier formed again", Duration::from_secs(400), || {
         let s = cluster.status();
         s["site_readyz"] == 200
-            && s["nodes"].as_array().unwrap().iter().filter(|n| !n["galera"].is_null()).all(|n| n["galera"] == "synced")
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .filter(|n| !n["galera"].is_null())
+                .all(|n| n["galera"] == "synced")
     });
     report(format!(
         "cluster: every db node off (db1 cut, db2 then db3 by the power button), booted again: all Synced and the \

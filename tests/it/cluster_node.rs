@@ -24,7 +24,10 @@ fn root_with(tag: &str, description: &str) -> PathBuf {
     for (path, text) in [
         ("etc/foobar/cluster.toml", description),
         ("etc/foobar/default-roles", "all\n"),
-        ("etc/foobar/site.env", "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\n"),
+        (
+            "etc/foobar/site.env",
+            "DOMAIN='foobar.com'\nCANONICAL='www.foobar.com'\n",
+        ),
         ("etc/hostname", "localhost\n"),
         ("etc/hosts", "127.0.0.1 localhost\n"),
     ] {
@@ -36,7 +39,10 @@ fn root_with(tag: &str, description: &str) -> PathBuf {
 }
 
 fn agent(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(binary("foobar-agent")).args(args).output().unwrap();
+    let out = std::process::Command::new(binary("foobar-agent"))
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -116,10 +122,19 @@ fn an_app_node_gets_nginx_the_agent_and_a_local_database_proxy_with_its_secret_a
         &fragment("app1", &format!("database-password = \"{PASSWORD}\"\n")),
     );
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("node app1 (10.88.0.21) of the cluster: roles app"), "{out}");
+    assert!(
+        out.contains("node app1 (10.88.0.21) of the cluster: roles app"),
+        "{out}"
+    );
     assert_eq!(
         active(&root),
-        ["foobar-agent.service", "foobar-agent.socket", "foobar-app.service", "haproxy.service", "nginx.service"]
+        [
+            "foobar-agent.service",
+            "foobar-agent.socket",
+            "foobar-app.service",
+            "haproxy.service",
+            "nginx.service"
+        ]
     );
     // The secret: in the node file (root only) and the agent's URL (0640), never in the record.
     assert_eq!(mode(&root, "etc/foobar/node.toml"), 0o600);
@@ -140,8 +155,14 @@ fn an_app_node_gets_nginx_the_agent_and_a_local_database_proxy_with_its_secret_a
     haproxy_accepts(&root);
     // The firewall: the site's ports from the private network only, no database port.
     let nft = read(&root, "etc/nftables.conf");
-    assert!(nft.contains("ip saddr 10.88.0.0/24 tcp dport { 80, 443 } accept"), "{nft}");
-    assert!(nft.contains("tcp dport { 22 } accept") && !nft.contains("3306"), "{nft}");
+    assert!(
+        nft.contains("ip saddr 10.88.0.0/24 tcp dport { 80, 443 } accept"),
+        "{nft}"
+    );
+    assert!(
+        nft.contains("tcp dport { 22 } accept") && !nft.contains("3306"),
+        "{nft}"
+    );
     assert!(read(&root, "etc/foobar/nginx-cluster.conf").contains("set_real_ip_from 10.88.0.0/24;"));
     assert!(!root.join("etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf").exists());
     // Every node by name in /etc/hosts, once, also when node runs again.
@@ -183,14 +204,20 @@ fn a_db_node_gets_galera_on_its_private_address_and_the_first_one_may_start_the_
         let peers = read(&root, "etc/foobar/galera-peers");
         assert!(!peers.contains(addr) && peers.lines().count() == 2, "{peers}");
         let users = read(&root, "etc/foobar/cluster-users.sql");
-        assert!(users.contains("`foobar`@`10.88.0.0/255.255.255.0`") && users.contains(PASSWORD), "{users}");
+        assert!(
+            users.contains("`foobar`@`10.88.0.0/255.255.255.0`") && users.contains(PASSWORD),
+            "{users}"
+        );
         assert_eq!(mode(&root, "etc/foobar/cluster-users.sql"), 0o600);
         let nft = read(&root, "etc/nftables.conf");
         assert!(
             nft.contains("ip saddr 10.88.0.0/24 tcp dport { 3306, 4444, 4567, 4568, 9200 } accept"),
             "{nft}"
         );
-        assert!(!nft.contains("80,") && !root.join("etc/haproxy/haproxy.cfg").exists(), "{nft}");
+        assert!(
+            !nft.contains("80,") && !root.join("etc/haproxy/haproxy.cfg").exists(),
+            "{nft}"
+        );
     }
 }
 
@@ -215,11 +242,20 @@ fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_se
     haproxy_accepts(&root);
     let keepalived = read(&root, "etc/keepalived/keepalived.conf");
     assert_eq!(mode(&root, "etc/keepalived/keepalived.conf"), 0o600);
-    for line in ["10.88.0.10/24", "unicast_src_ip 10.88.0.12", "        10.88.0.11\n", VRRP, "priority 140"] {
+    for line in [
+        "10.88.0.10/24",
+        "unicast_src_ip 10.88.0.12",
+        "        10.88.0.11\n",
+        VRRP,
+        "priority 140",
+    ] {
         assert!(keepalived.contains(line), "{line} missing:\n{keepalived}");
     }
     let nft = read(&root, "etc/nftables.conf");
-    assert!(nft.contains("tcp dport { 22, 80, 443 } accept") && nft.contains("ip protocol 112"), "{nft}");
+    assert!(
+        nft.contains("tcp dport { 22, 80, 443 } accept") && nft.contains("ip protocol 112"),
+        "{nft}"
+    );
 }
 
 #[test]
@@ -227,7 +263,10 @@ fn a_missing_secret_or_a_node_the_description_lacks_fails_first_boot_naming_it()
     let root = root_with("node-nosecret", &example_description());
     let (code, _, err) = first_boot(&root, "#foobar-config\n[node]\nname = \"lb1\"\n");
     assert_ne!(code, 0);
-    assert!(err.contains("secrets.vrrp-password") && err.contains("never in the image"), "{err}");
+    assert!(
+        err.contains("secrets.vrrp-password") && err.contains("never in the image"),
+        "{err}"
+    );
     assert!(!root.join("etc/foobar/active").exists(), "no role turned on");
 
     let root = root_with("node-unknown", &example_description());
@@ -239,8 +278,14 @@ fn a_missing_secret_or_a_node_the_description_lacks_fails_first_boot_naming_it()
     let root = root_with("node-badsecret", &example_description());
     let (code, _, err) = first_boot(&root, &fragment("lb1", "vrrp-password = \"far-too-long\"\n"));
     assert_ne!(code, 0);
-    assert!(err.contains("secrets.vrrp-password") && err.contains("VRRP's limit"), "{err}");
-    assert!(!root.join("etc/foobar/node.toml").exists(), "nothing of the bad fragment applies");
+    assert!(
+        err.contains("secrets.vrrp-password") && err.contains("VRRP's limit"),
+        "{err}"
+    );
+    assert!(
+        !root.join("etc/foobar/node.toml").exists(),
+        "nothing of the bad fragment applies"
+    );
 
     // Outside the description, the image's default role: the one-server stack, no cluster settings.
     let root = root_with("node-outside", &example_description());
@@ -252,10 +297,7 @@ fn a_missing_secret_or_a_node_the_description_lacks_fails_first_boot_naming_it()
 
     // The hostname names the node when the instance configuration does not.
     let root = root_with("node-hostname", &example_description());
-    let (code, out, err) = first_boot(
-        &root,
-        "#cloud-config\nhostname: db2\n",
-    );
+    let (code, out, err) = first_boot(&root, "#cloud-config\nhostname: db2\n");
     assert_ne!(code, 0, "db2 without its secret: {out}");
     assert!(err.contains("secrets.database-password"), "{err}");
 }
@@ -267,42 +309,108 @@ fn a_cluster_description_with_a_mistake_is_refused_naming_the_key() {
         (good.replace("10.88.0.0/24", "10.88.0.1/24"), "key `network`"),
         (good.replace("10.88.0.22", "10.88.1.22"), "node `app2`: key `address`"),
         (good.replace("10.88.0.22", "10.88.0.21"), "another node's address"),
-        (good.replace("floating-address = \"10.88.0.10\"", "floating-address = \"10.88.0.11\""), "key `floating-address`"),
-        (good.replace("floating-address = \"10.88.0.10\"\n", ""), "key `floating-address`"),
-        (good.replace("name = \"db3\"", "name = \"db2\""), "`db2` names two nodes"),
-        (good.replace("roles = [\"lb\"]\naddress = \"10.88.0.12\"", "roles = [\"lb\", \"app\"]\naddress = \"10.88.0.12\""), "lb and app on one node"),
-        (good.replace("roles = [\"lb\"]\naddress = \"10.88.0.12\"", "roles = [\"all\"]\naddress = \"10.88.0.12\""), "`all` is the one-server stack"),
-        (good.replace("roles = [\"db\"]\naddress = \"10.88.0.33\"", "roles = [\"app\"]\naddress = \"10.88.0.33\""), "two db nodes"),
-        (good.replace("roles = [\"lb\"]", "roles = [\"proxy\"]"), "unknown variant `proxy`"),
-        (good.replace("name = \"foobar\"", "name = \"foobar\"\npassword = \"x\""), "unknown field `password`"),
+        (
+            good.replace("floating-address = \"10.88.0.10\"", "floating-address = \"10.88.0.11\""),
+            "key `floating-address`",
+        ),
+        (
+            good.replace("floating-address = \"10.88.0.10\"\n", ""),
+            "key `floating-address`",
+        ),
+        (
+            good.replace("name = \"db3\"", "name = \"db2\""),
+            "`db2` names two nodes",
+        ),
+        (
+            good.replace(
+                "roles = [\"lb\"]\naddress = \"10.88.0.12\"",
+                "roles = [\"lb\", \"app\"]\naddress = \"10.88.0.12\"",
+            ),
+            "lb and app on one node",
+        ),
+        (
+            good.replace(
+                "roles = [\"lb\"]\naddress = \"10.88.0.12\"",
+                "roles = [\"all\"]\naddress = \"10.88.0.12\"",
+            ),
+            "`all` is the one-server stack",
+        ),
+        (
+            good.replace(
+                "roles = [\"db\"]\naddress = \"10.88.0.33\"",
+                "roles = [\"app\"]\naddress = \"10.88.0.33\"",
+            ),
+            "two db nodes",
+        ),
+        (
+            good.replace("roles = [\"lb\"]", "roles = [\"proxy\"]"),
+            "unknown variant `proxy`",
+        ),
+        (
+            good.replace("name = \"foobar\"", "name = \"foobar\"\npassword = \"x\""),
+            "unknown field `password`",
+        ),
     ] {
         let err = format!("{:#}", Description::parse(&change).expect_err(expected));
         assert!(err.contains(expected), "expected {expected}: {err}");
     }
     let d = Description::parse(&good).unwrap();
     assert_eq!(d.nodes.len(), 8);
-    assert_eq!(d.roles().iter().map(|r| r.name()).collect::<Vec<_>>(), ["lb", "app", "db"]);
+    assert_eq!(
+        d.roles().iter().map(|r| r.name()).collect::<Vec<_>>(),
+        ["lb", "app", "db"]
+    );
 }
 
 #[test]
 fn galera_starts_a_new_cluster_only_from_the_node_its_own_files_say_may() {
     let peer = Some("10.88.0.32".parse().unwrap());
     let fresh = State::default();
-    let cut_off = State { was_member: true, safe_to_bootstrap: false, view_saved: true };
-    let stopped_last = State { was_member: true, safe_to_bootstrap: true, view_saved: false };
-    let stopped_earlier = State { was_member: true, safe_to_bootstrap: false, view_saved: false };
+    let cut_off = State {
+        was_member: true,
+        safe_to_bootstrap: false,
+        view_saved: true,
+    };
+    let stopped_last = State {
+        was_member: true,
+        safe_to_bootstrap: true,
+        view_saved: false,
+    };
+    let stopped_earlier = State {
+        was_member: true,
+        safe_to_bootstrap: false,
+        view_saved: false,
+    };
     let new = |s: &Start| matches!(s, Start::NewCluster(_));
     // A peer that is Synced in a primary component is always joined, whatever the files say.
     for state in [&fresh, &cut_off, &stopped_last, &stopped_earlier] {
         assert!(!new(&decide(state, true, peer)), "{state:?}");
     }
-    assert!(new(&decide(&fresh, true, None)), "the first db node starts the very first cluster");
+    assert!(
+        new(&decide(&fresh, true, None)),
+        "the first db node starts the very first cluster"
+    );
     assert!(!new(&decide(&fresh, false, None)), "the others wait for it");
-    assert!(!new(&decide(&cut_off, true, None)), "pc.recovery re-forms a cluster cut off by a power failure");
-    assert!(new(&decide(&stopped_last, false, None)), "the node that stopped last starts it again");
-    let both = State { view_saved: true, ..stopped_last.clone() };
-    assert!(new(&decide(&both, false, None)), "stopped last wins over an older saved view");
-    assert!(!new(&decide(&stopped_earlier, true, None)), "a node that stopped earlier would lose the last writes");
+    assert!(
+        !new(&decide(&cut_off, true, None)),
+        "pc.recovery re-forms a cluster cut off by a power failure"
+    );
+    assert!(
+        new(&decide(&stopped_last, false, None)),
+        "the node that stopped last starts it again"
+    );
+    let both = State {
+        view_saved: true,
+        ..stopped_last.clone()
+    };
+    assert!(
+        new(&decide(&both, false, None)),
+        "stopped last wins over an older saved view"
+    );
+    assert!(
+        !new(&decide(&stopped_earlier, true, None)),
+        "a node that stopped earlier would lose the last writes"
+    );
 
     // Galera's own files, as it writes them.
     let dir = support::temp_dir("grastate");
@@ -317,8 +425,19 @@ fn galera_starts_a_new_cluster_only_from_the_node_its_own_files_say_may() {
         "# GALERA saved state\nversion: 2.1\nuuid:    00000000-0000-0000-0000-000000000000\nseqno:   -1\nsafe_to_bootstrap: 0\n",
     )
     .unwrap();
-    std::fs::write(dir.join("gvwstate.dat"), "my_uuid: c5d5d990-30ee-11e4-aab1-46d0ed84b408\n").unwrap();
-    assert_eq!(State { was_member: false, safe_to_bootstrap: false, view_saved: true }, State::read(&dir));
+    std::fs::write(
+        dir.join("gvwstate.dat"),
+        "my_uuid: c5d5d990-30ee-11e4-aab1-46d0ed84b408\n",
+    )
+    .unwrap();
+    assert_eq!(
+        State {
+            was_member: false,
+            safe_to_bootstrap: false,
+            view_saved: true
+        },
+        State::read(&dir)
+    );
 }
 
 #[test]
@@ -328,24 +447,42 @@ fn an_image_for_a_cluster_holds_every_role_it_names_and_a_bad_cluster_key_names_
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster");
     let config = ImageConfig::load(Some(&dir.join("foobar.toml"))).unwrap();
     assert_eq!(config.roles(), ["all", "app", "db", "lb"]);
-    let names: Vec<&str> = roles::resolve(&config.roles(), roles::ROLES).unwrap().iter().map(|c| c.name).collect();
+    let names: Vec<&str> = roles::resolve(&config.roles(), roles::ROLES)
+        .unwrap()
+        .iter()
+        .map(|c| c.name)
+        .collect();
     assert_eq!(
         names,
         ["base", "boot", "access", "firewall", "web", "database", "agent", "balancer", "galera", "cluster"]
     );
-    let lb: Vec<&str> = roles::resolve(&["lb".to_string()], roles::ROLES).unwrap().iter().map(|c| c.name).collect();
+    let lb: Vec<&str> = roles::resolve(&["lb".to_string()], roles::ROLES)
+        .unwrap()
+        .iter()
+        .map(|c| c.name)
+        .collect();
     assert!(!lb.contains(&"database") && !lb.contains(&"web"), "{lb:?}");
 
     let scratch = support::temp_dir("cluster-config");
     let file = scratch.join("foobar.toml");
     std::fs::write(&file, "cluster = \"nowhere.toml\"\n").unwrap();
     let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
-    assert!(err.contains(file.to_str().unwrap()) && err.contains("key `cluster`") && err.contains("nowhere.toml"), "{err}");
-    std::fs::write(scratch.join("c.toml"), "name = \"x\"\nnetwork = \"10.0.0.0/33\"\n[[node]]\nname = \"a\"\nroles = [\"db\"]\naddress = \"10.0.0.2\"\n").unwrap();
+    assert!(
+        err.contains(file.to_str().unwrap()) && err.contains("key `cluster`") && err.contains("nowhere.toml"),
+        "{err}"
+    );
+    std::fs::write(
+        scratch.join("c.toml"),
+        "name = \"x\"\nnetwork = \"10.0.0.0/33\"\n[[node]]\nname = \"a\"\nroles = [\"db\"]\naddress = \"10.0.0.2\"\n",
+    )
+    .unwrap();
     std::fs::write(&file, "cluster = \"c.toml\"\n").unwrap();
     let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
     assert!(err.contains("c.toml") && err.contains("key `network`"), "{err}");
     std::fs::write(&file, "role = []\n").unwrap();
     let err = format!("{:#}", ImageConfig::load(Some(&file)).unwrap_err());
-    assert!(err.contains("key `role`") || err.contains("a role or a list of roles"), "{err}");
+    assert!(
+        err.contains("key `role`") || err.contains("a role or a list of roles"),
+        "{err}"
+    );
 }

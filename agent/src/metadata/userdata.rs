@@ -107,7 +107,10 @@ fn foobar_fragment(fragment: &str, config: &mut InstanceConfig, what: &str) -> a
     }
     if let Some(node) = &fragment.node {
         if !valid_hostname(&node.name) || node.name.contains('.') {
-            bail!("{what}: key `node.name`: expected a node name of the cluster description, got `{}`", node.name);
+            bail!(
+                "{what}: key `node.name`: expected a node name of the cluster description, got `{}`",
+                node.name
+            );
         }
     }
     if let Some(secrets) = &fragment.secrets {

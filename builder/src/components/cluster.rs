@@ -21,7 +21,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
     if let Some((_, text)) = &ctx.config.cluster_description {
         write(root, cluster::DESCRIPTION, text, 0o644)?;
     }
-    write(root, cluster::DEFAULT_ROLES, format!("{}\n", ctx.config.role.join(" ")), 0o644)?;
+    write(
+        root,
+        cluster::DEFAULT_ROLES,
+        format!("{}\n", ctx.config.role.join(" ")),
+        0o644,
+    )?;
     let every_role = [Role::All, Role::Lb, Role::App, Role::Db].into_iter().collect();
     for unit in cluster::services(&every_role) {
         let mut text = format!(
@@ -33,7 +38,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             // An app node reaches the database through its local HAProxy.
             text.push_str("After=haproxy.service\n");
         }
-        write(root, &format!("etc/systemd/system/{unit}.d/foobar-role.conf"), text, 0o644)?;
+        write(
+            root,
+            &format!("etc/systemd/system/{unit}.d/foobar-role.conf"),
+            text,
+            0o644,
+        )?;
     }
     Ok(())
 }

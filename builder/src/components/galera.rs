@@ -13,7 +13,10 @@ pub const COMPONENT: Component = Component {
     name: "galera",
     // rsync: the state transfer to a joining node; lsof: what its script checks the port with.
     packages: &["galera-4", "rsync", "lsof"],
-    instance_files: &["etc/foobar/cluster-users.sql", "etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf"],
+    instance_files: &[
+        "etc/foobar/cluster-users.sql",
+        "etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf",
+    ],
     install,
     ..super::NOTHING
 };
@@ -25,7 +28,11 @@ fn install(_: &Context, root: &Path) -> anyhow::Result<()> {
         include_str!("../../../image/systemd/mariadb-galera.conf"),
         0o644,
     )?;
-    for unit in ["foobar-galera-check.socket", "foobar-galera-check.service", "foobar-cluster-users.service"] {
+    for unit in [
+        "foobar-galera-check.socket",
+        "foobar-galera-check.service",
+        "foobar-cluster-users.service",
+    ] {
         let text = match unit {
             "foobar-galera-check.socket" => include_str!("../../../image/systemd/foobar-galera-check.socket"),
             "foobar-galera-check.service" => include_str!("../../../image/systemd/foobar-galera-check.service"),
