@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use foobar_agent::cluster::Description;
 use foobar_agent::galera::{decide, Start, State};
 
-use crate::support::{self, binary};
+use crate::support;
 
 const PASSWORD: &str = "correct-horse-battery";
 const VRRP: &str = "s3cret42";
@@ -38,18 +38,6 @@ fn root_with(tag: &str, description: &str) -> PathBuf {
     root
 }
 
-fn agent(args: &[&str]) -> (i32, String, String) {
-    let out = std::process::Command::new(binary("foobar-agent"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 /// First boot's two steps: the instance configuration from a NoCloud seed with `user_data`, then `node` (here not run
 /// when the first fails, so that each step's own errors are seen).
 fn first_boot(root: &Path, user_data: &str) -> (i32, String, String) {
@@ -58,7 +46,7 @@ fn first_boot(root: &Path, user_data: &str) -> (i32, String, String) {
     std::fs::write(seed.join("user-data"), user_data).unwrap();
     let dmi = support::temp_dir("node-dmi");
     std::fs::write(dmi.join("sys_vendor"), "QEMU\n").unwrap();
-    let (code, out, err) = agent(&[
+    let (code, out, err) = support::agent_command(&[
         "instance-config",
         "--root",
         root.to_str().unwrap(),
@@ -70,7 +58,7 @@ fn first_boot(root: &Path, user_data: &str) -> (i32, String, String) {
     if code != 0 {
         return (code, out, err);
     }
-    agent(&["node", "--root", root.to_str().unwrap()])
+    support::agent_command(&["node", "--root", root.to_str().unwrap()])
 }
 
 fn read(root: &Path, path: &str) -> String {
@@ -166,7 +154,7 @@ fn an_app_node_gets_nginx_the_agent_and_a_local_database_proxy_with_its_secret_a
     assert!(read(&root, "etc/foobar/nginx-cluster.conf").contains("set_real_ip_from 10.88.0.0/24;"));
     assert!(!root.join("etc/mysql/mariadb.conf.d/99-foobar-cluster.cnf").exists());
     // Every node by name in /etc/hosts, once, also when node runs again.
-    let (code, _, err) = agent(&["node", "--root", root.to_str().unwrap()]);
+    let (code, _, err) = support::agent_command(&["node", "--root", root.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let hosts = read(&root, "etc/hosts");
     assert!(hosts.contains("127.0.0.1 localhost\n"), "{hosts}");
