@@ -439,7 +439,9 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
                  # A joining node copies the whole data directory: a small redo log keeps that short.\n\
                  innodb_log_file_size = 16M\n\
                  # pc.recovery: after a power cut of every node, the last primary component forms again by itself.\n\
-                 wsrep_provider_options = \"pc.recovery=TRUE;gcache.size=32M;gmcast.listen_addr=tcp://{addr}:4567;ist.recv_addr={addr}\"\n",
+                 # evs.suspect_timeout: a node silent for 3 s (3 missed keepalives) is dropped by the others' consensus;\n\
+                 # until then every commit waits. Galera's default is 5 s.\n\
+                 wsrep_provider_options = \"pc.recovery=TRUE;evs.suspect_timeout=PT3S;gcache.size=32M;gmcast.listen_addr=tcp://{addr}:4567;ist.recv_addr={addr}\"\n",
                 name = description.name,
                 addr = node.address,
                 node = node.name,
@@ -492,6 +494,29 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
              # retried for every method, where a reused one would take the request and never answer.\n    \
              option http-server-close\n    \
              timeout server 5s\n    default-server check inter 2s fastinter 1s fall 2 rise 2\n",
+            canonical = host.canonical,
+        ));
+        for app in &apps {
+            haproxy.push_str(&format!("    server {} {}:80\n", app.name, app.address));
+        }
+        // When no app node is ready (the database tier is re-forming, which every app node sees at once), the live
+        // ones still get the requests: they answer once the database does, where HAProxy would answer 503 itself.
+        haproxy.push_str(
+            "    # No app node ready: every live one (its /livez answers), rather than a 503 from here.\n    \
+             option allbackups\n",
+        );
+        for app in &apps {
+            haproxy.push_str(&format!(
+                "    server {name}-live {addr}:80 backup no-check track apps_live/{name}\n",
+                name = app.name,
+                addr = app.address
+            ));
+        }
+        haproxy.push_str(&format!(
+            "\n# Checks only (no traffic): whether each app node's agent lives, for apps_http's backups.\n\
+             backend apps_live\n    mode http\n    option httpchk\n    \
+             http-check send meth GET uri /livez hdr Host {canonical}\n    http-check expect status 200\n    \
+             default-server check inter 2s fastinter 1s fall 2 rise 2\n",
             canonical = host.canonical,
         ));
         for app in &apps {

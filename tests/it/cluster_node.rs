@@ -223,6 +223,8 @@ fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_se
         "server app1 10.88.0.21:80",
         "server app2 10.88.0.22:443 track apps_http/app2",
         "http-request disable-l7-retry if METH_POST",
+        "server app1-live 10.88.0.21:80 backup no-check track apps_live/app1",
+        "http-check send meth GET uri /livez hdr Host www.foobar.com",
     ] {
         assert!(haproxy.contains(line), "{line} missing:\n{haproxy}");
     }

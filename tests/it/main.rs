@@ -10,8 +10,7 @@ mod agent_http;
 mod agent_process;
 mod backup;
 mod builder;
-#[cfg(feature = "cluster-tier")]
-mod cluster;
+mod cluster_tier;
 mod cluster_node;
 mod docs;
 mod e2e;

@@ -134,9 +134,21 @@ impl Cluster {
         )
     }
 
-    /// Whether a TCP connection to ADDR:PORT is accepted from the private network (the namespace's end of it).
-    fn answers(&self, addr: &str, port: u16) -> bool {
+    /// Of PORTS on ADDR, those that accept a TCP connection from the node at FROM (checked there, over SSH).
+    fn answering_from<'a>(&self, from: &str, addr: &str, ports: impl Iterator<Item = &'a u16>) -> Vec<u16> {
+        let ports: Vec<String> = ports.map(|p| p.to_string()).collect();
         // A closed port drops the connection attempt (the firewall's policy): 3 s without an answer is closed.
+        let script = format!(
+            "for p in {}; do timeout 3 bash -c \"exec 3<>/dev/tcp/{addr}/$p\" 2>/dev/null && echo $p; done; true",
+            ports.join(" ")
+        );
+        let (code, out) = self.ssh(from, &script);
+        assert_eq!(code, 0, "ssh to {from}");
+        out.lines().map(|l| l.trim().parse().unwrap()).collect()
+    }
+
+    /// Whether a TCP connection to ADDR:PORT is accepted from the namespace's end of the private network.
+    fn answers(&self, addr: &str, port: u16) -> bool {
         let (code, _) = self.exec(
             "timeout",
             &["3", "bash", "-c", &format!("exec 3<>/dev/tcp/{addr}/{port}")],
@@ -297,6 +309,25 @@ fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// The text without terminal colour sequences (the agent's log lines carry them).
+fn strip_ansi(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            // ESC [ parameters final-letter
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn report(line: String) {
     use std::io::Write as _;
     let _ = writeln!(std::io::stderr(), "{line}");
@@ -339,7 +370,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     );
     let build_secs = start.elapsed().as_secs_f64();
 
-    // Up: every node, one after another, then the site ready through the floating address.
+    // Up: the lb and db nodes one after another; then both app nodes at the same moment, against an empty
+    // database (each would apply the migrations); then the site ready through the floating address.
     let state = dir.join("state");
     let port = support::free_port_block(2);
     let started = Instant::now();
@@ -348,7 +380,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .arg(example("cluster.toml"))
         .arg("--image")
         .arg(&image)
-        .args(["--port", &port.to_string(), "--hold", "app3", "--state"])
+        .args(["--port", &port.to_string()])
+        .args(["--hold", "app1", "--hold", "app2", "--hold", "app3", "--state"])
         .arg(&state)
         .output()
         .unwrap();
@@ -363,6 +396,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         "cluster up: {up_text}{}",
         String::from_utf8_lossy(&up.stderr)
     );
+    cluster.imagebuild(&["cluster", "start", "app1"]);
+    cluster.imagebuild(&["cluster", "start", "app2"]);
     let ready = |c: &Cluster| {
         let s = c.status();
         s["site_readyz"] == 200
@@ -380,7 +415,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     wait_until("every node ready", Duration::from_secs(400), || ready(&cluster));
     let up_secs = started.elapsed().as_secs_f64();
     report(format!(
-        "cluster: image built in {build_secs:.0} s; 7 nodes up and ready in {up_secs:.1} s (one after another)\n{up_text}"
+        "cluster: image built in {build_secs:.0} s; 7 nodes up and ready in {up_secs:.1} s (lb and db nodes one after \
+         another, then both app nodes together)\n{up_text}"
     ));
 
     // Smoke over HTTP and HTTPS through the site's address on the host (the floating address behind it).
@@ -414,22 +450,24 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         "HTTPS through the floating address"
     );
 
-    // Each role's ports only, from the private network.
-    for (node, addr, open, closed) in [
-        ("lb1", "10.88.0.11", &[80u16, 443][..], &[3306u16, 4567, 9200][..]),
-        ("app1", "10.88.0.21", &[80, 443], &[3306, 4567, 9200]),
-        ("db1", "10.88.0.31", &[3306, 4567, 9200], &[80, 443]),
+    // Each role's ports only, checked from another node on the private network.
+    for (from, node, addr, open, closed) in [
+        ("10.88.0.22", "lb1", "10.88.0.11", &[80u16, 443][..], &[3306u16, 4567, 9200][..]),
+        ("10.88.0.12", "app1", "10.88.0.21", &[80, 443], &[3306, 4567, 9200]),
+        ("10.88.0.22", "db1", "10.88.0.31", &[3306, 4567, 9200], &[80, 443]),
     ] {
-        for port in open {
-            assert!(cluster.answers(addr, *port), "{node}: port {port} does not answer");
-        }
-        for port in closed {
-            assert!(
-                !cluster.answers(addr, *port),
-                "{node}: port {port} answers, and its roles do not use it"
-            );
-        }
+        let answering = cluster.answering_from(from, addr, open.iter().chain(closed));
+        assert_eq!(
+            answering,
+            open.to_vec(),
+            "{node}: the ports that answer from {from} (expected exactly its roles' ports)"
+        );
     }
+    // What a role does not run is not there at all.
+    let (code, _) = cluster.ssh("10.88.0.21", "pgrep -x mariadbd");
+    assert_ne!(code, 0, "app1 runs a MariaDB server");
+    let (code, _) = cluster.ssh("10.88.0.31", "pgrep -x nginx");
+    assert_ne!(code, 0, "db1 runs nginx");
     // The migrations ran once for the cluster: both app nodes are ready and the record holds each migration once.
     let user_data = std::fs::read_to_string(state.join("app1.seed/user-data")).unwrap();
     let password = user_data
@@ -464,6 +502,31 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let rows: Vec<&str> = rows.lines().collect();
     assert_eq!(rows.len(), migrations, "every migration recorded: {rows:?}");
     assert!(rows.iter().all(|r| r.ends_with("\t1")), "each migration once: {rows:?}");
+    // Both agents ran the migrations against the same empty database: one applied them all, the other none.
+    let applied: Vec<usize> = ["10.88.0.21", "10.88.0.22"]
+        .iter()
+        .map(|addr| {
+            let (_, log) = cluster.ssh(addr, "sudo journalctl -u foobar-agent -o cat --no-pager");
+            let log = strip_ansi(&log);
+            let line = log
+                .lines()
+                .find(|l| l.contains("schema is current"))
+                .unwrap_or_else(|| panic!("{addr}: its agent logged no migration outcome:\n{log}"));
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix("newly_applied="))
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("{addr}: no count in {line:?}"))
+        })
+        .collect();
+    report(format!(
+        "cluster: app1 and app2 started together on an empty database: they applied {applied:?} migration(s); \
+         the record holds each of the {migrations} once"
+    ));
+    assert_eq!(
+        applied.iter().sum::<usize>(),
+        migrations,
+        "the app nodes applied {applied:?} migrations between them"
+    );
 
     let load = Load::start(&cluster.namespace, 3);
     std::thread::sleep(Duration::from_secs(5));
@@ -586,6 +649,23 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .filter(|o| failed(o))
         .map(|o| o.at.duration_since(cut).as_secs_f64())
         .fold(0.0, f64::max);
+    // Each failed request: when it was sent and when it failed, in seconds after the cut.
+    let timeline: Vec<String> = during
+        .iter()
+        .filter(|o| failed(o))
+        .map(|o| {
+            format!(
+                "{} {:.1}-{:.1} {}",
+                if o.post { "POST" } else { "GET" },
+                o.sent.saturating_duration_since(cut).as_secs_f64(),
+                o.at.duration_since(cut).as_secs_f64(),
+                o.status.map_or("-".to_string(), |s| s.to_string())
+            )
+        })
+        .collect();
+    report(format!(
+        "cluster: db1 killed: failed requests (sent-answered, s after the cut): {timeline:?}"
+    ));
     report(format!(
         "cluster: db1 killed: last failed write {last_failure:.1} s after the cut, writes resumed {}; {}",
         resumed.map_or("without a failure".to_string(), |s| format!("after {s:.1} s")),
