@@ -347,6 +347,8 @@ pub fn stop(dir: &Path, name: &str, power_cut: bool) -> anyhow::Result<()> {
     if !alive(node.pid) {
         return Ok(());
     }
+    // The monitor's connection stays open until QEMU exits: closed right after the command, QEMU may drop it unread.
+    let mut _monitor = None;
     if power_cut {
         // SAFETY: kill of a QEMU this cluster started.
         unsafe { libc::kill(node.pid as i32, libc::SIGKILL) };
@@ -355,6 +357,7 @@ pub fn stop(dir: &Path, name: &str, power_cut: bool) -> anyhow::Result<()> {
         let mut monitor = std::os::unix::net::UnixStream::connect(&node.monitor)
             .with_context(|| format!("{}: cannot reach QEMU's monitor", node.monitor.display()))?;
         monitor.write_all(b"system_powerdown\n")?;
+        _monitor = Some(monitor);
     }
     let deadline = Instant::now() + Duration::from_secs(60);
     while alive(node.pid) {

@@ -666,14 +666,35 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     report(format!(
         "cluster: db1 killed: failed requests (sent-answered, s after the cut): {timeline:?}"
     ));
+    // The write outage: the longest time after the cut with no POST answered 201 (blocked writes answered late count
+    // as out until their answer).
+    let mut answered: Vec<f64> = posts
+        .iter()
+        .filter(|o| o.status == Some(201))
+        .map(|o| o.at.duration_since(cut).as_secs_f64())
+        .collect();
+    answered.sort_by(f64::total_cmp);
+    let outage = answered
+        .iter()
+        .scan(0.0, |prev, at| {
+            let gap = at - *prev;
+            *prev = *at;
+            Some(gap)
+        })
+        .fold(0.0, f64::max);
     report(format!(
-        "cluster: db1 killed: last failed write {last_failure:.1} s after the cut, writes resumed {}; {}",
+        "cluster: db1 killed: no write answered for {outage:.1} s at most; last failed write {last_failure:.1} s after \
+         the cut, writes resumed {}; {}",
         resumed.map_or("without a failure".to_string(), |s| format!("after {s:.1} s")),
         summary(&during)
     ));
     assert!(
         last_failure <= 10.0,
         "writes failed {last_failure:.1} s after the db node died"
+    );
+    assert!(
+        outage <= 10.0,
+        "no write was answered for {outage:.1} s after the db node died"
     );
     for db in ["db2", "db3"] {
         assert_eq!(cluster.node(db)["galera"], "synced", "{db} after db1 died");
