@@ -557,7 +557,9 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
                 name = description.name,
                 iface = INTERFACE_PLACEHOLDER,
                 router = description.router_id,
-                priority = 150 - 10 * rank.min(10),
+                // Near the top: a backup waits 3 adverts plus (256 - priority) / 256 of one before it takes over,
+                // so 253 waits 0.01 s more where 140 would wait 0.45 s.
+                priority = 254 - rank.min(200) as u32,
                 addr = node.address,
                 prefix = network.prefix,
             ),

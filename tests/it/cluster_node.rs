@@ -237,7 +237,7 @@ fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_se
         "unicast_src_ip 10.88.0.12",
         "        10.88.0.11\n",
         VRRP,
-        "priority 140",
+        "priority 253",
     ] {
         assert!(keepalived.contains(line), "{line} missing:\n{keepalived}");
     }

@@ -562,6 +562,24 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         summary(&during)
     );
 
+    // Memory under load, every node running: what each uses of its 768 MiB (MemTotal - MemAvailable), and no
+    // process the kernel killed for want of memory.
+    let mut memory = Vec::new();
+    for node in cluster.status()["nodes"].as_array().unwrap() {
+        let addr = node["address"].as_str().unwrap();
+        let (code, out) = cluster.ssh(
+            addr,
+            "awk '/MemTotal|MemAvailable/ {print $2}' /proc/meminfo; sudo journalctl -k -q --no-pager | grep -c 'Out of memory' || true",
+        );
+        assert_eq!(code, 0, "{addr}: meminfo");
+        let numbers: Vec<u64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
+        let (total, available, ooms) = (numbers[0] / 1024, numbers[1] / 1024, numbers[2]);
+        assert_eq!(ooms, 0, "{addr}: the kernel killed a process for memory");
+        assert!(available >= 64, "{addr}: only {available} MiB left of {total}");
+        memory.push(format!("{} {} MiB", node["name"].as_str().unwrap(), total - available));
+    }
+    report(format!("cluster: memory used under load (of 768 MiB each): {}", memory.join(", ")));
+
     // An app node: a power cut under load.
     let cut = Instant::now();
     cluster.kill("app1");
