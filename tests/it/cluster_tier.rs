@@ -452,7 +452,13 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
 
     // Each role's ports only, checked from another node on the private network.
     for (from, node, addr, open, closed) in [
-        ("10.88.0.22", "lb1", "10.88.0.11", &[80u16, 443][..], &[3306u16, 4567, 9200][..]),
+        (
+            "10.88.0.22",
+            "lb1",
+            "10.88.0.11",
+            &[80u16, 443][..],
+            &[3306u16, 4567, 9200][..],
+        ),
         ("10.88.0.12", "app1", "10.88.0.21", &[80, 443], &[3306, 4567, 9200]),
         ("10.88.0.22", "db1", "10.88.0.31", &[3306, 4567, 9200], &[80, 443]),
     ] {
@@ -578,7 +584,10 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         assert!(available >= 64, "{addr}: only {available} MiB left of {total}");
         memory.push(format!("{} {} MiB", node["name"].as_str().unwrap(), total - available));
     }
-    report(format!("cluster: memory used under load (of 768 MiB each): {}", memory.join(", ")));
+    report(format!(
+        "cluster: memory used under load (of 768 MiB each): {}",
+        memory.join(", ")
+    ));
 
     // An app node: a power cut under load.
     let cut = Instant::now();
