@@ -757,27 +757,29 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     // Every POST answered 201 is there, read through the floating address.
     let created: Vec<i64> = outcomes.iter().filter_map(|o| o.id).collect();
     assert!(created.len() > 20, "too few writes to judge: {}", summary(&outcomes));
-    let reader = std::thread::spawn({
-        let ns = cluster.namespace.clone();
-        move || {
-            enter(&ns);
-            let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
-            created
-                .iter()
-                .filter(|id| {
-                    agent
-                        .get(&format!("http://{FLOATING}/api/posts/{id}"))
-                        .set("Host", SITE)
-                        .call()
-                        .map(|r| r.status())
-                        .ok()
-                        != Some(200)
-                })
-                .copied()
-                .collect::<Vec<i64>>()
-        }
-    });
-    let missing = reader.join().unwrap();
+    // Four readers, each a quarter of the ids.
+    let readers: Vec<_> = created
+        .chunks(created.len().div_ceil(4))
+        .map(|ids| {
+            let (ns, ids) = (cluster.namespace.clone(), ids.to_vec());
+            std::thread::spawn(move || {
+                enter(&ns);
+                let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+                ids.into_iter()
+                    .filter(|id| {
+                        agent
+                            .get(&format!("http://{FLOATING}/api/posts/{id}"))
+                            .set("Host", SITE)
+                            .call()
+                            .map(|r| r.status())
+                            .ok()
+                            != Some(200)
+                    })
+                    .collect::<Vec<i64>>()
+            })
+        })
+        .collect();
+    let missing: Vec<i64> = readers.into_iter().flat_map(|r| r.join().unwrap()).collect();
     report(format!(
         "cluster: {} requests in all ({}), {} posts acknowledged, {} missing",
         outcomes.len(),
