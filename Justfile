@@ -3,19 +3,21 @@
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
 e2e_flag := if env_var_or_default("FOOBAR_E2E", "") == "1" { "--include-ignored" } else { "" }
+cluster_flag := if env_var_or_default("FOOBAR_CLUSTER", "") == "1" { "--include-ignored" } else { "" }
 
 # Install the Debian packages the build and the tests need (idempotent)
 deps:
     scripts/deps.sh
 
-# Run every test; the QEMU tier and the cluster tier (ignored otherwise, and reported so) too when FOOBAR_E2E=1
-# (see `just e2e`). The cluster tier runs last and alone: its failover figures must not share the CPU with builds.
+# Run every test; the QEMU tier too when FOOBAR_E2E=1 (see `just e2e`), the cluster tier too when FOOBAR_CLUSTER=1
+# (as root; each is ignored otherwise, and reported so). The cluster tier runs last and alone: its failover figures
+# must not share the CPU with builds.
 test: deps
     cargo build --workspace
     cargo build --release --workspace
     status=0; \
     cargo test --workspace --no-fail-fast -- {{ e2e_flag }} --skip cluster_tier:: || status=$?; \
-    cargo test -p foobar-tests --test it -- {{ e2e_flag }} --nocapture --test-threads=1 cluster_tier:: || status=$?; \
+    cargo test -p foobar-tests --test it -- {{ cluster_flag }} --nocapture --test-threads=1 cluster_tier:: || status=$?; \
     exit $status
 
 # Load-test the agent against a real MariaDB on this machine: requests/s and p99, median of 3 runs

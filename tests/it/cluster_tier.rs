@@ -334,7 +334,7 @@ fn report(line: String) {
 }
 
 #[test]
-#[ignore = "QEMU tier, as root: eight guests; run with FOOBAR_E2E=1 just test"]
+#[ignore = "cluster tier, as root: eight guests; run with FOOBAR_CLUSTER=1 just test, or just cluster-test"]
 fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node() {
     let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
     // SAFETY: geteuid has no preconditions.
