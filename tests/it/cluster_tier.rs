@@ -46,17 +46,7 @@ impl Drop for Cluster {
 
 impl Cluster {
     fn status(&self) -> Value {
-        let out = Command::new(binary("imagebuild"))
-            .args(["cluster", "status", "--json", "--state"])
-            .arg(&self.state)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "cluster status: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
+        serde_json::from_slice(&self.imagebuild(&["cluster", "status", "--json"])).unwrap()
     }
 
     fn node(&self, name: &str) -> Value {
@@ -69,8 +59,8 @@ impl Cluster {
             .unwrap_or_else(|| panic!("no node {name}"))
     }
 
-    /// `imagebuild ARGS --state STATE`, which must succeed.
-    fn imagebuild(&self, args: &[&str]) {
+    /// `imagebuild ARGS --state STATE`, which must succeed: its stdout.
+    fn imagebuild(&self, args: &[&str]) -> Vec<u8> {
         let out = Command::new(binary("imagebuild"))
             .args(args)
             .arg("--state")
@@ -83,6 +73,7 @@ impl Cluster {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        out.stdout
     }
 
     /// A command on a node over SSH (as admin, from the namespace): (exit code, stdout).
