@@ -31,6 +31,9 @@ pub const DB_PROXY_PORT: u16 = 3306;
 pub const DB_PROXY_ADDRESS: &str = "127.0.0.1";
 /// Where each db node says whether it is `Synced` (HTTP 200) or not (503), for HAProxy's checks.
 pub const GALERA_CHECK_PORT: u16 = 9200;
+/// Where HAProxy's site frontends listen on a node that is lb and app at once (nginx holds 80 and 443 there): the
+/// firewall redirects the floating address's 80 and 443 to them.
+pub const SHARED_LB_PORTS: (u16, u16) = (10080, 10443);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -199,12 +202,6 @@ impl Description {
             }
             if node.roles.contains(&Role::All) {
                 bail!("{key}: key `roles`: `all` is the one-server stack; in a cluster, name the roles (lb, app, db)");
-            }
-            if node.roles.contains(&Role::Lb) && node.roles.contains(&Role::App) {
-                bail!(
-                    "{key}: key `roles`: lb and app on one node is not supported yet (both answer on ports 80 and 443); \
-                     put them on separate nodes"
-                );
             }
         }
         let count = |role| self.nodes.iter().filter(|n| n.roles.contains(&role)).count();
@@ -477,43 +474,28 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
 
     let mut haproxy = String::from(HAPROXY_GLOBAL);
     if roles.contains(&Role::Lb) {
-        haproxy.push_str(
-            "\nfrontend site_http\n    bind :80\n    mode http\n    option httplog\n    default_backend apps_http\n",
-        );
-        haproxy.push_str(
-            "\nfrontend site_https\n    bind :443\n    mode tcp\n    option tcplog\n    default_backend apps_https\n",
-        );
+        let (http, https) = lb_ports(&roles);
         haproxy.push_str(&format!(
-            "\nbackend apps_http\n    mode http\n    balance roundrobin\n    option httpchk\n    \
-             http-check send meth GET uri /readyz hdr Host {canonical}\n    http-check expect status 200\n    \
-             option forwardfor\n    \
-             # A request that met a dead or draining node is sent to another (POSTs only when none of it was sent).\n    \
-             retries 3\n    option redispatch 1\n    retry-on conn-failure empty-response response-timeout 502 503\n    \
-             http-request disable-l7-retry if METH_POST\n    \
-             # A new connection to the app node for each request: one to a dead node fails to connect, which is\n    \
-             # retried for every method, where a reused one would take the request and never answer.\n    \
-             option http-server-close\n    \
-             timeout server 5s\n    default-server check inter 2s fastinter 1s fall 2 rise 2\n",
-            canonical = host.canonical,
+            "\n# The site: HTTP, and HTTPS ended here with the site's certificate (first boot puts it and its key in\n\
+             # {LB_CERTIFICATE}); HTTPS goes on to the app nodes' own HTTPS, so their redirects and HSTS hold.\n\
+             frontend site\n    bind :{http}\n    bind :{https} ssl crt {LB_CERTIFICATE} alpn h2,http/1.1\n    \
+             mode http\n    option httplog\n    \
+             http-request set-header X-Forwarded-Proto https if {{ ssl_fc }}\n    \
+             http-request set-header X-Forwarded-Proto http if !{{ ssl_fc }}\n    \
+             use_backend apps_https if {{ ssl_fc }}\n    default_backend apps_http\n",
         ));
-        for app in &apps {
-            haproxy.push_str(&format!("    server {} {}:80\n", app.name, app.address));
-        }
-        // When no app node is ready (the database tier is re-forming, which every app node sees at once), the live
-        // ones still get the requests: they answer once the database does, where HAProxy would answer 503 itself.
-        haproxy.push_str(
-            "    # No app node ready: every live one (its /livez answers), rather than a 503 from here.\n    \
-             option allbackups\n",
-        );
-        for app in &apps {
-            haproxy.push_str(&format!(
-                "    server {name}-live {addr}:80 backup no-check track apps_live/{name}\n",
-                name = app.name,
-                addr = app.address
-            ));
-        }
+        haproxy.push_str(&apps_backend("apps_http", 80, "", &apps, &host.canonical));
+        haproxy.push_str(&apps_backend(
+            "apps_https",
+            443,
+            // The app nodes' certificates are each its own self-signed one unless the operator gave one: the private
+            // network is the trust here, and the client's name goes on for nginx.
+            " ssl verify none sni ssl_fc_sni",
+            &apps,
+            &host.canonical,
+        ));
         haproxy.push_str(&format!(
-            "\n# Checks only (no traffic): whether each app node's agent lives, for apps_http's backups.\n\
+            "\n# Checks only (no traffic): whether each app node's agent lives, for the backups above.\n\
              backend apps_live\n    mode http\n    option httpchk\n    \
              http-check send meth GET uri /livez hdr Host {canonical}\n    http-check expect status 200\n    \
              default-server check inter 2s fastinter 1s fall 2 rise 2\n",
@@ -521,16 +503,6 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
         ));
         for app in &apps {
             haproxy.push_str(&format!("    server {} {}:80\n", app.name, app.address));
-        }
-        haproxy.push_str(
-            "\nbackend apps_https\n    mode tcp\n    balance roundrobin\n    \
-             # Each server is up when the same node is in apps_http: one health check per node.\n",
-        );
-        for app in &apps {
-            haproxy.push_str(&format!(
-                "    server {} {}:443 track apps_http/{}\n",
-                app.name, app.address, app.name
-            ));
         }
         let password = need(&secrets.vrrp_password, "vrrp-password", "lb")?;
         let floating = description.floating_address.expect("validated: lb nodes need it");
@@ -572,11 +544,12 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
              # to the same node and a migration lock holds across them; a node that is not Synced gets nothing.\n\
              listen database\n    bind {DB_PROXY_ADDRESS}:{DB_PROXY_PORT}\n    mode tcp\n    option tcplog\n    \
              option httpchk GET /\n    http-check expect status 200\n    timeout client 1h\n    timeout server 1h\n    \
-             # A connection the node does not accept within 1 s takes it out at once (no wait for two failed checks)\n    \
-             # and goes to the next node; taken out, its open sessions are closed, so the agent's pool reconnects.\n    \
-             timeout connect 1s\n    retries 2\n    option redispatch 1\n    \
-             default-server check port {GALERA_CHECK_PORT} inter 1s fastinter 500ms fall 2 rise 2 \
-             observe layer4 error-limit 1 on-error mark-down on-marked-down shutdown-sessions\n"
+             # Two connections the node does not accept within 1 s take it out at once (no wait for the checks) and\n    \
+             # go to the next node; taken out, its open sessions are closed, so the agent's pool reconnects. A check\n    \
+             # slower than 3 s fails; three in a row take the node out (one slow answer of a busy node does not).\n    \
+             timeout connect 1s\n    timeout check 3s\n    retries 2\n    option redispatch 1\n    \
+             default-server check port {GALERA_CHECK_PORT} inter 1s fastinter 500ms fall 3 rise 2 \
+             observe layer4 error-limit 2 on-error mark-down on-marked-down shutdown-sessions\n"
         ));
         for (i, db) in dbs.iter().enumerate() {
             let backup = if i == 0 { "" } else { " backup" };
@@ -607,8 +580,67 @@ pub fn render(description: &Description, node: &Node, secrets: &Secrets, host: &
 
 const HAPROXY_GLOBAL: &str = "# foobar: written at first boot from /etc/foobar/cluster.toml\n\
 global\n    log /dev/log local0\n    maxconn 4096\n    user haproxy\n    group haproxy\n    daemon\n    \
-stats socket /run/haproxy/admin.sock mode 660 level admin\n\n\
+stats socket /run/haproxy/admin.sock mode 660 level admin\n    \
+ssl-default-bind-options ssl-min-ver TLSv1.2 no-tls-tickets\n    \
+ssl-default-bind-ciphers ECDHE-ECDSA-AES128-GCM-SHA256:ECDHE-RSA-AES128-GCM-SHA256:ECDHE-ECDSA-AES256-GCM-SHA384:\
+ECDHE-RSA-AES256-GCM-SHA384:ECDHE-ECDSA-CHACHA20-POLY1305:ECDHE-RSA-CHACHA20-POLY1305\n\n\
 defaults\n    log global\n    timeout connect 2s\n    timeout client 60s\n    timeout server 60s\n    timeout check 2s\n";
+
+/// Where an lb node's HAProxy reads the site's certificate and key (one file; first boot writes it, root only).
+pub const LB_CERTIFICATE: &str = "/etc/foobar/tls/lb.pem";
+
+/// An lb node's backend of the app nodes on `port` (`options` on each server, for example TLS): `apps_http` checks
+/// each node's `/readyz`; another backend follows those checks (one check per node). Every app node is also a backup
+/// that follows `apps_live` (`/livez`), for when none is ready.
+fn apps_backend(name: &str, port: u16, options: &str, apps: &[&Node], canonical: &str) -> String {
+    let checked = name == "apps_http";
+    let mut text = format!(
+        "\nbackend {name}\n    mode http\n    balance roundrobin\n    option forwardfor\n    \
+         # A request that met a dead or draining node is sent to another (POSTs only when none of it was sent).\n    \
+         retries 3\n    option redispatch 1\n    retry-on conn-failure empty-response response-timeout 502 503\n    \
+         http-request disable-l7-retry if METH_POST\n    \
+         # A new connection to the app node for each request: one to a dead node fails to connect, which is\n    \
+         # retried for every method, where a reused one would take the request and never answer.\n    \
+         option http-server-close\n    timeout server 5s\n"
+    );
+    if checked {
+        text.push_str(&format!(
+            "    option httpchk\n    http-check send meth GET uri /readyz hdr Host {canonical}\n    \
+             http-check expect status 200\n    default-server check inter 2s fastinter 1s fall 2 rise 2\n"
+        ));
+    }
+    for app in apps {
+        let track = if checked {
+            String::new()
+        } else {
+            format!(" track apps_http/{}", app.name)
+        };
+        text.push_str(&format!(
+            "    server {} {}:{port}{options}{track}\n",
+            app.name, app.address
+        ));
+    }
+    // When no app node is ready (the database tier is re-forming, which every app node sees at once), the live ones
+    // still get the requests: they answer once the database does, where HAProxy would answer 503 itself.
+    text.push_str("    # No app node ready: every live one (its /livez answers), rather than a 503 from here.\n    option allbackups\n");
+    for app in apps {
+        text.push_str(&format!(
+            "    server {name}-live {addr}:{port}{options} backup no-check track apps_live/{name}\n",
+            name = app.name,
+            addr = app.address
+        ));
+    }
+    text
+}
+
+/// The ports of HAProxy's site frontends: 80 and 443, or on a node that also runs nginx (app), `SHARED_LB_PORTS`.
+fn lb_ports(roles: &BTreeSet<Role>) -> (u16, u16) {
+    if roles.contains(&Role::App) {
+        SHARED_LB_PORTS
+    } else {
+        (80, 443)
+    }
+}
 
 /// MariaDB's host pattern for the network: `10.88.0.%` for a /24, otherwise `base/mask`.
 fn mysql_host_pattern(network: Network) -> String {
@@ -660,9 +692,28 @@ pub fn firewall(description: &Description, node: &Node) -> anyhow::Result<String
             "        ip saddr {network} ip protocol 112 accept comment \"VRRP\"\n"
         ));
     }
+    let shared = roles.contains(&Role::Lb) && roles.contains(&Role::App);
+    if shared {
+        text.push_str(&format!(
+            "        tcp dport {{ {}, {} }} ct status dnat accept comment \"the floating address, redirected to HAProxy\"\n",
+            SHARED_LB_PORTS.0, SHARED_LB_PORTS.1
+        ));
+    }
     text.push_str(
         "    }\n    chain forward {\n        type filter hook forward priority filter; policy drop;\n    }\n}\n",
     );
+    if shared {
+        // nginx answers 80 and 443 on every address of the node; the site's own address goes to HAProxy instead.
+        let floating = description
+            .floating_address
+            .context("validated: a cluster with lb nodes has a floating address")?;
+        text.push_str(&format!(
+            "\ntable ip foobar_lb {{\n    chain prerouting {{\n        type nat hook prerouting priority dstnat;\n        \
+             ip daddr {floating} tcp dport 80 redirect to :{}\n        \
+             ip daddr {floating} tcp dport 443 redirect to :{}\n    }}\n}}\n",
+            SHARED_LB_PORTS.0, SHARED_LB_PORTS.1
+        ));
+    }
     Ok(text)
 }
 

@@ -82,24 +82,69 @@ fn fragment(node: &str, secrets: &str) -> String {
     format!("#foobar-config\n[node]\nname = \"{node}\"\n\n[secrets]\n{secrets}")
 }
 
-/// `haproxy -c` on a rendered file, where HAProxy is installed (`scripts/deps.sh` installs it).
+/// `haproxy -c` on a rendered file, where HAProxy is installed (`scripts/deps.sh` installs it). An lb node's file reads
+/// the site's certificate and key from the file first boot makes of them: made here by first boot's own function
+/// (`lb_certificate` in `image/files/firstboot`, run by dash) from a self-signed pair, in the node's root.
 fn haproxy_accepts(root: &Path) {
     if support::which("haproxy").is_none() {
         eprintln!("haproxy is not installed: its own check of the rendered file is skipped");
         return;
     }
+    let mut config = read(root, "etc/haproxy/haproxy.cfg");
+    let pem = root.join(foobar_agent::cluster::LB_CERTIFICATE.trim_start_matches('/'));
+    if config.contains(foobar_agent::cluster::LB_CERTIFICATE) {
+        let (cert, key) = support::self_signed_certificate(&support::temp_dir("node-tls"), &["www.foobar.com"]);
+        let (code, text) = firstboot_function(
+            "lb_certificate",
+            &format!(
+                "ACTIVE_DIR={active} LB_CERTIFICATE={pem} TLS_CERTIFICATE={cert} TLS_KEY={key}",
+                active = root.join("etc/foobar/active").display(),
+                pem = pem.display(),
+                cert = cert.display(),
+                key = key.display()
+            ),
+        );
+        assert_eq!(code, 0, "{text}");
+        let pem_text = std::fs::read_to_string(&pem).unwrap();
+        let expected = std::fs::read_to_string(&cert).unwrap() + &std::fs::read_to_string(&key).unwrap();
+        assert_eq!(pem_text, expected, "the certificate, then its key");
+        assert_eq!(std::fs::metadata(&pem).unwrap().permissions().mode() & 0o777, 0o600);
+        config = config.replace(foobar_agent::cluster::LB_CERTIFICATE, pem.to_str().unwrap());
+    }
+    let file = root.join("haproxy-check.cfg");
+    std::fs::write(&file, &config).unwrap();
     let out = std::process::Command::new("haproxy")
         .args(["-c", "-f"])
-        .arg(root.join("etc/haproxy/haproxy.cfg"))
+        .arg(&file)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "haproxy -c refuses the rendered file: {}{}\n{}",
+        "haproxy -c refuses the rendered file: {}{}\n{config}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr),
-        read(root, "etc/haproxy/haproxy.cfg")
     );
+}
+
+/// One function of `image/files/firstboot`, run by dash after `vars` (shell assignments): its exit code and output.
+fn firstboot_function(name: &str, vars: &str) -> (i32, String) {
+    let script =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../image/files/firstboot")).unwrap();
+    let start = script
+        .find(&format!("\n{name}() {{"))
+        .unwrap_or_else(|| panic!("no {name}() in firstboot"));
+    let end = script[start + 1..].find("\n}\n").unwrap() + start + 4;
+    let body = format!(
+        "say() {{ echo \"say: $*\"; }}\n{}\n{vars}\n{name}\n",
+        &script[start..end]
+    );
+    let out = std::process::Command::new("dash")
+        .arg("-c")
+        .arg(&body)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.code().unwrap_or(-1), text)
 }
 
 #[test]
@@ -218,10 +263,12 @@ fn an_lb_node_balances_on_readyz_and_holds_the_floating_address_with_its_vrrp_se
     let haproxy = read(&root, "etc/haproxy/haproxy.cfg");
     for line in [
         "bind :80",
-        "bind :443",
+        "bind :443 ssl crt /etc/foobar/tls/lb.pem alpn h2,http/1.1",
+        "use_backend apps_https if { ssl_fc }",
         "http-check send meth GET uri /readyz hdr Host www.foobar.com",
         "server app1 10.88.0.21:80",
-        "server app2 10.88.0.22:443 track apps_http/app2",
+        "server app2 10.88.0.22:443 ssl verify none sni ssl_fc_sni track apps_http/app2",
+        "server app2-live 10.88.0.22:443 ssl verify none sni ssl_fc_sni backup no-check track apps_live/app2",
         "http-request disable-l7-retry if METH_POST",
         "server app1-live 10.88.0.21:80 backup no-check track apps_live/app1",
         "http-check send meth GET uri /livez hdr Host www.foobar.com",
@@ -310,13 +357,6 @@ fn a_cluster_description_with_a_mistake_is_refused_naming_the_key() {
         (
             good.replace("name = \"db3\"", "name = \"db2\""),
             "`db2` names two nodes",
-        ),
-        (
-            good.replace(
-                "roles = [\"lb\"]\naddress = \"10.88.0.12\"",
-                "roles = [\"lb\", \"app\"]\naddress = \"10.88.0.12\"",
-            ),
-            "lb and app on one node",
         ),
         (
             good.replace(
@@ -475,4 +515,44 @@ fn an_image_for_a_cluster_holds_every_role_it_names_and_a_bad_cluster_key_names_
         err.contains("key `role`") || err.contains("a role or a list of roles"),
         "{err}"
     );
+}
+
+#[test]
+fn a_combined_node_runs_the_lb_on_other_ports_behind_a_redirect_of_the_floating_address() {
+    let description = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster-combined/cluster.toml"),
+    )
+    .unwrap();
+    let root = root_with("node-combined", &description);
+    let secrets = format!("database-password = \"{PASSWORD}\"\nvrrp-password = \"{VRRP}\"\n");
+    let (code, out, err) = first_boot(&root, &fragment("node2", &secrets));
+    assert_eq!(code, 0, "{out}{err}");
+    let haproxy = read(&root, "etc/haproxy/haproxy.cfg");
+    for line in [
+        "bind :10080",
+        "bind :10443",
+        "listen database",
+        "server node1 10.89.0.11:80",
+    ] {
+        assert!(haproxy.contains(line), "{line} missing:\n{haproxy}");
+    }
+    assert!(!haproxy.contains("bind :80\n"), "{haproxy}");
+    haproxy_accepts(&root);
+    let nft = read(&root, "etc/nftables.conf");
+    for line in [
+        "ip daddr 10.89.0.10 tcp dport 80 redirect to :10080",
+        "ip daddr 10.89.0.10 tcp dport 443 redirect to :10443",
+        "tcp dport { 10080, 10443 } ct status dnat accept",
+    ] {
+        assert!(nft.contains(line), "{line} missing:\n{nft}");
+    }
+    let units = active(&root);
+    for unit in [
+        "haproxy.service",
+        "keepalived.service",
+        "nginx.service",
+        "mariadb.service",
+    ] {
+        assert!(units.iter().any(|u| u == unit), "{unit} not active: {units:?}");
+    }
 }

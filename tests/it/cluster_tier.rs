@@ -780,3 +780,114 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     ));
     assert!(missing.is_empty(), "posts answered 201 but gone: {missing:?}");
 }
+
+#[test]
+#[ignore = "cluster tier, as root: three guests; run with FOOBAR_CLUSTER=1 just test, or just cluster-test"]
+fn the_combined_layout_of_three_machines_each_lb_app_and_db_serves_the_site() {
+    let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the cluster tier makes a network namespace: run it as root"
+    );
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster-combined");
+    let dir = support::temp_dir("combined");
+    let image = dir.join("combined.qcow2");
+    let key = dir.join("id_ed25519");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status();
+    assert!(keygen.unwrap().success(), "ssh-keygen runs");
+    let out = Command::new(binary("imagebuild"))
+        .arg("--out")
+        .arg(&image)
+        .arg("--agent-bin")
+        .arg(release_binary("foobar-agent"))
+        .arg("--config")
+        .arg(examples.join("foobar.toml"))
+        .arg("--ssh-key")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imagebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = dir.join("state");
+    let port = support::free_port_block(2);
+    let started = Instant::now();
+    let up = Command::new(binary("imagebuild"))
+        .args(["cluster", "up"])
+        .arg(examples.join("cluster.toml"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--port", &port.to_string(), "--state"])
+        .arg(&state)
+        .output()
+        .unwrap();
+    let cluster = Cluster {
+        state: state.clone(),
+        namespace: "foobar-combined".into(),
+        key,
+    };
+    let up_text = String::from_utf8_lossy(&up.stdout).into_owned();
+    assert!(
+        up.status.success(),
+        "cluster up: {up_text}{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    wait_until("every node ready", Duration::from_secs(300), || {
+        let s = cluster.status();
+        s["site_readyz"] == 200
+            && s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|n| n["running"] == true && n["readyz"] == 200 && n["galera"] == "synced")
+    });
+    report(format!(
+        "cluster (combined): 3 nodes, each lb, app and db, up and ready in {:.1} s\n{up_text}",
+        started.elapsed().as_secs_f64()
+    ));
+    let smoke = Command::new(binary("imagebuild"))
+        .args([
+            "smoke",
+            &format!("http://127.0.0.1:{port}"),
+            "--host",
+            SITE,
+            "--insecure",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        smoke.status.success(),
+        "smoke through the floating address: {}",
+        String::from_utf8_lossy(&smoke.stdout)
+    );
+    let https = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
+        .arg(format!("{SITE}:{}:127.0.0.1", port + 1))
+        .arg(format!("https://{SITE}:{}/readyz", port + 1))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&https.stdout),
+        "200",
+        "HTTPS through the floating address"
+    );
+    // HAProxy's own ports answer only through the floating address's redirect, never directly.
+    let direct = cluster.answering_from(
+        "10.89.0.12",
+        "10.89.0.11",
+        [80u16, 443, 3306, SHARED_HTTP, SHARED_HTTPS].iter(),
+    );
+    assert_eq!(direct, vec![80, 443, 3306], "node1's ports, from node2");
+}
+
+const SHARED_HTTP: u16 = foobar_agent::cluster::SHARED_LB_PORTS.0;
+const SHARED_HTTPS: u16 = foobar_agent::cluster::SHARED_LB_PORTS.1;

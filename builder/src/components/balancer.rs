@@ -11,7 +11,7 @@ use crate::context::Context;
 pub const COMPONENT: Component = Component {
     name: "balancer",
     packages: &["haproxy", "keepalived"],
-    instance_files: &["etc/keepalived/keepalived.conf"],
+    instance_files: &["etc/keepalived/keepalived.conf", "etc/foobar/tls/lb.pem"],
     install,
     ..super::NOTHING
 };
