@@ -575,6 +575,28 @@ fn each_instance_has_its_own_identity_and_only_ssh_http_https_answer() {
         );
     }
 
+    // Names: the DNS server DHCP names (QEMU's, 10.0.2.3) through systemd-resolved's stub, never the build host's
+    // resolv.conf, which is nowhere in the image.
+    let (code, dns, stderr) = ssh(
+        &a,
+        &built.key,
+        "admin",
+        &[],
+        "readlink /etc/resolv.conf; grep '^nameserver' /etc/resolv.conf; resolvectl dns",
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        dns.starts_with("../run/systemd/resolve/stub-resolv.conf\nnameserver 127.0.0.53") && dns.contains("10.0.2.3"),
+        "{dns}"
+    );
+    let host_resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    for line in host_resolv.lines().filter(|l| l.starts_with("nameserver")) {
+        assert!(
+            !file_contains(&built.raw, line.as_bytes()),
+            "the image holds the build host's `{line}`"
+        );
+    }
+
     // SSH: key login with sudo; no password, no root.
     let (code, _, stderr) = ssh(&a, &built.key, "admin", &[], "sudo -n true");
     assert_eq!(code, 0, "sudo -n true: {stderr}");

@@ -1,5 +1,5 @@
 //! `base`: what every foobar machine has. systemd with its users made at build time, the network by DHCP on every
-//! NIC, the machine's name, the first-boot unit and script (which make what is unique to an instance and write the
+//! NIC with the DNS servers DHCP names (systemd-resolved), the machine's name, the first-boot unit and script (which make what is unique to an instance and write the
 //! marker last), and the package layer's slimming rules.
 
 use std::path::Path;
@@ -11,9 +11,20 @@ use crate::config::ImageConfig;
 use crate::context::Context;
 use crate::process::{cmd, Tool};
 
+/// Where the image's `/etc/resolv.conf` points: systemd-resolved's stub file, written once the network is up.
+pub const RESOLV_CONF_TARGET: &str = "../run/systemd/resolve/stub-resolv.conf";
+
 pub const COMPONENT: Component = Component {
     name: "base",
-    packages: &["systemd-sysv", "udev", "dbus", "e2fsprogs", "fdisk", "iproute2"],
+    packages: &[
+        "systemd-sysv",
+        "udev",
+        "dbus",
+        "e2fsprogs",
+        "fdisk",
+        "iproute2",
+        "systemd-resolved",
+    ],
     config_packages,
     dpkg_rules: DPKG_RULES,
     late_excludes: LATE_EXCLUDES,
@@ -209,6 +220,31 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         include_str!("../../../image/files/dhcp.network"),
         0o644,
     )?;
+
+    // Names: the DNS servers the network's DHCP names, through systemd-resolved's stub on 127.0.0.53. Never the
+    // build host's resolv.conf (which the package layer got from the host for apt): its servers mean nothing where
+    // the image boots. resolved answers on the loopback only: no LLMNR or multicast DNS on the network.
+    enable(
+        root,
+        "systemd-resolved.service",
+        "/lib/systemd/system/systemd-resolved.service",
+        "multi-user.target",
+    )?;
+    write(
+        root,
+        "etc/systemd/resolved.conf.d/foobar.conf",
+        "# foobar: DNS from DHCP, asked on the loopback only\n[Resolve]\nLLMNR=no\nMulticastDNS=no\n",
+        0o644,
+    )?;
+    let resolv = root.join("etc/resolv.conf");
+    match std::fs::remove_file(&resolv) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            return Err(e).with_context(|| format!("cannot remove {}", resolv.display()))
+        }
+        _ => {}
+    }
+    std::os::unix::fs::symlink(RESOLV_CONF_TARGET, &resolv)
+        .with_context(|| format!("cannot link {} to {RESOLV_CONF_TARGET}", resolv.display()))?;
 
     // Identity: a neutral name until the instance's configuration gives one; systemd creates the machine id at
     // first boot when the file is empty.
