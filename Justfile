@@ -49,7 +49,7 @@ cluster: deps
     target/release/imagebuild --config examples/cluster/foobar.toml --out foobar-cluster.qcow2
     target/release/imagebuild cluster up examples/cluster/cluster.toml --image foobar-cluster.qcow2 --hold app3
 
-# The cluster tier alone: builds the example cluster's image, brings it up and cuts nodes under load (as root; ~12 minutes)
+# The cluster tier alone: builds the example cluster's image, brings it up and cuts nodes under load (as root; ~20 minutes)
 cluster-test: deps
     cargo build --workspace
     cargo build --release --workspace

@@ -523,6 +523,7 @@ fn role_all_is_the_one_server_stack_with_its_packages_and_ports() {
             "openssh-server",
             "openssl",
             "sudo",
+            "systemd-resolved",
             "systemd-sysv",
             "uacme",
             "udev",

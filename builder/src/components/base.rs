@@ -236,12 +236,15 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         "# foobar: DNS from DHCP, asked on the loopback only\n[Resolve]\nLLMNR=no\nMulticastDNS=no\n",
         0o644,
     )?;
+    // The package's own switch to the stub kept the host's file beside it, as a backup: neither stays.
     let resolv = root.join("etc/resolv.conf");
-    match std::fs::remove_file(&resolv) {
-        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-            return Err(e).with_context(|| format!("cannot remove {}", resolv.display()))
+    for file in [resolv.clone(), root.join("etc/.resolv.conf.systemd-resolved.bak")] {
+        match std::fs::remove_file(&file) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("cannot remove {}", file.display()))
+            }
+            _ => {}
         }
-        _ => {}
     }
     std::os::unix::fs::symlink(RESOLV_CONF_TARGET, &resolv)
         .with_context(|| format!("cannot link {} to {RESOLV_CONF_TARGET}", resolv.display()))?;
