@@ -19,10 +19,122 @@ use crate::support::{self, binary, release_binary};
 const SITE: &str = "www.foobar.com";
 const FLOATING: &str = "10.88.0.10";
 
-fn example(file: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../examples/cluster")
-        .join(file)
+/// The cluster tier needs root (it makes a network namespace); the QEMU lock is the caller's.
+fn assert_root() {
+    // SAFETY: geteuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "the cluster tier makes a network namespace: run it as root"
+    );
+}
+
+/// A cluster brought up by `imagebuild cluster up`, and what it took.
+struct Up {
+    cluster: Cluster,
+    /// The site on the host: HTTP here, HTTPS at the next port.
+    port: u16,
+    build_secs: f64,
+    /// When `cluster up` began.
+    started: Instant,
+    /// What `cluster up` printed.
+    text: String,
+}
+
+/// Builds `examples/EXAMPLE`'s image (`foobar.toml`) with a new admin key and brings up its `cluster.toml` in the
+/// namespace `foobar-NAME`, holding the nodes `hold`.
+fn bring_up(example: &str, namespace: &str, hold: &[&str]) -> Up {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(example);
+    let dir = support::temp_dir(example);
+    let image = dir.join(format!("{example}.qcow2"));
+    let key = dir.join("id_ed25519");
+    let keygen = Command::new("ssh-keygen")
+        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+        .arg(&key)
+        .status();
+    assert!(keygen.unwrap().success(), "ssh-keygen runs");
+    let start = Instant::now();
+    let out = Command::new(binary("imagebuild"))
+        .arg("--out")
+        .arg(&image)
+        .arg("--agent-bin")
+        .arg(release_binary("foobar-agent"))
+        .arg("--config")
+        .arg(examples.join("foobar.toml"))
+        .arg("--ssh-key")
+        .arg(key.with_extension("pub"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "imagebuild: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let build_secs = start.elapsed().as_secs_f64();
+    let state = dir.join("state");
+    let port = support::free_port_block(2);
+    let started = Instant::now();
+    let mut up = Command::new(binary("imagebuild"));
+    up.args(["cluster", "up"])
+        .arg(examples.join("cluster.toml"))
+        .arg("--image")
+        .arg(&image)
+        .args(["--port", &port.to_string()]);
+    for node in hold {
+        up.args(["--hold", node]);
+    }
+    let out = up.arg("--state").arg(&state).output().unwrap();
+    let cluster = Cluster {
+        state,
+        namespace: namespace.into(),
+        key,
+    };
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cluster up: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Up {
+        cluster,
+        port,
+        build_secs,
+        started,
+        text,
+    }
+}
+
+/// `imagebuild smoke` through the site's address on the host (the floating address behind it), HTTP and HTTPS,
+/// and `/readyz` over HTTPS with the site's name as TLS's server name (nginx refuses a handshake for any other).
+fn smoke_through_floating_address(port: u16) {
+    let smoke = Command::new(binary("imagebuild"))
+        .args([
+            "smoke",
+            &format!("http://127.0.0.1:{port}"),
+            "--host",
+            SITE,
+            "--insecure",
+            "--format",
+            "json",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        smoke.status.success(),
+        "smoke through the floating address: {}",
+        String::from_utf8_lossy(&smoke.stdout)
+    );
+    let https = Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
+        .arg(format!("{SITE}:{}:127.0.0.1", port + 1))
+        .arg(format!("https://{SITE}:{}/readyz", port + 1))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&https.stdout),
+        "200",
+        "HTTPS through the floating address"
+    );
 }
 
 /// A command on the node at ADDR over SSH, as admin with KEY, from the namespace: (exit code, stdout).
@@ -355,65 +467,16 @@ fn report(line: String) {
 #[ignore = "cluster tier, as root: eight guests; run with FOOBAR_CLUSTER=1 just test, or just cluster-test"]
 fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node() {
     let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the cluster tier makes a network namespace: run it as root"
-    );
-    let dir = support::temp_dir("cluster");
-    let image = dir.join("cluster.qcow2");
-    let key = dir.join("id_ed25519");
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status();
-    assert!(keygen.unwrap().success(), "ssh-keygen runs");
-    let start = Instant::now();
-    let out = Command::new(binary("imagebuild"))
-        .arg("--out")
-        .arg(&image)
-        .arg("--agent-bin")
-        .arg(release_binary("foobar-agent"))
-        .arg("--config")
-        .arg(example("foobar.toml"))
-        .arg("--ssh-key")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "imagebuild: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let build_secs = start.elapsed().as_secs_f64();
-
+    assert_root();
     // Up: the lb and db nodes one after another; then both app nodes at the same moment, against an empty
     // database (each would apply the migrations); then the site ready through the floating address.
-    let state = dir.join("state");
-    let port = support::free_port_block(2);
-    let started = Instant::now();
-    let up = Command::new(binary("imagebuild"))
-        .args(["cluster", "up"])
-        .arg(example("cluster.toml"))
-        .arg("--image")
-        .arg(&image)
-        .args(["--port", &port.to_string()])
-        .args(["--hold", "app1", "--hold", "app2", "--hold", "app3", "--state"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let cluster = Cluster {
-        state: state.clone(),
-        namespace: "foobar-foobar".into(),
-        key: key.clone(),
-    };
-    let up_text = String::from_utf8_lossy(&up.stdout).into_owned();
-    assert!(
-        up.status.success(),
-        "cluster up: {up_text}{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    let Up {
+        cluster,
+        port,
+        build_secs,
+        started,
+        text: up_text,
+    } = bring_up("cluster", "foobar-foobar", &["app1", "app2", "app3"]);
     cluster.imagebuild(&["cluster", "start", "app1"]);
     cluster.imagebuild(&["cluster", "start", "app2"]);
     let ready = |c: &Cluster| {
@@ -437,36 +500,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
          another, then both app nodes together)\n{up_text}"
     ));
 
-    // Smoke over HTTP and HTTPS through the site's address on the host (the floating address behind it).
-    let smoke = Command::new(binary("imagebuild"))
-        .args([
-            "smoke",
-            &format!("http://127.0.0.1:{port}"),
-            "--host",
-            SITE,
-            "--insecure",
-            "--format",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    let smoke_text = String::from_utf8_lossy(&smoke.stdout).into_owned();
-    assert!(
-        smoke.status.success(),
-        "smoke through the floating address: {smoke_text}"
-    );
-    // The site's name as TLS's server name too: nginx refuses a handshake for any other.
-    let https = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
-        .arg(format!("{SITE}:{}:127.0.0.1", port + 1))
-        .arg(format!("https://{SITE}:{}/readyz", port + 1))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&https.stdout),
-        "200",
-        "HTTPS through the floating address"
-    );
+    smoke_through_floating_address(port);
     // TLS ends on the lb nodes: the floating address shows an lb node's certificate, not an app node's.
     let fingerprint = |command: &str, on: Option<&str>| -> String {
         let (code, out) = match on {
@@ -526,7 +560,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let (code, _) = cluster.ssh("10.88.0.31", "pgrep -x nginx");
     assert_ne!(code, 0, "db1 runs nginx");
     // The migrations ran once for the cluster: both app nodes are ready and the record holds each migration once.
-    let user_data = std::fs::read_to_string(state.join("app1.seed/user-data")).unwrap();
+    let user_data = std::fs::read_to_string(cluster.state.join("app1.seed/user-data")).unwrap();
     let password = user_data
         .lines()
         .find_map(|l| l.strip_prefix("database-password = "))
@@ -882,60 +916,14 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
 #[ignore = "cluster tier, as root: three guests; run with FOOBAR_CLUSTER=1 just test, or just cluster-test"]
 fn the_combined_layout_of_three_machines_each_lb_app_and_db_serves_the_site() {
     let _one = crate::e2e::QEMU.lock().unwrap_or_else(|e| e.into_inner());
-    // SAFETY: geteuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::geteuid() },
-        0,
-        "the cluster tier makes a network namespace: run it as root"
-    );
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/cluster-combined");
-    let dir = support::temp_dir("combined");
-    let image = dir.join("combined.qcow2");
-    let key = dir.join("id_ed25519");
-    let keygen = Command::new("ssh-keygen")
-        .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-        .arg(&key)
-        .status();
-    assert!(keygen.unwrap().success(), "ssh-keygen runs");
-    let out = Command::new(binary("imagebuild"))
-        .arg("--out")
-        .arg(&image)
-        .arg("--agent-bin")
-        .arg(release_binary("foobar-agent"))
-        .arg("--config")
-        .arg(examples.join("foobar.toml"))
-        .arg("--ssh-key")
-        .arg(key.with_extension("pub"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "imagebuild: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let state = dir.join("state");
-    let port = support::free_port_block(2);
-    let started = Instant::now();
-    let up = Command::new(binary("imagebuild"))
-        .args(["cluster", "up"])
-        .arg(examples.join("cluster.toml"))
-        .arg("--image")
-        .arg(&image)
-        .args(["--port", &port.to_string(), "--state"])
-        .arg(&state)
-        .output()
-        .unwrap();
-    let cluster = Cluster {
-        state: state.clone(),
-        namespace: "foobar-combined".into(),
-        key,
-    };
-    let up_text = String::from_utf8_lossy(&up.stdout).into_owned();
-    assert!(
-        up.status.success(),
-        "cluster up: {up_text}{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
+    assert_root();
+    let Up {
+        cluster,
+        port,
+        started,
+        text: up_text,
+        ..
+    } = bring_up("cluster-combined", "foobar-combined", &[]);
     wait_until("every node ready", Duration::from_secs(300), || {
         let s = cluster.status();
         s["site_readyz"] == 200
@@ -949,34 +937,7 @@ fn the_combined_layout_of_three_machines_each_lb_app_and_db_serves_the_site() {
         "cluster (combined): 3 nodes, each lb, app and db, up and ready in {:.1} s\n{up_text}",
         started.elapsed().as_secs_f64()
     ));
-    let smoke = Command::new(binary("imagebuild"))
-        .args([
-            "smoke",
-            &format!("http://127.0.0.1:{port}"),
-            "--host",
-            SITE,
-            "--insecure",
-            "--format",
-            "json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        smoke.status.success(),
-        "smoke through the floating address: {}",
-        String::from_utf8_lossy(&smoke.stdout)
-    );
-    let https = Command::new("curl")
-        .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}", "--resolve"])
-        .arg(format!("{SITE}:{}:127.0.0.1", port + 1))
-        .arg(format!("https://{SITE}:{}/readyz", port + 1))
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&https.stdout),
-        "200",
-        "HTTPS through the floating address"
-    );
+    smoke_through_floating_address(port);
     // HAProxy's own ports answer only through the floating address's redirect, never directly.
     let direct = cluster.answering_from(
         "10.89.0.12",
