@@ -34,6 +34,10 @@ pub const GALERA_CHECK_PORT: u16 = 9200;
 /// Where HAProxy's site frontends listen on a node that is lb and app at once (nginx holds 80 and 443 there): the
 /// firewall redirects the floating address's 80 and 443 to them.
 pub const SHARED_LB_PORTS: (u16, u16) = (10080, 10443);
+/// How often the lb nodes ask each app node's `/readyz` while it is up or down, and how many answers of 200 in a row
+/// put a node (back) into rotation: a node ready now gets requests within `(rise + 1) * interval` seconds.
+pub const APP_CHECK_INTERVAL_SECS: u64 = 2;
+pub const APP_CHECK_RISE: u64 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -606,7 +610,8 @@ fn apps_backend(name: &str, port: u16, options: &str, apps: &[&Node], canonical:
     if checked {
         text.push_str(&format!(
             "    option httpchk\n    http-check send meth GET uri /readyz hdr Host {canonical}\n    \
-             http-check expect status 200\n    default-server check inter 2s fastinter 1s fall 2 rise 2\n"
+             http-check expect status 200\n    default-server check inter {APP_CHECK_INTERVAL_SECS}s fastinter 1s fall 2 \
+             rise {APP_CHECK_RISE}\n"
         ));
     }
     for app in apps {

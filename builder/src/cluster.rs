@@ -46,6 +46,9 @@ pub struct NodeState {
     pub monitor: PathBuf,
     pub serial: PathBuf,
     pub memory_mib: u32,
+    /// The image its disk is an overlay of (`up`'s, or a rollout's).
+    #[serde(default)]
+    pub image: PathBuf,
 }
 
 pub struct Up {
@@ -234,22 +237,8 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         let tap = format!("tap{i}");
         ip(&["tuntap", "add", &tap, "mode", "tap"])?;
         ip(&["link", "set", &tap, "master", "br0", "up"])?;
-        // Each node's own disk: a copy-on-write overlay of the image, kept across its restarts (`cluster start`).
-        let disk = plan.state.join(format!("{}.qcow2", node.name));
         let image = std::fs::canonicalize(&plan.image)?;
-        cmd("qemu-img")
-            .args([
-                "create",
-                "-q",
-                "-f",
-                "qcow2",
-                "-F",
-                crate::boot::image_format(&image),
-                "-b",
-            ])
-            .arg(&image)
-            .arg(&disk)
-            .run()?;
+        overlay(&image, &plan.state.join(format!("{}.qcow2", node.name)))?;
         seed(&plan.state, &node.name, &secrets)?;
         let mut node_state = NodeState {
             name: node.name.clone(),
@@ -261,6 +250,7 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
             monitor: plan.state.join(format!("{}.monitor", node.name)),
             serial: plan.state.join(format!("{}.serial.log", node.name)),
             memory_mib: plan.memory_mib,
+            image,
         };
         if plan.hold.contains(&node.name) {
             println!(
@@ -291,6 +281,23 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         );
     }
     Ok(state)
+}
+
+/// A node's own disk: a copy-on-write overlay of the image, kept across its restarts (`cluster start`).
+fn overlay(image: &Path, disk: &Path) -> anyhow::Result<()> {
+    cmd("qemu-img")
+        .args([
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-F",
+            crate::boot::image_format(image),
+            "-b",
+        ])
+        .arg(image)
+        .arg(disk)
+        .run()
 }
 
 /// Boots a node from its own disk in the state directory; its QEMU's pid.
@@ -399,6 +406,235 @@ pub fn alive(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
+/// `cluster rollout`: the app nodes moved to a new image one at a time, without a failed request.
+pub struct Rollout {
+    pub state: PathBuf,
+    pub image: PathBuf,
+    /// Seconds each new node may take from its start until it is ready and passes the read-only smoke checks.
+    pub node_timeout: u64,
+    /// The site's canonical name, sent as Host with the health requests and the smoke checks.
+    pub host: String,
+}
+
+/// What a rollout did: the nodes that now run the new image, and the free slots that hold it unbooted.
+#[derive(Debug, Default)]
+pub struct RolledOut {
+    pub replaced: Vec<String>,
+    pub spare: Vec<String>,
+}
+
+/// Replaces every running app node that runs another image, one at a time: a free app slot (a node of the
+/// description that is not running) boots from the new image; once it is ready and passes the read-only smoke checks,
+/// and the load balancers' checks have had time to put it into rotation, one old node is stopped by its power button
+/// (it drains: `/readyz` 503 while it serves on, then stops) and its slot is the next one's. A new node that is not
+/// ready within the limit is removed (its slot's disk is put back) and the rollout stops with an error; the old nodes
+/// were not touched and keep serving. At the end the free slots hold the new image, unbooted.
+pub fn rollout(plan: &Rollout, mut say: impl FnMut(&str)) -> anyhow::Result<RolledOut> {
+    if !plan.image.is_file() {
+        bail!(
+            "--image {}: no such image; build one with `imagebuild --config ... --out` (the same cluster description)",
+            plan.image.display()
+        );
+    }
+    let image = std::fs::canonicalize(&plan.image)?;
+    let mut state = load_state(&plan.state)?;
+    let app_only = |n: &NodeState| n.roles.iter().all(|r| r == "app") && !n.roles.is_empty();
+    if let Some(node) = state
+        .nodes
+        .iter()
+        .find(|n| n.roles.iter().any(|r| r == "app") && !app_only(n))
+    {
+        bail!(
+            "node `{}` is {}: `cluster rollout` replaces nodes whose only role is app (the others hold the floating \
+             address or a database: replace those one at a time with `cluster stop` and `cluster start`, see the README)",
+            node.name,
+            node.roles.join("+")
+        );
+    }
+    let mut old: Vec<String> = state
+        .nodes
+        .iter()
+        .filter(|n| app_only(n) && alive(n.pid) && n.image != image)
+        .map(|n| n.name.clone())
+        .collect();
+    let mut free: Vec<String> = state
+        .nodes
+        .iter()
+        .filter(|n| app_only(n) && !alive(n.pid))
+        .map(|n| n.name.clone())
+        .collect();
+    if old.is_empty() {
+        say(&format!("every running app node runs {} already", image.display()));
+        return Ok(RolledOut::default());
+    }
+    if free.is_empty() {
+        bail!(
+            "every app node runs ({}): a rollout boots each new node in a free app slot before it stops an old one; \
+             describe one more app node and hold it (`cluster up --hold NAME`), or stop one (`cluster stop {}`)",
+            old.join(", "),
+            old[old.len() - 1]
+        );
+    }
+    let has_lb = state.nodes.iter().any(|n| n.roles.iter().any(|r| r == "lb"));
+    let mut done = RolledOut::default();
+    while !old.is_empty() {
+        let slot = free.remove(0);
+        let leaving = old.remove(0);
+        let started = Instant::now();
+        say(&format!("{slot}: booting {}", image.display()));
+        let index = state
+            .nodes
+            .iter()
+            .position(|n| n.name == slot)
+            .expect("a node of the state");
+        let disk = plan.state.join(format!("{slot}.qcow2"));
+        let kept = plan.state.join(format!("{slot}.qcow2.before-rollout"));
+        std::fs::rename(&disk, &kept).with_context(|| format!("cannot move {} aside", disk.display()))?;
+        let previous = state.nodes[index].clone();
+        let booted = overlay(&image, &disk).and_then(|()| start_node(&plan.state, &state.namespace, &previous));
+        let pid = match booted {
+            Ok(pid) => pid,
+            Err(e) => {
+                let _ = std::fs::rename(&kept, &disk);
+                return Err(e.context(format!("{slot}: cannot boot the new image")));
+            }
+        };
+        state.nodes[index].pid = pid;
+        state.nodes[index].image = image.clone();
+        save_state(&plan.state, &state)?;
+
+        let deadline = started + Duration::from_secs(plan.node_timeout);
+        if let Err(why) = wait_ready_and_smoke(&state, &state.nodes[index], &plan.host, deadline) {
+            // The new node goes; its slot is as it was; nothing else was touched.
+            // SAFETY: kill of a QEMU this rollout started.
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            while alive(pid) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = std::fs::remove_file(&disk);
+            std::fs::rename(&kept, &disk).with_context(|| format!("cannot put {} back", disk.display()))?;
+            state.nodes[index] = NodeState { pid: 0, ..previous };
+            save_state(&plan.state, &state)?;
+            let serving: Vec<&str> = state
+                .nodes
+                .iter()
+                .filter(|n| app_only(n) && alive(n.pid))
+                .map(|n| n.name.as_str())
+                .collect();
+            bail!(
+                "rollout stopped: {slot} on {} {why}; it was removed and {slot}'s disk put back as it was; {} keep \
+                 serving (nodes replaced before it: {}); its console: {}",
+                image.display(),
+                serving.join(", "),
+                if done.replaced.is_empty() {
+                    "none".to_string()
+                } else {
+                    done.replaced.join(", ")
+                },
+                state.nodes[index].serial.display()
+            );
+        }
+        let _ = std::fs::remove_file(&kept);
+        say(&format!(
+            "{slot}: ready and smoke-checked {:.1} s after its start",
+            started.elapsed().as_secs_f64()
+        ));
+        if has_lb {
+            let wait = (foobar_agent::cluster::APP_CHECK_RISE + 1) * foobar_agent::cluster::APP_CHECK_INTERVAL_SECS;
+            say(&format!(
+                "{slot}: {wait} s for the load balancers' checks to send it requests"
+            ));
+            std::thread::sleep(Duration::from_secs(wait));
+        }
+        say(&format!("{leaving}: draining and stopping (power button)"));
+        let stopping = Instant::now();
+        stop(&plan.state, &leaving, false)?;
+        say(&format!(
+            "{leaving}: off after {:.1} s",
+            stopping.elapsed().as_secs_f64()
+        ));
+        done.replaced.push(slot);
+        free.push(leaving);
+    }
+    // The free slots hold the new image too, so that `cluster start` boots it.
+    for slot in free {
+        let index = state
+            .nodes
+            .iter()
+            .position(|n| n.name == slot)
+            .expect("a node of the state");
+        if state.nodes[index].image != image {
+            let disk = plan.state.join(format!("{slot}.qcow2"));
+            std::fs::remove_file(&disk).with_context(|| format!("cannot remove {}", disk.display()))?;
+            overlay(&image, &disk)?;
+            state.nodes[index].image = image.clone();
+            save_state(&plan.state, &state)?;
+        }
+        done.spare.push(slot);
+    }
+    Ok(done)
+}
+
+/// Waits until the node's `/readyz` answers 200 (asked on its own address), then runs the read-only smoke checks
+/// against it; the reason when either does not happen before the deadline.
+fn wait_ready_and_smoke(state: &State, node: &NodeState, host: &str, deadline: Instant) -> Result<(), String> {
+    let url = format!("http://{}/readyz", node.address);
+    loop {
+        if !alive(node.pid) {
+            return Err("stopped before it was ready (its QEMU exited)".to_string());
+        }
+        let last = get_in(&state.namespace, &url, host);
+        if last.0 == 200 {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "was not ready within the limit (its /readyz answered {}{})",
+                last.0,
+                if last.1.trim().is_empty() {
+                    String::new()
+                } else {
+                    format!(": {}", last.1.trim())
+                }
+            ));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find imagebuild itself for the smoke checks: {e}"))?;
+    let out = in_namespace(&state.namespace, &exe.to_string_lossy())
+        .args([
+            "smoke",
+            &format!("http://{}", node.address),
+            "--host",
+            host,
+            "--read-only",
+            "--insecure",
+            "--format",
+            "json",
+        ])
+        .output_lossy();
+    let report: serde_json::Value = serde_json::from_slice(&out)
+        .map_err(|_| "failed the read-only smoke checks (they gave no report)".to_string())?;
+    let failed: Vec<String> = report["checks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|c| c["status"] == "fail")
+        .map(|c| {
+            format!(
+                "{}: {}",
+                c["name"].as_str().unwrap_or("?"),
+                c["detail"].as_str().unwrap_or("")
+            )
+        })
+        .collect();
+    if report["passed"].as_u64().unwrap_or(0) == 0 || !failed.is_empty() {
+        return Err(format!("failed the read-only smoke checks ({})", failed.join("; ")));
+    }
+    Ok(())
+}
+
 /// One node as `status` shows it.
 #[derive(Debug, Serialize)]
 pub struct NodeStatus {
@@ -412,6 +648,9 @@ pub struct NodeStatus {
     /// App nodes: `/readyz`'s status code (0: no answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readyz: Option<u16>,
+    /// App nodes: the build `/healthz` names (its `version`), when it answers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
     /// Db nodes: what its Galera check says (`synced`, `not synced: ...`, or `no answer`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub galera: Option<String>,
@@ -464,6 +703,10 @@ pub fn status(dir: &Path, host: &str) -> anyhow::Result<Status> {
                 monitor: n.monitor.clone(),
                 running,
                 readyz: has("app").then(|| get_in(&state.namespace, &format!("http://{}/readyz", n.address), host).0),
+                version: has("app")
+                    .then(|| get_in(&state.namespace, &format!("http://{}/healthz", n.address), host).1)
+                    .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
+                    .and_then(|doc| doc["version"].as_str().map(str::to_string)),
                 galera: has("db").then(|| {
                     match get_in(
                         &state.namespace,

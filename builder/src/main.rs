@@ -165,6 +165,21 @@ enum ClusterCommand {
         #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
         state: PathBuf,
     },
+    /// Move the app nodes to a new image one at a time, without a failed request: a free app slot boots the new
+    /// image; once it is ready and passes the read-only smoke checks, an old node drains and stops; repeat
+    Rollout {
+        /// The new image (built with the same cluster description)
+        #[arg(long, value_name = "IMAGE")]
+        image: PathBuf,
+        /// Seconds each new node may take to be ready and pass the smoke checks; past it the rollout stops
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// The site's canonical name, sent as Host with the health requests and the smoke checks
+        #[arg(long, default_value = "www.foobar.com")]
+        host: String,
+        #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
+        state: PathBuf,
+    },
     /// Stop every node and helper of the cluster and remove its network namespace
     Down {
         #[arg(long, value_name = "DIR", default_value = foobar_builder::cluster::DEFAULT_STATE)]
@@ -444,6 +459,9 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                     if let Some(code) = n.readyz {
                         line.push_str(&format!(", /readyz {code}"));
                     }
+                    if let Some(version) = &n.version {
+                        line.push_str(&format!(", version {version}"));
+                    }
                     if let Some(galera) = &n.galera {
                         line.push_str(&format!(", galera {galera}"));
                     }
@@ -460,6 +478,33 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Stop { node, power_cut, state } => {
             cluster::stop(&state, &node, power_cut)?;
             println!("{node}: {}", if power_cut { "power cut" } else { "powered off" });
+            Ok(())
+        }
+        ClusterCommand::Rollout {
+            image,
+            timeout,
+            host,
+            state,
+        } => {
+            let plan = cluster::Rollout {
+                state,
+                image,
+                node_timeout: timeout,
+                host,
+            };
+            let done = cluster::rollout(&plan, |line| println!("{line}"))?;
+            if !done.replaced.is_empty() {
+                println!(
+                    "rollout done: {} run {}{}",
+                    done.replaced.join(", "),
+                    plan.image.display(),
+                    if done.spare.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({} hold it, not running)", done.spare.join(", "))
+                    }
+                );
+            }
             Ok(())
         }
         ClusterCommand::Down { state } => {

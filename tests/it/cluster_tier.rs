@@ -41,42 +41,70 @@ struct Up {
     text: String,
 }
 
-/// Builds `examples/EXAMPLE`'s image (`foobar.toml`) with a new admin key and brings up its `cluster.toml` in the
-/// namespace `foobar-NAME`, holding the nodes `hold`.
-fn bring_up(example: &str, namespace: &str, hold: &[&str]) -> Up {
-    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(example);
-    let dir = support::temp_dir(example);
-    let image = dir.join(format!("{example}.qcow2"));
+/// An example's working directory: a new admin key there, and the example's own files.
+struct Example {
+    name: String,
+    files: PathBuf,
+    dir: PathBuf,
+    key: PathBuf,
+}
+
+fn example(name: &str) -> Example {
+    let files = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples").join(name);
+    let dir = support::temp_dir(name);
     let key = dir.join("id_ed25519");
     let keygen = Command::new("ssh-keygen")
         .args(["-q", "-t", "ed25519", "-N", "", "-f"])
         .arg(&key)
         .status();
     assert!(keygen.unwrap().success(), "ssh-keygen runs");
+    Example {
+        name: name.into(),
+        files,
+        dir,
+        key,
+    }
+}
+
+/// `imagebuild --config CONFIG --out IMAGE` with the example's key and AGENT: the seconds it took.
+fn build_image(example: &Example, config: &Path, image: &Path, agent: &Path) -> f64 {
     let start = Instant::now();
     let out = Command::new(binary("imagebuild"))
         .arg("--out")
-        .arg(&image)
+        .arg(image)
         .arg("--agent-bin")
-        .arg(release_binary("foobar-agent"))
+        .arg(agent)
         .arg("--config")
-        .arg(examples.join("foobar.toml"))
+        .arg(config)
         .arg("--ssh-key")
-        .arg(key.with_extension("pub"))
+        .arg(example.key.with_extension("pub"))
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "imagebuild: {}",
+        "imagebuild {}: {}",
+        config.display(),
         String::from_utf8_lossy(&out.stderr)
     );
-    let build_secs = start.elapsed().as_secs_f64();
-    let state = dir.join("state");
+    start.elapsed().as_secs_f64()
+}
+
+/// Builds the example's image (`foobar.toml`) and brings up its `cluster.toml` in the namespace `foobar-NAME`,
+/// holding the nodes `hold`.
+fn bring_up(example: &Example, namespace: &str, hold: &[&str]) -> Up {
+    let image = example.dir.join(format!("{}.qcow2", example.name));
+    let build_secs = build_image(
+        example,
+        &example.files.join("foobar.toml"),
+        &image,
+        &release_binary("foobar-agent"),
+    );
+    let state = example.dir.join("state");
     let port = support::free_port_block(2);
     let started = Instant::now();
     let mut up = Command::new(binary("imagebuild"));
     up.args(["cluster", "up"])
-        .arg(examples.join("cluster.toml"))
+        .arg(example.files.join("cluster.toml"))
         .arg("--image")
         .arg(&image)
         .args(["--port", &port.to_string()]);
@@ -87,7 +115,7 @@ fn bring_up(example: &str, namespace: &str, hold: &[&str]) -> Up {
     let cluster = Cluster {
         state,
         namespace: namespace.into(),
-        key,
+        key: example.key.clone(),
     };
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
@@ -102,6 +130,52 @@ fn bring_up(example: &str, namespace: &str, hold: &[&str]) -> Up {
         started,
         text,
     }
+}
+
+/// Another build of the agent: this checkout's commit plus one more, which adds the migration `file` (so its version
+/// names another commit), built in a target directory seeded from this one's release build (so only the agent
+/// compiles again). The binary and its version.
+fn agent_with_migration(dir: &Path, file: &str, sql: &str) -> (PathBuf, String) {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let source = dir.join("source-b");
+    let run = |command: &mut Command| {
+        let out = command.output().unwrap();
+        assert!(
+            out.status.success(),
+            "{command:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(Command::new("git").args(["clone", "-q"]).arg(&repo).arg(&source));
+    std::fs::write(source.join("sql").join(file), sql).unwrap();
+    run(Command::new("git").arg("-C").arg(&source).args(["add", "sql"]));
+    run(Command::new("git").arg("-C").arg(&source).args([
+        "-c",
+        "user.name=foobar tests",
+        "-c",
+        "user.email=tests@foobar.invalid",
+        "commit",
+        "-q",
+        "-m",
+        "build B: one more migration",
+    ]));
+    let ours = release_binary("foobar-agent");
+    let target = dir.join("target-b");
+    std::fs::create_dir_all(&target).unwrap();
+    run(Command::new("cp")
+        .arg("-a")
+        .arg(ours.parent().unwrap())
+        .arg(target.join("release")));
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run(Command::new(cargo)
+        .current_dir(&source)
+        .args(["build", "--release", "-q", "-p", "foobar-agent", "--target-dir"])
+        .arg(&target));
+    let agent = target.join("release/foobar-agent");
+    let version = run(Command::new(&agent).arg("--version"));
+    let version = version.trim().rsplit(' ').next().unwrap().to_string();
+    (agent, version)
 }
 
 /// `imagebuild smoke` through the site's address on the host (the floating address behind it), HTTP and HTTPS,
@@ -230,6 +304,11 @@ impl Cluster {
             assert!(start.elapsed() < Duration::from_secs(10), "{name} still runs");
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// `exec` with arguments made at run time.
+    fn exec_owned(&self, program: &str, args: &[String]) -> (i32, String) {
+        self.exec(program, &args.iter().map(String::as_str).collect::<Vec<_>>())
     }
 
     /// `ip netns exec NS PROGRAM ARGS`: (exit code, stdout).
@@ -470,13 +549,55 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     assert_root();
     // Up: the lb and db nodes one after another; then both app nodes at the same moment, against an empty
     // database (each would apply the migrations); then the site ready through the floating address.
+    // Builds B and C first (before any node boots: builds and guests would share the host's two cores).
+    // B: another commit of the agent, which adds a migration (expand only: a column the old build does not know).
+    let ex = example("cluster");
+    let (agent_b, version_b) = agent_with_migration(
+        &ex.dir,
+        "0002_posts_edited_at.sql",
+        "ALTER TABLE posts ADD COLUMN edited_at DATETIME(6) NULL DEFAULT NULL;\n",
+    );
+    let image_b = ex.dir.join("b.raw");
+    let build_b = build_image(&ex, &ex.files.join("foobar.toml"), &image_b, &agent_b);
+    // C: a build that never becomes ready: the site's own application exits as soon as it starts.
+    let broken = ex.dir.join("broken");
+    std::fs::create_dir_all(broken.join("app")).unwrap();
+    std::fs::write(broken.join("app/README"), "an app that cannot start\n").unwrap();
+    std::fs::copy(ex.files.join("cluster.toml"), broken.join("cluster.toml")).unwrap();
+    std::fs::write(
+        broken.join("foobar.toml"),
+        std::fs::read_to_string(ex.files.join("foobar.toml")).unwrap()
+            + "\n[app]\nname = \"broken\"\nfiles = \"app\"\n\
+               command = [\"sh\", \"-c\", \"echo 'broken: a setting is missing' >&2; exit 3\", \"sh\", \"{port}\"]\n",
+    )
+    .unwrap();
+    let image_c = ex.dir.join("c.raw");
+    let build_c = build_image(&ex, &broken.join("foobar.toml"), &image_c, &agent_b);
+    let version_a = {
+        let out = Command::new(release_binary("foobar-agent"))
+            .arg("--version")
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    report(format!(
+        "cluster: build B ({version_b}, after A's {version_a}) in {build_b:.0} s, build C (its app exits) in \
+         {build_c:.0} s"
+    ));
+    assert_ne!(version_a, version_b, "B's agent names another build");
+
     let Up {
         cluster,
         port,
         build_secs,
         started,
         text: up_text,
-    } = bring_up("cluster", "foobar-foobar", &["app1", "app2", "app3"]);
+    } = bring_up(&ex, "foobar-foobar", &["app1", "app2", "app3"]);
     cluster.imagebuild(&["cluster", "start", "app1"]);
     cluster.imagebuild(&["cluster", "start", "app2"]);
     let ready = |c: &Cluster| {
@@ -567,9 +688,8 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .unwrap()
         .trim_matches('"')
         .to_string();
-    let (code, rows) = cluster.exec(
-        "mariadb",
-        &[
+    let mariadb_args = |query: &str| -> Vec<String> {
+        [
             "-h",
             "10.88.0.31",
             "-u",
@@ -579,8 +699,14 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
             "-B",
             "foobar",
             "-e",
-            "SELECT version, COUNT(*) FROM _sqlx_migrations GROUP BY version ORDER BY version",
-        ],
+            query,
+        ]
+        .map(str::to_string)
+        .to_vec()
+    };
+    let (code, rows) = cluster.exec_owned(
+        "mariadb",
+        &mariadb_args("SELECT version, COUNT(*) FROM _sqlx_migrations GROUP BY version ORDER BY version"),
     );
     let migrations = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("../sql"))
         .unwrap()
@@ -622,12 +748,21 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let load = Load::start(&cluster.namespace, 3);
     std::thread::sleep(Duration::from_secs(5));
 
-    // A third app node joins under load: the load balancers send it requests once it is ready, and nothing fails.
-    // The load is lighter while it boots (about 4 requests a second in all): a boot under emulation competes with
-    // every request for the host's two cores.
+    // A rollout to build B under load: app3 (the free slot) boots B; once it is ready and smoke-checked, app1 drains
+    // and stops, and its slot boots B; then app2 drains and stops and keeps B unbooted. Nothing fails. The load is
+    // lighter meanwhile (about 4 requests a second in all): a boot under emulation competes with every request for
+    // the host's two cores.
     load.pace(Duration::from_millis(600));
-    let added = Instant::now();
-    cluster.imagebuild(&["cluster", "start", "app3"]);
+    let rolling = Instant::now();
+    let rollout = Command::new(binary("imagebuild"))
+        .args(["cluster", "rollout", "--image"])
+        .arg(&image_b)
+        .arg("--state")
+        .arg(&cluster.state)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let booted = wait_until("app3 ready", Duration::from_secs(300), || {
         cluster.node("app3")["readyz"] == 200
     });
@@ -658,10 +793,19 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let first_request = first_request.expect("app3's first request has a time");
     // Negative when it came before the test saw it ready (the check polls): reported as 0.
     let served = first_request.saturating_duration_since(ready_at).as_secs_f64();
+    let out = rollout.wait_with_output().unwrap();
+    let rollout_text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "cluster rollout to B: {rollout_text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rolled = rolling.elapsed().as_secs_f64();
     load.pace(LOAD_PAUSE);
-    let during = load.since(added);
+    let during = load.since(rolling);
     report(format!(
-        "cluster: app3 added: ready {booted:.1} s after its start, its first request {served:.1} s after that; {}",
+        "cluster: rollout to B in {rolled:.1} s: app3 ready {booted:.1} s after the rollout began, its first request \
+         {served:.1} s after that; {}\n{rollout_text}",
         summary(&during)
     ));
     assert!(
@@ -671,17 +815,107 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     assert_eq!(
         during.iter().filter(|o| failed(o)).count(),
         0,
-        "requests failed while app3 joined: {}",
+        "requests failed during the rollout: {}",
         summary(&during)
     );
+    let versions = |c: &Cluster| -> Vec<(String, bool, String)> {
+        c.status()["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|n| n["roles"][0] == "app")
+            .map(|n| {
+                (
+                    n["name"].as_str().unwrap().to_string(),
+                    n["running"] == true,
+                    n["version"].as_str().unwrap_or("").to_string(),
+                )
+            })
+            .collect()
+    };
+    assert_eq!(
+        versions(&cluster),
+        [
+            ("app1".to_string(), true, version_b.clone()),
+            ("app2".to_string(), false, String::new()),
+            ("app3".to_string(), true, version_b.clone()),
+        ],
+        "after the rollout every running app node answers with B's version; app2 is the free slot"
+    );
+    // B's migration: recorded once, applied by one node of B (the first: app3), found applied by the other.
+    let (code, rows) = cluster.exec_owned(
+        "mariadb",
+        &mariadb_args("SELECT version, COUNT(*) FROM _sqlx_migrations GROUP BY version ORDER BY version"),
+    );
+    assert_eq!(code, 0);
+    assert!(
+        rows.lines().any(|r| r == "2\t1") && rows.lines().all(|r| r.ends_with("\t1")),
+        "B's migration (version 2) recorded once: {rows:?}"
+    );
+    let applied_by = |addr: &str| -> usize {
+        let (_, log) = cluster.ssh(addr, "sudo journalctl -u foobar-agent -o cat --no-pager");
+        let log = strip_ansi(&log);
+        log.lines()
+            .filter(|l| l.contains("schema is current"))
+            .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("newly_applied=")))
+            .filter_map(|n| n.parse::<usize>().ok())
+            .sum()
+    };
+    assert_eq!(
+        (applied_by("10.88.0.23"), applied_by("10.88.0.21")),
+        (1, 0),
+        "app3 (B's first node) applied B's migration, app1 found it applied"
+    );
 
-    // Memory under load, every node running: what each uses of its 768 MiB (MemTotal - MemAvailable), and no
+    // A rollout to C, whose nodes never become ready: it stops after the first one, which is removed, and the nodes
+    // of B serve on without a failed request.
+    load.pace(Duration::from_millis(600));
+    let trying = Instant::now();
+    let out = Command::new(binary("imagebuild"))
+        .args(["cluster", "rollout", "--timeout", "120", "--image"])
+        .arg(&image_c)
+        .arg("--state")
+        .arg(&cluster.state)
+        .output()
+        .unwrap();
+    let refused = trying.elapsed().as_secs_f64();
+    load.pace(LOAD_PAUSE);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let during = load.since(trying);
+    report(format!(
+        "cluster: rollout to C (never ready) stopped after {refused:.1} s: {}; {}",
+        stderr.trim(),
+        summary(&during)
+    ));
+    assert!(!out.status.success(), "the rollout to C succeeded");
+    assert!(
+        stderr.contains("rollout stopped: app2") && stderr.contains("not ready within the limit"),
+        "{stderr}"
+    );
+    assert_eq!(
+        during.iter().filter(|o| failed(o)).count(),
+        0,
+        "requests failed during the rollout to C: {}",
+        summary(&during)
+    );
+    assert_eq!(
+        versions(&cluster),
+        [
+            ("app1".to_string(), true, version_b.clone()),
+            ("app2".to_string(), false, String::new()),
+            ("app3".to_string(), true, version_b.clone()),
+        ],
+        "after the failed rollout B's nodes serve and C's node is gone"
+    );
+
+    // Memory under load, every running node: what each uses of its 768 MiB (MemTotal - MemAvailable), and no
     // process the kernel killed for want of memory.
     // Asked of every node at once (SSH under load takes seconds each).
     let checks: Vec<_> = cluster.status()["nodes"]
         .as_array()
         .unwrap()
         .iter()
+        .filter(|node| node["running"] == true)
         .map(|node| {
             let (name, addr) = (node["name"].as_str().unwrap().to_string(), node["address"].as_str().unwrap().to_string());
             let (namespace, key) = (cluster.namespace.clone(), cluster.key.clone());
@@ -923,7 +1157,7 @@ fn the_combined_layout_of_three_machines_each_lb_app_and_db_serves_the_site() {
         started,
         text: up_text,
         ..
-    } = bring_up("cluster-combined", "foobar-combined", &[]);
+    } = bring_up(&example("cluster-combined"), "foobar-combined", &[]);
     wait_until("every node ready", Duration::from_secs(300), || {
         let s = cluster.status();
         s["site_readyz"] == 200
