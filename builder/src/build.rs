@@ -26,6 +26,7 @@ pub const STAGE_TOOLS: &[&[Tool]] = &[
     bootloader::TOOLS,
     formats::TOOLS,
     manifest::TOOLS,
+    crate::config::TOOLS,
 ];
 
 /// Removes the work directory and any unpublished output however the build ends.

@@ -32,6 +32,8 @@ pub struct ImageConfig {
     pub updates: Updates,
     /// The data disk: where MariaDB's data directory lives when the instance has one.
     pub data: Data,
+    /// When the instance backs up the site's database (`foobar-backup.timer`).
+    pub backup: Backup,
     /// The site's own application server; absent: the built-in posts app.
     pub app: Option<App>,
 }
@@ -49,6 +51,7 @@ impl Default for ImageConfig {
             acme: Acme::default(),
             updates: Updates::default(),
             data: Data::default(),
+            backup: Backup::default(),
             app: None,
         }
     }
@@ -157,6 +160,49 @@ impl Default for Updates {
 pub struct Data {
     /// The data disk's device, for a cloud's stable path (`/dev/disk/azure/scsi1/lun0`); absent: found by name.
     pub disk: Option<PathBuf>,
+}
+
+/// `[backup]`: when `foobar-backup.timer` runs `foobar-agent backup` (where to, how many and the hook are the
+/// instance's `agent.toml` keys).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case", default)]
+pub struct Backup {
+    /// A systemd calendar spec (`OnCalendar=`): `daily`, `hourly`, `*-*-* 03:15`, `Mon..Fri 02:00`.
+    pub schedule: String,
+}
+
+impl Default for Backup {
+    fn default() -> Self {
+        Backup {
+            schedule: "daily".into(),
+        }
+    }
+}
+
+/// What the config's checks run on the host: `backup.schedule` is asked of systemd.
+pub const TOOLS: &[crate::process::Tool] = &[crate::process::Tool {
+    program: "systemd-analyze",
+    package: "systemd",
+}];
+
+/// A systemd calendar spec, asked of systemd itself (`systemd-analyze calendar`), in the characters such specs use
+/// (it becomes a line of a unit file). Without `systemd-analyze` on the host, the host tool check that follows the
+/// config's says so.
+fn is_calendar_spec(text: &str) -> bool {
+    let plain = !text.is_empty()
+        && text.len() <= 64
+        && !text.starts_with('-')
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || " :*,./~-".contains(c));
+    plain
+        && match crate::process::cmd("systemd-analyze")
+            .args(["calendar", "--iterations=1", text])
+            .run()
+        {
+            Ok(()) => true,
+            Err(e) => e.to_string().starts_with("cannot start"),
+        }
 }
 
 /// `HH:MM`, 24-hour.
@@ -525,6 +571,13 @@ impl ImageConfig {
         }
         if !reboot.is_empty() && !self.updates.security {
             bail!("key `updates.reboot-time`: set, but `updates.security` is off (nothing would install an update)");
+        }
+        if !is_calendar_spec(&self.backup.schedule) {
+            bail!(
+                "key `backup.schedule`: expected a systemd calendar spec like daily, hourly or \"*-*-* 03:15\" \
+                 (`systemd-analyze calendar` accepts it), got `{}`",
+                self.backup.schedule.escape_debug()
+            );
         }
         if acme.enabled && !self.site.tls_certificate.is_empty() {
             bail!(

@@ -501,7 +501,7 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
                     if done.spare.is_empty() {
                         String::new()
                     } else {
-                        format!(" ({} hold it, not running)", done.spare.join(", "))
+                        format!(" (free slots holding it, not running: {})", done.spare.join(", "))
                     }
                 );
             }

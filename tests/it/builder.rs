@@ -331,6 +331,13 @@ fn hostile_config_values_are_refused_naming_the_key() {
             "[updates]\nsecurity = false\nreboot-time = \"03:30\"\n".into(),
             "updates.reboot-time",
         ),
+        ("[backup]\nschedule = \"every day\"\n".into(), "backup.schedule"),
+        (
+            "[backup]\nschedule = \"daily\\nExecStart=/bin/sh\"\n".into(),
+            "backup.schedule",
+        ),
+        ("[backup]\nschedule = \"\"\n".into(), "backup.schedule"),
+        ("[backup]\nschedule = \"*-*-* 25:00\"\n".into(), "backup.schedule"),
         ("[data]\ndisk = \"vdb\"\n".into(), "data.disk"),
         ("[data]\ndisk = \"/dev/vdb; reboot\"\n".into(), "data.disk"),
         ("[data]\ndisk = \"/dev/../etc/passwd\"\n".into(), "data.disk"),
@@ -979,4 +986,30 @@ fn security_updates_are_on_by_default_and_off_leaves_the_package_out() {
         text.contains("Automatic-Reboot \"true\"") && text.contains("Automatic-Reboot-Time \"03:30\""),
         "{text}"
     );
+}
+
+#[test]
+fn the_backup_timer_runs_on_the_configured_schedule_daily_by_default() {
+    let on_calendar = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("OnCalendar="))
+            .map(str::to_string)
+            .collect()
+    };
+    let default = foobar_builder::config::ImageConfig::default();
+    assert_eq!(default.backup.schedule, "daily");
+    let text = foobar_builder::components::agent::backup_timer(&default.backup.schedule);
+    assert_eq!(on_calendar(&text), ["daily"], "{text}");
+    let text = foobar_builder::components::agent::backup_timer("*-*-* 03:15");
+    assert_eq!(on_calendar(&text), ["*-*-* 03:15"], "{text}");
+    assert!(
+        text.contains("Persistent=true") && text.contains("WantedBy=timers.target"),
+        "{text}"
+    );
+    // A config with a schedule builds past the config check (an unknown or bad one fails naming the key, above).
+    let dir = support::temp_dir("backup-schedule");
+    let file = dir.join("ok.toml");
+    std::fs::write(&file, "[backup]\nschedule = \"Mon..Fri 02:00\"\n").unwrap();
+    let config = foobar_builder::config::ImageConfig::load(Some(&file)).unwrap();
+    assert_eq!(config.backup.schedule, "Mon..Fri 02:00");
 }

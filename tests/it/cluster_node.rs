@@ -556,3 +556,101 @@ fn a_combined_node_runs_the_lb_on_other_ports_behind_a_redirect_of_the_floating_
         assert!(units.iter().any(|u| u == unit), "{unit} not active: {units:?}");
     }
 }
+
+/// A state file of `imagebuild cluster up` with these nodes (name, roles, running), in a new state directory.
+fn cluster_state(tag: &str, nodes: &[(&str, &[&str], bool)]) -> PathBuf {
+    let dir = support::temp_dir(tag);
+    let nodes: Vec<serde_json::Value> = nodes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, roles, running))| {
+            serde_json::json!({
+                "name": name,
+                "roles": roles,
+                "address": format!("10.88.0.{}", 11 + i),
+                "mac": format!("52:54:00:88:00:{:02x}", 10 + i),
+                "tap": format!("tap{i}"),
+                // A process that runs (this test's own) stands for a running QEMU; 0 for one that does not.
+                "pid": if *running { std::process::id() } else { 0 },
+                "monitor": dir.join(format!("{name}.monitor")),
+                "serial": dir.join(format!("{name}.serial.log")),
+                "memory_mib": 768,
+                "image": "/old.qcow2",
+            })
+        })
+        .collect();
+    let state = serde_json::json!({
+        "name": "foobar",
+        "namespace": "foobar-test-none",
+        "site": "127.0.0.1:1",
+        "site_https": "127.0.0.1:2",
+        "target": "10.88.0.10",
+        "nodes": nodes,
+        "helpers": [],
+    });
+    std::fs::write(dir.join("state.json"), serde_json::to_string_pretty(&state).unwrap()).unwrap();
+    std::fs::write(dir.join("new.qcow2"), b"not booted by this test").unwrap();
+    dir
+}
+
+fn rollout(dir: &Path, image: &Path) -> (i32, String) {
+    let out = std::process::Command::new(support::binary("imagebuild"))
+        .args(["cluster", "rollout", "--image"])
+        .arg(image)
+        .arg("--state")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_rollout_without_a_free_app_slot_or_over_a_node_with_other_roles_is_refused_and_changes_nothing() {
+    // Every app node runs: no slot to boot the first new node in.
+    let dir = cluster_state(
+        "rollout-full",
+        &[
+            ("lb1", &["lb"], true),
+            ("app1", &["app"], true),
+            ("app2", &["app"], true),
+        ],
+    );
+    let before = std::fs::read(dir.join("state.json")).unwrap();
+    let (code, err) = rollout(&dir, &dir.join("new.qcow2"));
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("every app node runs (app1, app2)") && err.contains("cluster stop app2"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(dir.join("state.json")).unwrap(),
+        before,
+        "the state changed"
+    );
+    assert!(!dir.join("app1.qcow2").exists() && !dir.join("app2.qcow2").exists());
+
+    // A node that is lb, app and db at once (the combined layout) is not the rollout's to replace.
+    let dir = cluster_state(
+        "rollout-combined",
+        &[
+            ("node1", &["lb", "app", "db"], true),
+            ("node2", &["lb", "app", "db"], false),
+        ],
+    );
+    let (code, err) = rollout(&dir, &dir.join("new.qcow2"));
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("node `node1` is lb+app+db"), "{err}");
+
+    // No such image; no cluster at all.
+    let (code, err) = rollout(&dir, &dir.join("missing.qcow2"));
+    assert_ne!(code, 0);
+    assert!(err.contains("missing.qcow2: no such image"), "{err}");
+    let empty = support::temp_dir("rollout-none");
+    std::fs::write(empty.join("new.qcow2"), b"x").unwrap();
+    let (code, err) = rollout(&empty, &empty.join("new.qcow2"));
+    assert_ne!(code, 0);
+    assert!(err.contains("no cluster is up here"), "{err}");
+}

@@ -1,10 +1,9 @@
 //! The cluster tier (QEMU, CI; ignored otherwise): the example topology of `examples/cluster/` (2 lb, 2 app, 3 db,
 //! and a spare app node held back) from one image, brought up with `imagebuild cluster up` in a network namespace of
-//! its own; then, under load from inside that namespace, the spare app node added, and one failure after another: an
-//! app node, the active load balancer, the Galera node that takes the writes, each cut off like a power failure
-//! (QEMU killed); then a full restart of the database tier. `imagebuild cluster down` stops everything, also when the
-//! test fails.
-
+//! its own; then, under load from inside that namespace, a rollout to build B through the spare app slot, one to a
+//! build C that never becomes ready, and one failure after another: an app node, the active load balancer, the
+//! Galera node that takes the writes, each cut off like a power failure (QEMU killed); then a full restart of the
+//! database tier. `imagebuild cluster down` stops everything, also when the test fails.
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -868,11 +867,22 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     );
 
     // A rollout to C, whose nodes never become ready: it stops after the first one, which is removed, and the nodes
-    // of B serve on without a failed request.
+    // of B serve on without a failed request. Its limit is well above what B's nodes took (so C's is not merely
+    // slow).
+    const C_LIMIT: f64 = 100.0;
+    let b_ready: Vec<f64> = rollout_text
+        .lines()
+        .filter_map(|l| l.split_once(": ready and smoke-checked "))
+        .filter_map(|(_, rest)| rest.split(' ').next()?.parse().ok())
+        .collect();
+    assert!(
+        b_ready.len() == 2 && b_ready.iter().all(|s| *s < C_LIMIT * 0.8),
+        "B's nodes were ready after {b_ready:?} s: too close to C's limit of {C_LIMIT} s to tell slow from never"
+    );
     load.pace(Duration::from_millis(600));
     let trying = Instant::now();
     let out = Command::new(binary("imagebuild"))
-        .args(["cluster", "rollout", "--timeout", "120", "--image"])
+        .args(["cluster", "rollout", "--timeout", &C_LIMIT.to_string(), "--image"])
         .arg(&image_c)
         .arg("--state")
         .arg(&cluster.state)

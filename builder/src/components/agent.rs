@@ -192,13 +192,15 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
             "foobar-backup.service",
             include_str!("../../../image/systemd/foobar-backup.service"),
         ),
-        (
-            "foobar-backup.timer",
-            include_str!("../../../image/systemd/foobar-backup.timer"),
-        ),
     ] {
         write(root, &format!("etc/systemd/system/{name}"), text, 0o644)?;
     }
+    write(
+        root,
+        "etc/systemd/system/foobar-backup.timer",
+        backup_timer(&ctx.config.backup.schedule),
+        0o644,
+    )?;
     enable(
         root,
         "foobar-agent.socket",
@@ -223,4 +225,12 @@ fn install(ctx: &Context, root: &Path) -> anyhow::Result<()> {
         "/etc/systemd/system/foobar-agent.service",
         "multi-user.target",
     )
+}
+
+/// `foobar-backup.timer` with the image config's `backup.schedule` as its `OnCalendar=`.
+pub fn backup_timer(schedule: &str) -> String {
+    const TIMER: &str = include_str!("../../../image/systemd/foobar-backup.timer");
+    const LINE: &str = "OnCalendar=daily\n";
+    assert!(TIMER.contains(LINE), "foobar-backup.timer has its OnCalendar= line");
+    TIMER.replacen(LINE, &format!("OnCalendar={schedule}\n"), 1)
 }
