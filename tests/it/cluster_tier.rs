@@ -4,6 +4,7 @@
 //! build C that never becomes ready, and one failure after another: an app node, the active load balancer, the
 //! Galera node that takes the writes, each cut off like a power failure (QEMU killed); then a full restart of the
 //! database tier. `imagebuild cluster down` stops everything, also when the test fails.
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
