@@ -505,6 +505,23 @@ fn summary(outcomes: &[Outcome]) -> String {
     format!("{by:?}")
 }
 
+/// Each failed request: its method, when it was sent and when it failed (seconds after `from`), and its status.
+fn timeline(outcomes: &[Outcome], from: Instant) -> Vec<String> {
+    outcomes
+        .iter()
+        .filter(|o| failed(o))
+        .map(|o| {
+            format!(
+                "{} {:.1}-{:.1} {}",
+                if o.post { "POST" } else { "GET" },
+                o.sent.saturating_duration_since(from).as_secs_f64(),
+                o.at.duration_since(from).as_secs_f64(),
+                o.status.map_or("-".to_string(), |s| s.to_string())
+            )
+        })
+        .collect()
+}
+
 /// Waits until `f` holds, polling every 500 ms; the seconds it took.
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> f64 {
     let start = Instant::now();
@@ -890,7 +907,6 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .output()
         .unwrap();
     let refused = trying.elapsed().as_secs_f64();
-    load.pace(LOAD_PAUSE);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     let during = load.since(trying);
     report(format!(
@@ -918,6 +934,29 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         ],
         "after the failed rollout B's nodes serve and C's node is gone"
     );
+
+    // The free slot joins again, from B's disk: the failures below meet the app nodes a cluster of this size runs
+    // (two, and one after the next cut). It gets requests once ready, and nothing fails meanwhile.
+    let joined = Instant::now();
+    cluster.imagebuild(&["cluster", "start", "app2"]);
+    let app2_ready = wait_until("app2 ready", Duration::from_secs(300), || {
+        cluster.node("app2")["readyz"] == 200
+    });
+    // The load balancers' checks: `rise` answers of 200, `inter` apart.
+    std::thread::sleep(Duration::from_secs(6));
+    load.pace(LOAD_PAUSE);
+    let during = load.since(joined);
+    report(format!(
+        "cluster: app2 started again (B's disk): ready after {app2_ready:.1} s; {}",
+        summary(&during)
+    ));
+    assert_eq!(
+        during.iter().filter(|o| failed(o)).count(),
+        0,
+        "requests failed while app2 joined: {}",
+        summary(&during)
+    );
+    assert_eq!(cluster.node("app2")["version"], version_b.as_str(), "app2 runs B");
 
     // Memory under load, every running node: what each uses of its 768 MiB (MemTotal - MemAvailable), and no
     // process the kernel killed for want of memory.
@@ -1012,9 +1051,26 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .iter()
         .map(|o| o.at.duration_since(cut).as_secs_f64())
         .fold(0.0, f64::max);
+    // When the other lb took the address, by its own journal and clock (the age of keepalived's line, over SSH).
+    let other_addr = cluster.node(lbs.values().find(|n| **n != active).unwrap())["address"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (_, age) = cluster.ssh(
+        &other_addr,
+        "t=$(sudo journalctl -u keepalived -o short-unix --no-pager | grep 'Entering MASTER STATE' | tail -1 | \
+         cut -d' ' -f1); awk -v now=\"$(date +%s.%N)\" -v t=\"$t\" 'BEGIN { print now - t }'",
+    );
+    let took = age
+        .trim()
+        .parse::<f64>()
+        .map(|age| format!("{:.1} s", (Instant::now() - cut).as_secs_f64() - age))
+        .unwrap_or_else(|_| format!("unknown ({})", age.trim()));
     report(format!(
         "cluster: active lb {active} killed: requests sent up to {window:.1} s after the cut failed (the last failure \
-         came {last_answer:.1} s after it); {}",
+         came {last_answer:.1} s after it); the other lb took the address {took} after the cut; failed (sent-answered, \
+         s after the cut): {:?}; {}",
+        timeline(&during, cut),
         summary(&during)
     ));
     assert!(
@@ -1043,22 +1099,9 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .filter(|o| failed(o))
         .map(|o| o.at.duration_since(cut).as_secs_f64())
         .fold(0.0, f64::max);
-    // Each failed request: when it was sent and when it failed, in seconds after the cut.
-    let timeline: Vec<String> = during
-        .iter()
-        .filter(|o| failed(o))
-        .map(|o| {
-            format!(
-                "{} {:.1}-{:.1} {}",
-                if o.post { "POST" } else { "GET" },
-                o.sent.saturating_duration_since(cut).as_secs_f64(),
-                o.at.duration_since(cut).as_secs_f64(),
-                o.status.map_or("-".to_string(), |s| s.to_string())
-            )
-        })
-        .collect();
     report(format!(
-        "cluster: db1 killed: failed requests (sent-answered, s after the cut): {timeline:?}"
+        "cluster: db1 killed: failed requests (sent-answered, s after the cut): {:?}",
+        timeline(&during, cut)
     ));
     // The write outage: the longest time after the cut with no POST answered 201 (blocked writes answered late count
     // as out until their answer).
