@@ -694,6 +694,15 @@ pub fn status(dir: &Path, host: &str) -> anyhow::Result<Status> {
         .map(|n| {
             let running = alive(n.pid);
             let has = |r: &str| n.roles.iter().any(|x| x == r);
+            // A node that is not running is not asked (a request to its address would wait out its whole limit):
+            // its /readyz is 0 (no answer) and its Galera state `not running`.
+            let get = |url: String| {
+                if running {
+                    get_in(&state.namespace, &url, host)
+                } else {
+                    (0, String::new())
+                }
+            };
             NodeStatus {
                 name: n.name.clone(),
                 roles: n.roles.clone(),
@@ -702,20 +711,15 @@ pub fn status(dir: &Path, host: &str) -> anyhow::Result<Status> {
                 pid: n.pid,
                 monitor: n.monitor.clone(),
                 running,
-                readyz: has("app").then(|| get_in(&state.namespace, &format!("http://{}/readyz", n.address), host).0),
-                version: has("app")
-                    .then(|| get_in(&state.namespace, &format!("http://{}/healthz", n.address), host).1)
+                readyz: has("app").then(|| get(format!("http://{}/readyz", n.address)).0),
+                version: (has("app") && running)
+                    .then(|| get(format!("http://{}/healthz", n.address)).1)
                     .and_then(|body| serde_json::from_str::<serde_json::Value>(&body).ok())
                     .and_then(|doc| doc["version"].as_str().map(str::to_string)),
-                galera: has("db").then(|| {
-                    match get_in(
-                        &state.namespace,
-                        &format!("http://{}:{GALERA_CHECK_PORT}/", n.address),
-                        host,
-                    ) {
-                        (0, _) => "no answer".to_string(),
-                        (_, body) => body.trim().to_string(),
-                    }
+                galera: has("db").then(|| match get(format!("http://{}:{GALERA_CHECK_PORT}/", n.address)) {
+                    _ if !running => "not running".to_string(),
+                    (0, _) => "no answer".to_string(),
+                    (_, body) => body.trim().to_string(),
                 }),
             }
         })

@@ -294,16 +294,32 @@ impl Cluster {
         ssh_in(&self.namespace, &self.key, addr, command)
     }
 
-    /// A power cut: the node's QEMU is killed.
-    fn kill(&self, name: &str) {
-        let pid = self.node(name)["pid"].as_i64().unwrap() as i32;
+    /// A power cut: the node's QEMU is killed. The moment of the kill (its pid is read from the state file first,
+    /// not asked of `status`, which takes seconds).
+    fn kill(&self, name: &str) -> Instant {
+        let state: Value =
+            serde_json::from_str(&std::fs::read_to_string(self.state.join("state.json")).unwrap()).unwrap();
+        let pid = state["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["name"] == name)
+            .unwrap_or_else(|| panic!("no node {name}"))["pid"]
+            .as_i64()
+            .unwrap() as i32;
+        let cut = Instant::now();
         // SAFETY: kill of a QEMU this test's cluster started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {name}");
-        let start = Instant::now();
-        while self.node(name)["running"] == true {
-            assert!(start.elapsed() < Duration::from_secs(10), "{name} still runs");
+        // Gone, or a zombie its parent has not reaped yet.
+        let running = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| !matches!(stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()), Some(r) if r.starts_with('Z')))
+        };
+        while running() {
+            assert!(cut.elapsed() < Duration::from_secs(10), "{name} still runs");
             std::thread::sleep(Duration::from_millis(100));
         }
+        cut
     }
 
     /// `exec` with arguments made at run time.
@@ -996,8 +1012,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     ));
 
     // An app node: a power cut under load.
-    let cut = Instant::now();
-    cluster.kill("app1");
+    let cut = cluster.kill("app1");
     std::thread::sleep(Duration::from_secs(10));
     let during = load.since(cut);
     let gets_failed = during.iter().filter(|o| !o.post && failed(o)).count();
@@ -1036,8 +1051,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         .get(&cluster.floating_mac())
         .cloned()
         .expect("the floating address answers from an lb node");
-    let cut = Instant::now();
-    cluster.kill(&active);
+    let cut = cluster.kill(&active);
     std::thread::sleep(Duration::from_secs(15));
     let during = load.since(cut);
     let failures: Vec<&Outcome> = during.iter().filter(|o| failed(o)).collect();
@@ -1085,8 +1099,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     );
 
     // The Galera node that takes the writes (every app node's HAProxy sends them to the first db node).
-    let cut = Instant::now();
-    cluster.kill("db1");
+    let cut = cluster.kill("db1");
     std::thread::sleep(Duration::from_secs(20));
     let during = load.since(cut);
     let posts: Vec<&Outcome> = during.iter().filter(|o| o.post).collect();
