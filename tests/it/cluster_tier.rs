@@ -297,25 +297,17 @@ impl Cluster {
     /// A power cut: the node's QEMU is killed. The moment of the kill (its pid is read from the state file first,
     /// not asked of `status`, which takes seconds).
     fn kill(&self, name: &str) -> Instant {
-        let state: Value =
-            serde_json::from_str(&std::fs::read_to_string(self.state.join("state.json")).unwrap()).unwrap();
-        let pid = state["nodes"]
-            .as_array()
-            .unwrap()
+        let state = foobar_builder::cluster::load_state(&self.state).unwrap();
+        let pid = state
+            .nodes
             .iter()
-            .find(|n| n["name"] == name)
-            .unwrap_or_else(|| panic!("no node {name}"))["pid"]
-            .as_i64()
-            .unwrap() as i32;
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name}"))
+            .pid;
         let cut = Instant::now();
         // SAFETY: kill of a QEMU this test's cluster started.
-        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0, "kill {name}");
-        // Gone, or a zombie its parent has not reaped yet.
-        let running = || {
-            std::fs::read_to_string(format!("/proc/{pid}/stat"))
-                .is_ok_and(|stat| !matches!(stat.rsplit_once(')').map(|(_, rest)| rest.trim_start()), Some(r) if r.starts_with('Z')))
-        };
-        while running() {
+        assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0, "kill {name}");
+        while foobar_builder::cluster::alive(pid) {
             assert!(cut.elapsed() < Duration::from_secs(10), "{name} still runs");
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -866,13 +858,15 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
             })
             .collect()
     };
+    // app1 and app3 run B; app2 is the free slot.
+    let b_serving = [
+        ("app1".to_string(), true, version_b.clone()),
+        ("app2".to_string(), false, String::new()),
+        ("app3".to_string(), true, version_b.clone()),
+    ];
     assert_eq!(
         versions(&cluster),
-        [
-            ("app1".to_string(), true, version_b.clone()),
-            ("app2".to_string(), false, String::new()),
-            ("app3".to_string(), true, version_b.clone()),
-        ],
+        b_serving,
         "after the rollout every running app node answers with B's version; app2 is the free slot"
     );
     // B's migration: recorded once, applied by one node of B (the first: app3), found applied by the other.
@@ -943,11 +937,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     );
     assert_eq!(
         versions(&cluster),
-        [
-            ("app1".to_string(), true, version_b.clone()),
-            ("app2".to_string(), false, String::new()),
-            ("app3".to_string(), true, version_b.clone()),
-        ],
+        b_serving,
         "after the failed rollout B's nodes serve and C's node is gone"
     );
 
