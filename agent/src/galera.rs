@@ -145,10 +145,17 @@ pub fn run(root: &Path, datadir: &Path) -> anyhow::Result<Start> {
 /// root and reads two status variables).
 pub const CHECK_DATABASE_URL: &str = "mysql://root@localhost/?socket=/run/mysqld/mysqld.sock";
 
+/// How long `galera-check` answers 503 `draining` after SIGTERM before it exits. Its unit is ordered after MariaDB's,
+/// so when the machine stops (the power button, `poweroff`) this comes first: the app nodes' HAProxy marks the
+/// node down after 3 failed checks (inter 1 s, fastinter 500 ms: within 2 s) and closes its sessions, the agents'
+/// pools reconnect to the next node, and only then does MariaDB stop, with no client left on it.
+pub const DRAIN: Duration = Duration::from_secs(4);
+
 /// `foobar-agent galera-check`: answers every HTTP request with 200 `synced` when this node is Synced
 /// (`wsrep_local_state` 4) in the primary component, 503 with what it is otherwise (HAProxy's check on the app
-/// nodes). One connection to MariaDB, kept; each answer within a second.
-pub async fn check_server(listener: std::net::TcpListener, url: &str) -> anyhow::Result<()> {
+/// nodes). One connection to MariaDB, kept; each answer within a second. On SIGTERM it answers 503 `draining` for
+/// `drain`, then exits.
+pub async fn check_server(listener: std::net::TcpListener, url: &str, drain: Duration) -> anyhow::Result<()> {
     use axum::http::StatusCode;
     use sqlx::mysql::MySqlPoolOptions;
     let pool = MySqlPoolOptions::new()
@@ -157,9 +164,18 @@ pub async fn check_server(listener: std::net::TcpListener, url: &str) -> anyhow:
         .acquire_timeout(Duration::from_secs(1))
         .connect_lazy(url)
         .context("galera-check: invalid database URL")?;
+    let draining = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = draining.clone();
     let handler = move || {
         let pool = pool.clone();
+        let draining = flag.load(std::sync::atomic::Ordering::SeqCst);
         async move {
+            if draining {
+                return (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not synced: draining (this node is stopping)\n".to_string(),
+                );
+            }
             let rows: Result<Vec<(String, String)>, _> = tokio::time::timeout(
                 Duration::from_secs(1),
                 sqlx::query_as(
@@ -195,5 +211,16 @@ pub async fn check_server(listener: std::net::TcpListener, url: &str) -> anyhow:
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
     let app = axum::Router::new().fallback(handler);
-    axum::serve(listener, app).await.context("galera-check: serving")
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            crate::serve::shutdown_signal().await;
+            draining.store(true, std::sync::atomic::Ordering::SeqCst);
+            tracing::info!(
+                "galera-check: stopping: answering 503 (draining) for {} s",
+                drain.as_secs()
+            );
+            tokio::time::sleep(drain).await;
+        })
+        .await
+        .context("galera-check: serving")
 }

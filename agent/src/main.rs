@@ -209,7 +209,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 None => std::net::TcpListener::bind(&listen)
                     .with_context(|| format!("galera-check: cannot listen on {listen}"))?,
             };
-            foobar_agent::galera::check_server(listener, &database_url).await
+            foobar_agent::galera::check_server(listener, &database_url, foobar_agent::galera::DRAIN).await
         }
         Command::GaleraStart { datadir } => {
             match foobar_agent::galera::run(Path::new("/"), &datadir)? {

@@ -97,7 +97,7 @@ pub fn image_format(image: &Path) -> &'static str {
 }
 
 /// An empty data disk at `path` of `size_mib` (qcow2 or raw by its extension), unless one is there already.
-fn make_data_disk(path: &Path, size_mib: u64) -> anyhow::Result<()> {
+pub(crate) fn make_data_disk(path: &Path, size_mib: u64) -> anyhow::Result<()> {
     if path.exists() {
         if !path.is_file() {
             bail!("--data-disk {}: not a file", path.display());

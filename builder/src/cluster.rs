@@ -49,7 +49,14 @@ pub struct NodeState {
     /// The image its disk is an overlay of (`up`'s, or a rollout's).
     #[serde(default)]
     pub image: PathBuf,
+    /// Db nodes: the data disk that holds MariaDB's data directory; it outlives the node's root disk (a rollout
+    /// replaces that and keeps this).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_disk: Option<PathBuf>,
 }
+
+/// The size of a db node's data disk (qcow2: it takes only what is written).
+pub const DATA_DISK_MIB: u64 = 4096;
 
 pub struct Up {
     pub description: PathBuf,
@@ -240,6 +247,16 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
         let image = std::fs::canonicalize(&plan.image)?;
         overlay(&image, &plan.state.join(format!("{}.qcow2", node.name)))?;
         seed(&plan.state, &node.name, &secrets)?;
+        // A db node's database lives on a data disk of its own, new with the cluster (one left by an earlier cluster
+        // in this directory holds another cluster's database).
+        let data_disk = node
+            .roles
+            .contains(&Role::Db)
+            .then(|| plan.state.join(format!("{}.data.qcow2", node.name)));
+        if let Some(disk) = &data_disk {
+            let _ = std::fs::remove_file(disk);
+            crate::boot::make_data_disk(disk, DATA_DISK_MIB)?;
+        }
         let mut node_state = NodeState {
             name: node.name.clone(),
             roles: node.roles.iter().map(|r| r.name().to_string()).collect(),
@@ -251,6 +268,7 @@ pub fn up(plan: &Up) -> anyhow::Result<State> {
             serial: plan.state.join(format!("{}.serial.log", node.name)),
             memory_mib: plan.memory_mib,
             image,
+            data_disk,
         };
         if plan.hold.contains(&node.name) {
             println!(
@@ -315,8 +333,8 @@ fn start_node(dir: &Path, ns: &str, node: &NodeState) -> anyhow::Result<u32> {
         platform: None,
         metadata: None,
         seed: Some(dir.join(format!("{}.seed.img", node.name))),
-        data_disk: None,
-        data_disk_size_mib: 0,
+        data_disk: node.data_disk.clone(),
+        data_disk_size_mib: DATA_DISK_MIB,
         tap: Some((node.tap.clone(), node.mac.clone())),
     };
     crate::boot::qemu(&boot, Some(ns))?.spawn_detached(&dir.join(format!("{}.qemu.log", node.name)))
@@ -406,10 +424,12 @@ pub fn alive(pid: u32) -> bool {
     !matches!(state, Some("Z") | Some("X") | None)
 }
 
-/// `cluster rollout`: the app nodes moved to a new image one at a time, without a failed request.
+/// `cluster rollout`: the app nodes (or the db nodes) moved to a new image one at a time, without a failed request.
 pub struct Rollout {
     pub state: PathBuf,
     pub image: PathBuf,
+    /// Which nodes: `app` (through a free slot) or `db` (in place, each on its own data disk).
+    pub role: Role,
     /// Seconds each new node may take from its start until it is ready and passes the read-only smoke checks.
     pub node_timeout: u64,
     /// The site's canonical name, sent as Host with the health requests and the smoke checks.
@@ -438,6 +458,15 @@ pub fn rollout(plan: &Rollout, mut say: impl FnMut(&str)) -> anyhow::Result<Roll
     }
     let image = std::fs::canonicalize(&plan.image)?;
     let mut state = load_state(&plan.state)?;
+    match plan.role {
+        Role::App => {}
+        Role::Db => return rollout_db(plan, &image, state, say),
+        other => bail!(
+            "--role {}: a rollout replaces app nodes (through a free slot) or db nodes (in place); replace lb nodes \
+             one at a time with `cluster stop` and `cluster start` (see the README)",
+            other.name()
+        ),
+    }
     let app_only = |n: &NodeState| n.roles.iter().all(|r| r == "app") && !n.roles.is_empty();
     if let Some(node) = state
         .nodes
@@ -571,6 +600,164 @@ pub fn rollout(plan: &Rollout, mut say: impl FnMut(&str)) -> anyhow::Result<Roll
             save_state(&plan.state, &state)?;
         }
         done.spare.push(slot);
+    }
+    Ok(done)
+}
+
+/// Replaces every db node that runs another image, in place, one at a time, only while every db node is Synced: the
+/// node's power button (its Galera check drains first, so the app nodes' proxies move to another node before MariaDB
+/// stops), a new root disk from the new image, the same data disk, then the wait until its check says Synced again
+/// (Galera brings it up to date: an incremental transfer of what it missed). A node that is not Synced within the
+/// limit is removed, its old root disk is put back and booted again (it rejoins from its data disk), and the
+/// rollout stops with an error.
+fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMut(&str)) -> anyhow::Result<RolledOut> {
+    let is_db = |n: &NodeState| n.roles.iter().any(|r| r == "db");
+    if let Some(node) = state.nodes.iter().find(|n| is_db(n) && n.roles.len() > 1) {
+        bail!(
+            "node `{}` is {}: `cluster rollout --role db` replaces nodes whose only role is db (see the README for \
+             the combined layout)",
+            node.name,
+            node.roles.join("+")
+        );
+    }
+    let check =
+        |ns: &str, node: &NodeState| get_in(ns, &format!("http://{}:{GALERA_CHECK_PORT}/", node.address), "galera");
+    let whole = |state: &State| -> Result<(), String> {
+        for node in state.nodes.iter().filter(|n| is_db(n)) {
+            if !alive(node.pid) {
+                return Err(format!("db node `{}` is not running", node.name));
+            }
+            let (code, body) = check(&state.namespace, node);
+            if code != 200 {
+                return Err(format!(
+                    "db node `{}` is not Synced (its check answered {code}{})",
+                    node.name,
+                    if body.trim().is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", body.trim())
+                    }
+                ));
+            }
+        }
+        Ok(())
+    };
+    let old: Vec<String> = state
+        .nodes
+        .iter()
+        .filter(|n| is_db(n) && n.image != image)
+        .map(|n| n.name.clone())
+        .collect();
+    if old.is_empty() {
+        say(&format!("every db node runs {} already", image.display()));
+        return Ok(RolledOut::default());
+    }
+    if let Some(node) = state.nodes.iter().find(|n| is_db(n) && n.data_disk.is_none()) {
+        bail!(
+            "db node `{}` has no data disk (a cluster brought up by an older imagebuild): its database would not \
+             outlive its root disk; bring the cluster up again",
+            node.name
+        );
+    }
+    let mut done = RolledOut::default();
+    for name in old {
+        whole(&state).map_err(|why| {
+            anyhow::anyhow!(
+                "{why}: a rollout takes one db node out at a time, and only while every db node is Synced (nodes \
+                 replaced before: {}); start it (`cluster start NODE`) and wait until `cluster status` shows it \
+                 synced",
+                if done.replaced.is_empty() {
+                    "none".to_string()
+                } else {
+                    done.replaced.join(", ")
+                }
+            )
+        })?;
+        let index = state
+            .nodes
+            .iter()
+            .position(|n| n.name == name)
+            .expect("a node of the state");
+        say(&format!("{name}: draining and stopping (power button)"));
+        let stopping = Instant::now();
+        stop(&plan.state, &name, false)?;
+        say(&format!("{name}: off after {:.1} s", stopping.elapsed().as_secs_f64()));
+        let disk = plan.state.join(format!("{name}.qcow2"));
+        let kept = plan.state.join(format!("{name}.qcow2.before-rollout"));
+        std::fs::rename(&disk, &kept).with_context(|| format!("cannot move {} aside", disk.display()))?;
+        let previous = state.nodes[index].clone();
+        let started = Instant::now();
+        say(&format!("{name}: booting {} on its data disk", image.display()));
+        let booted = overlay(image, &disk).and_then(|()| start_node(&plan.state, &state.namespace, &previous));
+        let failure = match booted {
+            Ok(pid) => {
+                state.nodes[index].pid = pid;
+                state.nodes[index].image = image.to_path_buf();
+                save_state(&plan.state, &state)?;
+                let deadline = started + Duration::from_secs(plan.node_timeout);
+                loop {
+                    if !alive(pid) {
+                        break Some("stopped before it was Synced (its QEMU exited)".to_string());
+                    }
+                    let (code, body) = check(&state.namespace, &state.nodes[index]);
+                    if code == 200 {
+                        break None;
+                    }
+                    if Instant::now() > deadline {
+                        break Some(format!(
+                            "was not Synced within the limit (its Galera check answered {code}{})",
+                            if body.trim().is_empty() {
+                                String::new()
+                            } else {
+                                format!(": {}", body.trim())
+                            }
+                        ));
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+            Err(e) => Some(format!("could not boot: {e:#}")),
+        };
+        if let Some(why) = failure {
+            // The new root goes; the old one comes back on the same data disk and rejoins.
+            let pid = state.nodes[index].pid;
+            if pid != previous.pid && alive(pid) {
+                // SAFETY: kill of a QEMU this rollout started.
+                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+                while alive(pid) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+            let _ = std::fs::remove_file(&disk);
+            std::fs::rename(&kept, &disk).with_context(|| format!("cannot put {} back", disk.display()))?;
+            state.nodes[index] = previous.clone();
+            let again = start_node(&plan.state, &state.namespace, &previous);
+            state.nodes[index].pid = *again.as_ref().unwrap_or(&0);
+            save_state(&plan.state, &state)?;
+            bail!(
+                "rollout stopped: {name} on {} {why}; it was removed and {name}'s old disk put back and {} (it \
+                 rejoins from its data disk: see `cluster status`); db nodes replaced before it: {}; its console: {}",
+                image.display(),
+                match again {
+                    Ok(_) => "booted again".to_string(),
+                    Err(e) => format!("could not boot it again ({e:#}): `cluster start {name}`"),
+                },
+                if done.replaced.is_empty() {
+                    "none".to_string()
+                } else {
+                    done.replaced.join(", ")
+                },
+                previous.serial.display()
+            );
+        }
+        let _ = std::fs::remove_file(&kept);
+        say(&format!(
+            "{name}: Synced {:.1} s after its start",
+            started.elapsed().as_secs_f64()
+        ));
+        // The app nodes' proxies take it back after two good checks a second apart.
+        std::thread::sleep(Duration::from_secs(3));
+        done.replaced.push(name);
     }
     Ok(done)
 }

@@ -166,12 +166,18 @@ enum ClusterCommand {
         state: PathBuf,
     },
     /// Move the app nodes to a new image one at a time, without a failed request: a free app slot boots the new
-    /// image; once it is ready and passes the read-only smoke checks, an old node drains and stops; repeat
+    /// image; once it is ready and passes the read-only smoke checks, an old node drains and stops; repeat. With
+    /// --role db, the db nodes in place, one at a time, each on its own data disk: stop, boot the new image, wait
+    /// until it is Synced again
     Rollout {
         /// The new image (built with the same cluster description)
         #[arg(long, value_name = "IMAGE")]
         image: PathBuf,
-        /// Seconds each new node may take to be ready and pass the smoke checks; past it the rollout stops
+        /// Which nodes: app or db
+        #[arg(long, default_value = "app", value_parser = ["app", "db"])]
+        role: String,
+        /// Seconds each new node may take to be ready and pass the smoke checks (db: to be Synced); past it the
+        /// rollout stops
         #[arg(long, default_value_t = 300)]
         timeout: u64,
         /// The site's canonical name, sent as Host with the health requests and the smoke checks
@@ -482,6 +488,7 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
         }
         ClusterCommand::Rollout {
             image,
+            role,
             timeout,
             host,
             state,
@@ -489,6 +496,8 @@ fn run_cluster(command: ClusterCommand) -> anyhow::Result<()> {
             let plan = cluster::Rollout {
                 state,
                 image,
+                role: foobar_agent::cluster::Role::parse(&role)
+                    .ok_or_else(|| anyhow::anyhow!("--role: expected app or db"))?,
                 node_timeout: timeout,
                 host,
             };

@@ -594,11 +594,16 @@ fn cluster_state(tag: &str, nodes: &[(&str, &[&str], bool)]) -> PathBuf {
 }
 
 fn rollout(dir: &Path, image: &Path) -> (i32, String) {
+    rollout_with(dir, image, &[])
+}
+
+fn rollout_with(dir: &Path, image: &Path, extra: &[&str]) -> (i32, String) {
     let out = std::process::Command::new(support::binary("imagebuild"))
         .args(["cluster", "rollout", "--image"])
         .arg(image)
         .arg("--state")
         .arg(dir)
+        .args(extra)
         .output()
         .unwrap();
     (
@@ -653,4 +658,102 @@ fn a_rollout_without_a_free_app_slot_or_over_a_node_with_other_roles_is_refused_
     let (code, err) = rollout(&empty, &empty.join("new.qcow2"));
     assert_ne!(code, 0);
     assert!(err.contains("no cluster is up here"), "{err}");
+}
+
+#[test]
+fn a_rollout_of_the_db_nodes_needs_every_one_synced_and_on_a_data_disk_and_changes_nothing_otherwise() {
+    let nodes: &[(&str, &[&str], bool)] = &[
+        ("app1", &["app"], true),
+        ("db1", &["db"], false),
+        ("db2", &["db"], true),
+    ];
+    // Nodes of a cluster brought up before db nodes had data disks.
+    let dir = cluster_state("rollout-db-no-disk", nodes);
+    let before = std::fs::read(dir.join("state.json")).unwrap();
+    let (code, err) = rollout_with(&dir, &dir.join("new.qcow2"), &["--role", "db"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("db node `db1` has no data disk"), "{err}");
+    assert_eq!(std::fs::read(dir.join("state.json")).unwrap(), before);
+
+    // With data disks, but db1 is off: no db node is taken out of a cluster that is not whole.
+    let text = String::from_utf8(before).unwrap();
+    let mut state: serde_json::Value = serde_json::from_str(&text).unwrap();
+    for node in state["nodes"].as_array_mut().unwrap() {
+        if node["roles"][0] == "db" {
+            let disk = dir.join(format!("{}.data.qcow2", node["name"].as_str().unwrap()));
+            node["data_disk"] = serde_json::json!(disk);
+        }
+    }
+    let text = serde_json::to_string_pretty(&state).unwrap();
+    std::fs::write(dir.join("state.json"), &text).unwrap();
+    let (code, err) = rollout_with(&dir, &dir.join("new.qcow2"), &["--role", "db"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(
+        err.contains("db node `db1` is not running") && err.contains("only while every db node is Synced"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(dir.join("state.json")).unwrap(), text);
+    assert!(!dir.join("db1.qcow2.before-rollout").exists() && !dir.join("db2.qcow2.before-rollout").exists());
+
+    // A node that is db and something else; a role a rollout does not replace.
+    let dir = cluster_state("rollout-db-combined", &[("node1", &["lb", "app", "db"], true)]);
+    let (code, err) = rollout_with(&dir, &dir.join("new.qcow2"), &["--role", "db"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("node `node1` is lb+app+db"), "{err}");
+    let (code, err) = rollout_with(&dir, &dir.join("new.qcow2"), &["--role", "lb"]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("--role") && err.contains("lb"), "{err}");
+}
+
+#[test]
+fn the_galera_check_answers_draining_from_sigterm_for_its_drain_time_then_exits() {
+    let port = support::free_port();
+    let url = format!("http://127.0.0.1:{port}/");
+    let mut check = std::process::Command::new(support::binary("foobar-agent"))
+        .args(["galera-check", "--listen", &format!("127.0.0.1:{port}")])
+        // No MariaDB there: the check answers 503 with MariaDB's error.
+        .args(["--database-url", "mysql://root@127.0.0.1:1/"])
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let before = loop {
+        if let Ok(reply) = support::get(&url) {
+            break reply;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "galera-check never answered on {url}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(before.status, 503);
+    assert!(before.body.starts_with("not synced: MariaDB"), "{}", before.body);
+
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &check.id().to_string()])
+        .status();
+    assert!(term.unwrap().success());
+    let sent = std::time::Instant::now();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let during = support::get(&url).expect("galera-check answers while it drains");
+    assert_eq!(during.status, 503);
+    assert_eq!(during.body, "not synced: draining (this node is stopping)\n");
+    let status = loop {
+        if let Some(status) = check.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            sent.elapsed() < foobar_agent::galera::DRAIN * 3,
+            "galera-check still runs after its drain"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let took = sent.elapsed();
+    assert!(status.success(), "{status}");
+    assert!(
+        took >= foobar_agent::galera::DRAIN - std::time::Duration::from_millis(200),
+        "it stopped answering after {took:?}, before its drain time"
+    );
 }

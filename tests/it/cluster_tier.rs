@@ -964,6 +964,59 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     );
     assert_eq!(cluster.node("app2")["version"], version_b.as_str(), "app2 runs B");
 
+    // The db nodes to build B, in place, one at a time under load: each drains (its Galera check answers 503 and the
+    // app nodes' proxies move on), powers off, boots B on its own data disk and catches up with what it missed before
+    // the next one goes. Nothing fails; every post stays (read back at the end).
+    load.pace(Duration::from_millis(600));
+    let rolling = Instant::now();
+    let db_text = String::from_utf8(cluster.imagebuild(&[
+        "cluster",
+        "rollout",
+        "--role",
+        "db",
+        "--image",
+        image_b.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let db_rolled = rolling.elapsed().as_secs_f64();
+    load.pace(LOAD_PAUSE);
+    let during = load.since(rolling);
+    let db1 = cluster.node("db1")["address"].as_str().unwrap().to_string();
+    let (_, transfer) = cluster.ssh(
+        &db1,
+        "sudo journalctl -b -u mariadb -q --no-pager | grep -Eo 'IST received: [^ ]+|SST [a-z]+ [a-z]+' | head -3",
+    );
+    report(format!(
+        "cluster: db nodes rolled to B in {db_rolled:.1} s; {}; failed (sent-answered, s): {:?}; db1's transfer: {}\n\
+         {db_text}",
+        summary(&during),
+        timeline(&during, rolling),
+        transfer.trim().replace('\n', ", ")
+    ));
+    assert_eq!(
+        during.iter().filter(|o| failed(o)).count(),
+        0,
+        "requests failed while the db nodes were replaced: {}",
+        summary(&during)
+    );
+    let image_b_path = std::fs::canonicalize(&image_b).unwrap();
+    for db in ["db1", "db2", "db3"] {
+        assert_eq!(cluster.node(db)["galera"], "synced", "{db} after the rollout");
+        // Its root disk is an overlay of B now (what QEMU boots), and its data disk is the one it had.
+        let info = Command::new("qemu-img")
+            .args(["info", "--output=json", "-U"])
+            .arg(cluster.state.join(format!("{db}.qcow2")))
+            .output()
+            .unwrap();
+        let info: Value = serde_json::from_slice(&info.stdout).unwrap();
+        assert_eq!(
+            info["backing-filename"].as_str().map(PathBuf::from),
+            Some(image_b_path.clone()),
+            "{db}'s root disk"
+        );
+        assert!(db_text.contains(&format!("{db}: Synced")), "{db_text}");
+    }
+
     // Memory under load, every running node: what each uses of its 768 MiB (MemTotal - MemAvailable), and no
     // process the kernel killed for want of memory.
     // Asked of every node at once (SSH under load takes seconds each).
