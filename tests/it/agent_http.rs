@@ -632,3 +632,80 @@ async fn metrics_count_requests_by_route_and_status() {
         assert!(r.body.lines().any(|l| l == line), "missing `{line}` in:\n{}", r.body);
     }
 }
+
+/// Waits until a statement of the agent that starts with `prefix` waits on the table lock; its connection id.
+async fn waiting(other: &mut sqlx::MySqlConnection, prefix: &str, not: Option<i64>) -> i64 {
+    let started = tokio::time::Instant::now();
+    loop {
+        let rows: Vec<(i64, Option<String>)> =
+            sqlx::query_as("SELECT ID, INFO FROM information_schema.PROCESSLIST WHERE ID <> CONNECTION_ID()")
+                .fetch_all(&mut *other)
+                .await
+                .unwrap();
+        if let Some((id, _)) = rows
+            .iter()
+            .find(|(id, info)| Some(*id) != not && info.as_deref().is_some_and(|i| i.starts_with(prefix)))
+        {
+            return *id;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no `{prefix}...` waits: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_statement_whose_connection_is_cut_before_it_commits_runs_once_more_on_a_new_one() {
+    // What a database proxy does when it takes a node out (a planned stop): it closes the node's open connections,
+    // also one with a statement under way. Here the server kills it while the statement waits on a lock.
+    let (app, state) = ready_app(None).await;
+    let mut other = state.pool.acquire().await.unwrap().detach();
+    sqlx::query("LOCK TABLES posts WRITE")
+        .execute(&mut other)
+        .await
+        .unwrap();
+
+    for (what, prefix) in [("a write", "INSERT INTO posts"), ("a read", "SELECT id, author")] {
+        let request = {
+            let app = app.clone();
+            tokio::spawn(async move {
+                if what == "a write" {
+                    post_json(&app, &json!({"author": "cut", "body": "once"})).await
+                } else {
+                    get(&app, "/api/posts?limit=7").await
+                }
+            })
+        };
+        let first = waiting(&mut other, prefix, None).await;
+        sqlx::query(&format!("KILL CONNECTION {first}"))
+            .execute(&mut other)
+            .await
+            .unwrap();
+        // The same statement again, on another connection.
+        let second = waiting(&mut other, prefix, Some(first)).await;
+        assert_ne!(second, first);
+        sqlx::query("UNLOCK TABLES").execute(&mut other).await.unwrap();
+        let reply = tokio::time::timeout(Duration::from_secs(10), request)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            reply.status.is_success(),
+            "{what} whose connection was cut: {} {}",
+            reply.status,
+            reply.body
+        );
+        sqlx::query("LOCK TABLES posts WRITE")
+            .execute(&mut other)
+            .await
+            .unwrap();
+    }
+    sqlx::query("UNLOCK TABLES").execute(&mut other).await.unwrap();
+    let (count,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM posts WHERE body = 'once'")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(count, 1, "the write was made once");
+}

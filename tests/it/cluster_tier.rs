@@ -136,21 +136,11 @@ fn bring_up(example: &Example, namespace: &str, hold: &[&str]) -> Up {
 /// names another commit), built in a target directory seeded from this one's release build (so only the agent
 /// compiles again). The binary and its version.
 fn agent_with_migration(dir: &Path, file: &str, sql: &str) -> (PathBuf, String) {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let source = dir.join("source-b");
-    let run = |command: &mut Command| {
-        let out = command.output().unwrap();
-        assert!(
-            out.status.success(),
-            "{command:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    };
-    run(Command::new("git").args(["clone", "-q"]).arg(&repo).arg(&source));
+    support::clone_checkout(&source);
     std::fs::write(source.join("sql").join(file), sql).unwrap();
-    run(Command::new("git").arg("-C").arg(&source).args(["add", "sql"]));
-    run(Command::new("git").arg("-C").arg(&source).args([
+    support::run_ok(Command::new("git").arg("-C").arg(&source).args(["add", "sql"]));
+    support::run_ok(Command::new("git").arg("-C").arg(&source).args([
         "-c",
         "user.name=foobar tests",
         "-c",
@@ -160,20 +150,22 @@ fn agent_with_migration(dir: &Path, file: &str, sql: &str) -> (PathBuf, String) 
         "-m",
         "build B: one more migration",
     ]));
-    let ours = release_binary("foobar-agent");
     let target = dir.join("target-b");
-    std::fs::create_dir_all(&target).unwrap();
-    run(Command::new("cp")
-        .arg("-a")
-        .arg(ours.parent().unwrap())
-        .arg(target.join("release")));
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    run(Command::new(cargo)
-        .current_dir(&source)
-        .args(["build", "--release", "-q", "-p", "foobar-agent", "--target-dir"])
-        .arg(&target));
+    support::seed_target(&target, "release");
+    support::cargo_in(
+        &source,
+        &[
+            "build",
+            "--release",
+            "-q",
+            "-p",
+            "foobar-agent",
+            "--target-dir",
+            target.to_str().unwrap(),
+        ],
+    );
     let agent = target.join("release/foobar-agent");
-    let version = run(Command::new(&agent).arg("--version"));
+    let version = support::run_ok(Command::new(&agent).arg("--version"));
     let version = version.trim().rsplit(' ').next().unwrap().to_string();
     (agent, version)
 }

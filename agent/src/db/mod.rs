@@ -55,6 +55,84 @@ pub fn is_transient(err: &sqlx::Error) -> bool {
     }
 }
 
+/// Whether the connection was lost or closed under the statement (not a refusal by a server that answered): the
+/// proxy took its node out (a planned stop: its open connections are closed), the node stopped or was killed
+/// (1927, 1053). The statement's transaction was not committed unless it was a COMMIT.
+pub fn connection_lost(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Io(_) => true,
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| matches!(e.number(), 1053 | 1927)),
+        _ => false,
+    }
+}
+
+/// Whether a failed COMMIT is known to have rolled back: a deadlock (Galera's certification failure is reported as
+/// one) or a node that is not ready (1047).
+fn rolled_back(err: &sqlx::Error) -> bool {
+    match err {
+        sqlx::Error::Database(db) => db
+            .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+            .is_some_and(|e| matches!(e.number(), 1047 | 1213)),
+        _ => false,
+    }
+}
+
+/// How long before the one retry: the pool opens a new connection, which the proxy sends to a node still in.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A read, once more on a new connection when its connection was lost under it (reads change nothing).
+pub async fn read<T, F, Fut>(mut run: F) -> Result<T, sqlx::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
+{
+    match run().await {
+        Err(err) if connection_lost(&err) => {
+            tracing::info!(error = %err, "connection lost under a read; once more on a new connection");
+            tokio::time::sleep(RETRY_PAUSE).await;
+            run().await
+        }
+        other => other,
+    }
+}
+
+/// One statement (its `?` bound to `args`, in order) in a transaction of its own, once more when it certainly did not
+/// commit: its connection was lost before the COMMIT was sent (the server rolls an open transaction back when its
+/// client goes), or the statement or the COMMIT was refused with a rollback (a deadlock, which is how Galera reports
+/// a certification failure; a node not ready). A connection lost during the COMMIT itself leaves the outcome unknown:
+/// that error is returned, never retried.
+pub async fn write(pool: &MySqlPool, sql: &str, args: &[&str]) -> Result<sqlx::mysql::MySqlQueryResult, sqlx::Error> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        // The error, and whether the transaction certainly did not commit.
+        let result: Result<_, (sqlx::Error, bool)> = async {
+            let mut tx = pool.begin().await.map_err(|e| (e, true))?;
+            let mut query = sqlx::query(sql);
+            for arg in args {
+                query = query.bind(*arg);
+            }
+            let done = query.execute(&mut *tx).await.map_err(|e| (e, true))?;
+            tx.commit().await.map_err(|e| {
+                let rolled = rolled_back(&e);
+                (e, rolled)
+            })?;
+            Ok(done)
+        }
+        .await;
+        match result {
+            Ok(done) => return Ok(done),
+            Err((err, true)) if attempt == 1 && (connection_lost(&err) || rolled_back(&err)) => {
+                tracing::info!(error = %err, "a write did not commit; once more on a new connection");
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            Err((err, _)) => return Err(err),
+        }
+    }
+}
+
 /// Whether the database answers a trivial query within 2 s; the error says what is wrong, without SQL.
 pub async fn ping(pool: &MySqlPool) -> Result<(), String> {
     match tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(pool)).await {

@@ -66,12 +66,13 @@ impl NewPost {
         }
         // MariaDB's INSERT ... RETURNING sends no column metadata for prepared statements, which sqlx needs,
         // so the stored row is read back by its id.
-        let id = sqlx::query("INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))")
-            .bind(&self.author)
-            .bind(&self.body)
-            .execute(&state.pool)
-            .await?
-            .last_insert_id();
+        let id = crate::db::write(
+            &state.pool,
+            "INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))",
+            &[&self.author, &self.body],
+        )
+        .await?
+        .last_insert_id();
         let post = fetch(state, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("post {id} vanished after insert")))?;
@@ -143,20 +144,19 @@ fn json_bytes(value: &impl Serialize) -> Bytes {
 
 async fn fetch(state: &AppState, id: u64) -> Result<Option<Post>, ApiError> {
     let sql = format!("SELECT {COLUMNS} FROM posts WHERE id = ?");
-    Ok(sqlx::query_as::<_, Post>(&sql)
-        .bind(id)
-        .fetch_optional(&state.pool)
-        .await?)
+    Ok(crate::db::read(|| sqlx::query_as::<_, Post>(&sql).bind(id).fetch_optional(&state.pool)).await?)
 }
 
 /// Newest first, strictly older than `before` (an id) when given.
 async fn list(state: &AppState, limit: u32, before: Option<u64>) -> Result<Vec<Post>, ApiError> {
     let sql = format!("SELECT {COLUMNS} FROM posts WHERE id < ? ORDER BY id DESC LIMIT ?");
-    Ok(sqlx::query_as::<_, Post>(&sql)
-        .bind(before.unwrap_or(u64::MAX))
-        .bind(limit)
-        .fetch_all(&state.pool)
-        .await?)
+    Ok(crate::db::read(|| {
+        sqlx::query_as::<_, Post>(&sql)
+            .bind(before.unwrap_or(u64::MAX))
+            .bind(limit)
+            .fetch_all(&state.pool)
+    })
+    .await?)
 }
 
 fn parse_param<T: std::str::FromStr>(

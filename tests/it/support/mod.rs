@@ -499,3 +499,61 @@ pub fn which(program: &str) -> Option<PathBuf> {
         .map(|dir| std::path::Path::new(dir).join(program))
         .find(|p| p.is_file())
 }
+
+/// Runs a command that must succeed: its stdout.
+pub fn run_ok(command: &mut Command) -> String {
+    let out = command.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{command:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// This checkout again at `dest`, another path: a clone of its commit with the working tree's uncommitted changes to
+/// tracked files applied (none on CI), so it holds the same source.
+pub fn clone_checkout(dest: &std::path::Path) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    run_ok(Command::new("git").args(["clone", "-q"]).arg(&repo).arg(dest));
+    let diff = Command::new("git")
+        .arg("-C")
+        .arg(&repo)
+        .args(["diff", "HEAD", "--binary"])
+        .output()
+        .unwrap()
+        .stdout;
+    if !diff.is_empty() {
+        let patch = dest.join("..").join("uncommitted.patch");
+        std::fs::write(&patch, diff).unwrap();
+        run_ok(Command::new("git").arg("-C").arg(dest).arg("apply").arg(&patch));
+    }
+}
+
+/// `target/PROFILE` of this checkout copied to `target/PROFILE` (`debug` or `release`), so that a build there compiles
+/// the workspace's crates again but not the registry's (their paths are under CARGO_HOME, the same from any
+/// checkout). Incremental caches stay behind: they belong to this checkout's path.
+pub fn seed_target(target: &std::path::Path, profile: &str) {
+    let ours = match profile {
+        "release" => release_binary("foobar-agent"),
+        _ => binary("imagebuild"),
+    };
+    std::fs::create_dir_all(target).unwrap();
+    run_ok(
+        Command::new("sh")
+            .args([
+                "-c",
+                "tar -C \"$1\" -cf - --exclude=incremental \"$2\" | tar -C \"$3\" -xf -",
+                "sh",
+            ])
+            .arg(ours.parent().unwrap().parent().unwrap())
+            .arg(profile)
+            .arg(target),
+    );
+}
+
+/// `cargo ARGS` in `dir`, which must succeed.
+pub fn cargo_in(dir: &std::path::Path, args: &[&str]) {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    run_ok(Command::new(cargo).current_dir(dir).args(args));
+}
