@@ -203,8 +203,22 @@ fn smoke_through_floating_address(port: u16) {
     );
 }
 
-/// A command on the node at ADDR over SSH, as admin with KEY, from the namespace: (exit code, stdout).
+/// A command on the node at ADDR over SSH, as admin with KEY, from the namespace: (exit code, stdout). SSH's own
+/// failure (255: no connection within its limit, as under load on emulated guests) is tried twice more, and its
+/// error is what stdout then holds.
 fn ssh_in(namespace: &str, key: &Path, addr: &str, command: &str) -> (i32, String) {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let (code, out, err) = ssh_once(namespace, key, addr, command);
+        if code != 255 || tries == 3 {
+            return (code, if code == 255 { err } else { out });
+        }
+        std::thread::sleep(Duration::from_secs(2));
+    }
+}
+
+fn ssh_once(namespace: &str, key: &Path, addr: &str, command: &str) -> (i32, String, String) {
     let out = Command::new("ip")
         .args(["netns", "exec", namespace, "ssh", "-i"])
         .arg(key)
@@ -227,6 +241,7 @@ fn ssh_in(namespace: &str, key: &Path, addr: &str, command: &str) -> (i32, Strin
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
 
@@ -889,7 +904,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     // A rollout to C, whose nodes never become ready: it stops after the first one, which is removed, and the nodes
     // of B serve on without a failed request. Its limit is well above what B's nodes took (so C's is not merely
     // slow).
-    const C_LIMIT: f64 = 100.0;
+    const C_LIMIT: f64 = 120.0;
     let b_ready: Vec<f64> = rollout_text
         .lines()
         .filter_map(|l| l.split_once(": ready and smoke-checked "))
@@ -1034,7 +1049,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
     let mut memory = Vec::new();
     for check in checks {
         let (name, addr, code, out) = check.join().unwrap();
-        assert_eq!(code, 0, "{addr}: meminfo");
+        assert_eq!(code, 0, "{addr}: meminfo: {out}");
         let numbers: Vec<u64> = out.lines().map(|l| l.trim().parse().unwrap()).collect();
         let (total, available, ooms) = (numbers[0] / 1024, numbers[1] / 1024, numbers[2]);
         assert_eq!(ooms, 0, "{addr}: the kernel killed a process for memory");
