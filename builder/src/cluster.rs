@@ -535,11 +535,7 @@ pub fn rollout(plan: &Rollout, mut say: impl FnMut(&str)) -> anyhow::Result<Roll
         let deadline = started + Duration::from_secs(plan.node_timeout);
         if let Err(why) = wait_ready_and_smoke(&state, &state.nodes[index], &plan.host, deadline) {
             // The new node goes; its slot is as it was; nothing else was touched.
-            // SAFETY: kill of a QEMU this rollout started.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-            while alive(pid) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            kill_and_wait(pid);
             let _ = std::fs::remove_file(&disk);
             std::fs::rename(&kept, &disk).with_context(|| format!("cannot put {} back", disk.display()))?;
             state.nodes[index] = NodeState { pid: 0, ..previous };
@@ -555,11 +551,7 @@ pub fn rollout(plan: &Rollout, mut say: impl FnMut(&str)) -> anyhow::Result<Roll
                  serving (nodes replaced before it: {}); its console: {}",
                 image.display(),
                 serving.join(", "),
-                if done.replaced.is_empty() {
-                    "none".to_string()
-                } else {
-                    done.replaced.join(", ")
-                },
+                listed(&done.replaced),
                 state.nodes[index].serial.display()
             );
         }
@@ -630,13 +622,9 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
             let (code, body) = check(&state.namespace, node);
             if code != 200 {
                 return Err(format!(
-                    "db node `{}` is not Synced (its check answered {code}{})",
+                    "db node `{}` is not Synced (its check answered {})",
                     node.name,
-                    if body.trim().is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", body.trim())
-                    }
+                    answer(code, &body)
                 ));
             }
         }
@@ -666,11 +654,7 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
                 "{why}: a rollout takes one db node out at a time, and only while every db node is Synced (nodes \
                  replaced before: {}); start it (`cluster start NODE`) and wait until `cluster status` shows it \
                  synced",
-                if done.replaced.is_empty() {
-                    "none".to_string()
-                } else {
-                    done.replaced.join(", ")
-                }
+                listed(&done.replaced)
             )
         })?;
         let index = state
@@ -705,12 +689,8 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
                     }
                     if Instant::now() > deadline {
                         break Some(format!(
-                            "was not Synced within the limit (its Galera check answered {code}{})",
-                            if body.trim().is_empty() {
-                                String::new()
-                            } else {
-                                format!(": {}", body.trim())
-                            }
+                            "was not Synced within the limit (its Galera check answered {})",
+                            answer(code, &body)
                         ));
                     }
                     std::thread::sleep(Duration::from_secs(1));
@@ -721,12 +701,8 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
         if let Some(why) = failure {
             // The new root goes; the old one comes back on the same data disk and rejoins.
             let pid = state.nodes[index].pid;
-            if pid != previous.pid && alive(pid) {
-                // SAFETY: kill of a QEMU this rollout started.
-                unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-                while alive(pid) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+            if pid != previous.pid {
+                kill_and_wait(pid);
             }
             let _ = std::fs::remove_file(&disk);
             std::fs::rename(&kept, &disk).with_context(|| format!("cannot put {} back", disk.display()))?;
@@ -742,11 +718,7 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
                     Ok(_) => "booted again".to_string(),
                     Err(e) => format!("could not boot it again ({e:#}): `cluster start {name}`"),
                 },
-                if done.replaced.is_empty() {
-                    "none".to_string()
-                } else {
-                    done.replaced.join(", ")
-                },
+                listed(&done.replaced),
                 previous.serial.display()
             );
         }
@@ -760,6 +732,34 @@ fn rollout_db(plan: &Rollout, image: &Path, mut state: State, mut say: impl FnMu
         done.replaced.push(name);
     }
     Ok(done)
+}
+
+/// A status code and its body as a message shows them: `503: not synced ...`, or the code alone.
+fn answer(code: u16, body: &str) -> String {
+    match body.trim() {
+        "" => code.to_string(),
+        text => format!("{code}: {text}"),
+    }
+}
+
+/// Node names for a message, or `none`.
+fn listed(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".to_string()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// Kills a QEMU a rollout started and waits until it is gone (nothing if it already is).
+fn kill_and_wait(pid: u32) {
+    if alive(pid) {
+        // SAFETY: kill of a QEMU this rollout started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    }
+    while alive(pid) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// Waits until the node's `/readyz` answers 200 (asked on its own address), then runs the read-only smoke checks
@@ -776,13 +776,8 @@ fn wait_ready_and_smoke(state: &State, node: &NodeState, host: &str, deadline: I
         }
         if Instant::now() > deadline {
             return Err(format!(
-                "was not ready within the limit (its /readyz answered {}{})",
-                last.0,
-                if last.1.trim().is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", last.1.trim())
-                }
+                "was not ready within the limit (its /readyz answered {})",
+                answer(last.0, &last.1)
             ));
         }
         std::thread::sleep(Duration::from_secs(1));
