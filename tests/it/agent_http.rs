@@ -43,8 +43,13 @@ pub async fn send(app: &Router, req: Request<Body>) -> Reply {
 
 /// An app on a fresh database with migrations applied, as `serve` has it once ready.
 async fn ready_app(first_boot_marker: Option<std::path::PathBuf>) -> (Router, AppState) {
+    ready_app_at(mariadb::shared().fresh_database(), first_boot_marker).await
+}
+
+/// `ready_app` on the database at `database_url`.
+async fn ready_app_at(database_url: String, first_boot_marker: Option<std::path::PathBuf>) -> (Router, AppState) {
     let config = Config {
-        database_url: mariadb::shared().fresh_database(),
+        database_url,
         ..Config::default()
     };
     let pool = foobar_agent::db::pool(&config).unwrap();
@@ -708,4 +713,156 @@ async fn a_statement_whose_connection_is_cut_before_it_commits_runs_once_more_on
         .await
         .unwrap();
     assert_eq!(count, 1, "the write was made once");
+}
+
+/// Where a `CommitCutter` cuts a connection at the COMMIT it is armed for.
+#[derive(Debug, Clone, Copy)]
+enum Cut {
+    /// The COMMIT goes to the server; the connection is closed when the server answers, instead of passing the answer
+    /// on: the transaction committed, and the client cannot know.
+    Answered,
+    /// The connection is closed instead of passing the COMMIT on: the server rolls the transaction back.
+    Unsent,
+}
+
+/// A proxy on a socket of its own in front of the test server's, passing the MySQL protocol through unchanged until it
+/// is armed: then it cuts the next connection that sends a COMMIT (what a database proxy taking a node out, or a
+/// node's crash, does to a client between its COMMIT and the answer).
+struct CommitCutter {
+    socket: std::path::PathBuf,
+    armed: std::sync::Arc<std::sync::Mutex<Option<Cut>>>,
+    cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl CommitCutter {
+    fn start(server: std::path::PathBuf) -> CommitCutter {
+        let socket = crate::support::temp_dir("cutter").join("cutter.sock");
+        let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+        let armed = std::sync::Arc::new(std::sync::Mutex::new(None));
+        let cuts = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let (task_armed, task_cuts) = (armed.clone(), cuts.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = tokio::net::UnixStream::connect(&server).await.unwrap();
+                tokio::spawn(Self::pipe(client, upstream, task_armed.clone(), task_cuts.clone()));
+            }
+        });
+        CommitCutter {
+            socket,
+            armed,
+            cuts,
+        }
+    }
+
+    fn arm(&self, cut: Cut) {
+        *self.armed.lock().unwrap() = Some(cut);
+    }
+
+    fn cuts(&self) -> usize {
+        self.cuts.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Passes bytes both ways, reading what the client sends packet by packet (3 bytes of length, a sequence number).
+    async fn pipe(
+        client: tokio::net::UnixStream,
+        server: tokio::net::UnixStream,
+        armed: std::sync::Arc<std::sync::Mutex<Option<Cut>>>,
+        cuts: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    ) {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        let cutting = std::sync::Arc::new(AtomicBool::new(false));
+        let answers = {
+            let cutting = cutting.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 1 << 16];
+                loop {
+                    let n = match from_server.read(&mut buf).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => n,
+                    };
+                    // After a COMMIT cut as `Answered`, the server's next bytes are its answer to it: not passed on.
+                    if cutting.load(Ordering::SeqCst) || to_client.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // `to_client` dropped: the client reads the end of the stream.
+            })
+        };
+        loop {
+            let mut header = [0u8; 4];
+            if from_client.read_exact(&mut header).await.is_err() {
+                break;
+            }
+            let len = u32::from_le_bytes([header[0], header[1], header[2], 0]) as usize;
+            let mut payload = vec![0u8; len];
+            if from_client.read_exact(&mut payload).await.is_err() {
+                break;
+            }
+            // COM_QUERY (3) with the text COMMIT.
+            if payload.eq_ignore_ascii_case(b"\x03COMMIT") {
+                if let Some(cut) = armed.lock().unwrap().take() {
+                    cuts.fetch_add(1, Ordering::SeqCst);
+                    cutting.store(true, Ordering::SeqCst);
+                    if let Cut::Unsent = cut {
+                        answers.abort();
+                        break;
+                    }
+                }
+            }
+            if to_server.write_all(&header).await.is_err() || to_server.write_all(&payload).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_is_lost_is_looked_up_and_answered_by_its_outcome_and_never_run_twice() {
+    let server = mariadb::shared();
+    let url = server.fresh_database();
+    let cutter = CommitCutter::start(server.socket());
+    let through = url.replace(
+        &format!("socket={}", server.socket().display()),
+        &format!("socket={}", cutter.socket.display()),
+    );
+    assert_ne!(through, url);
+    let (app, state) = ready_app_at(through, None).await;
+    let count = |body: &'static str| {
+        let pool = state.pool.clone();
+        async move {
+            let (n,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM posts WHERE body = ?")
+                .bind(body)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            n
+        }
+    };
+
+    // The COMMIT committed and its answer was lost: the agent looks the post up, finds it, and answers 201 with it.
+    cutter.arm(Cut::Answered);
+    let started = tokio::time::Instant::now();
+    let reply = post_json(&app, &json!({"author": "lost", "body": "its answer"})).await;
+    assert_eq!(cutter.cuts(), 1, "the COMMIT was cut");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(reply.json()["body"], "its answer");
+    assert!(started.elapsed() >= foobar_agent::db::SETTLE, "looked up only after the settle time");
+    assert_eq!(count("its answer").await, 1, "the post exists once: the write was not run again");
+
+    // The COMMIT never reached the server, which rolled back: nothing is found, the answer is 503 (the outcome was not
+    // the agent's to know), and the write is not run again.
+    cutter.arm(Cut::Unsent);
+    let reply = post_json(&app, &json!({"author": "lost", "body": "never sent"})).await;
+    assert_eq!(cutter.cuts(), 2, "the COMMIT was cut");
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{}", reply.body);
+    assert!(!reply.body.contains("COMMIT"), "no internals: {}", reply.body);
+    assert_eq!(count("never sent").await, 0, "nothing was written");
+
+    // Unarmed, the proxy changes nothing.
+    let reply = post_json(&app, &json!({"author": "lost", "body": "plain"})).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
+    assert_eq!(cutter.cuts(), 2);
 }

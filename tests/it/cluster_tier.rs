@@ -296,6 +296,35 @@ impl Cluster {
         out.stdout
     }
 
+    /// Asserts that none of `outcomes` failed; otherwise the message adds what each app node's agent logged about its
+    /// database since `since` (the answers it gave 503 and why), from its journal.
+    fn assert_none_failed(&self, outcomes: &[Outcome], since: Instant, what: &str) {
+        let failures = outcomes.iter().filter(|o| failed(o)).count();
+        if failures == 0 {
+            return;
+        }
+        let mut logs = String::new();
+        for node in self.status()["nodes"].as_array().unwrap() {
+            let is_app = node["roles"].as_array().unwrap().iter().any(|r| r == "app");
+            let Some(addr) = node["address"].as_str().filter(|_| is_app) else {
+                continue;
+            };
+            let (_, log) = self.ssh(
+                addr,
+                &format!(
+                    "sudo journalctl -u foobar-agent -o short-monotonic -q --no-pager --since=-{}s | \
+                     grep -Ei 'database|commit|connection|write|read' | tail -20",
+                    since.elapsed().as_secs() + 10
+                ),
+            );
+            logs.push_str(&format!("{}:\n{log}", node["name"].as_str().unwrap_or("?")));
+        }
+        panic!(
+            "{failures} request(s) failed {what}: {}\nthe app nodes' agents said:\n{logs}",
+            summary(outcomes)
+        );
+    }
+
     /// A command on a node over SSH (as admin, from the namespace): (exit code, stdout).
     fn ssh(&self, addr: &str, command: &str) -> (i32, String) {
         ssh_in(&self.namespace, &self.key, addr, command)
@@ -844,12 +873,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         served <= 30.0,
         "app3 got its first request {served:.1} s after it was ready"
     );
-    assert_eq!(
-        during.iter().filter(|o| failed(o)).count(),
-        0,
-        "requests failed during the rollout: {}",
-        summary(&during)
-    );
+    cluster.assert_none_failed(&during, rolling, "during the rollout");
     let versions = |c: &Cluster| -> Vec<(String, bool, String)> {
         c.status()["nodes"]
             .as_array()
@@ -936,12 +960,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         stderr.contains("rollout stopped: app2") && stderr.contains("not ready within the limit"),
         "{stderr}"
     );
-    assert_eq!(
-        during.iter().filter(|o| failed(o)).count(),
-        0,
-        "requests failed during the rollout to C: {}",
-        summary(&during)
-    );
+    cluster.assert_none_failed(&during, trying, "during the rollout to C");
     assert_eq!(
         versions(&cluster),
         b_serving,
@@ -963,12 +982,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         "cluster: app2 started again (B's disk): ready after {app2_ready:.1} s; {}",
         summary(&during)
     ));
-    assert_eq!(
-        during.iter().filter(|o| failed(o)).count(),
-        0,
-        "requests failed while app2 joined: {}",
-        summary(&during)
-    );
+    cluster.assert_none_failed(&during, joined, "while app2 joined");
     assert_eq!(cluster.node("app2")["version"], version_b.as_str(), "app2 runs B");
 
     // The db nodes to build B, in place, one at a time under load: each drains (its Galera check answers 503 and the
@@ -1000,12 +1014,7 @@ fn a_cluster_of_lb_app_and_galera_nodes_serves_through_the_loss_of_any_one_node(
         timeline(&during, rolling),
         transfer.trim().replace('\n', ", ")
     ));
-    assert_eq!(
-        during.iter().filter(|o| failed(o)).count(),
-        0,
-        "requests failed while the db nodes were replaced: {}",
-        summary(&during)
-    );
+    cluster.assert_none_failed(&during, rolling, "while the db nodes were replaced");
     let image_b_path = std::fs::canonicalize(&image_b).unwrap();
     for db in ["db1", "db2", "db3"] {
         assert_eq!(cluster.node(db)["galera"], "synced", "{db} after the rollout");

@@ -79,57 +79,114 @@ fn rolled_back(err: &sqlx::Error) -> bool {
     }
 }
 
-/// How long before the one retry: the pool opens a new connection, which the proxy sends to a node still in.
-const RETRY_PAUSE: Duration = Duration::from_millis(100);
+/// The pauses before each further attempt of a statement that certainly did not run or commit: the pool opens a new
+/// connection, which the proxy sends to a node still in. Two more attempts, so that a second cut in a row (the node
+/// the first retry reached was being taken out as well) still fails no request; about 0.6 s at most.
+const RETRY_PAUSES: [Duration; 2] = [Duration::from_millis(100), Duration::from_millis(500)];
 
-/// A read, once more on a new connection when its connection was lost under it (reads change nothing).
+/// How long after a COMMIT whose answer was lost before its outcome is looked up: the server goes on committing
+/// after its client is gone, and a Galera node replicates and applies within milliseconds.
+pub const SETTLE: Duration = Duration::from_secs(1);
+
+/// A read, again on a new connection when its connection was lost under it (reads change nothing).
 pub async fn read<T, F, Fut>(mut run: F) -> Result<T, sqlx::Error>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, sqlx::Error>>,
 {
-    match run().await {
-        Err(err) if connection_lost(&err) => {
-            tracing::info!(error = %err, "connection lost under a read; once more on a new connection");
-            tokio::time::sleep(RETRY_PAUSE).await;
-            run().await
+    let mut pauses = RETRY_PAUSES.iter();
+    loop {
+        match run().await {
+            Err(err) if connection_lost(&err) => match pauses.next() {
+                Some(pause) => {
+                    tracing::info!(error = %err, "connection lost under a read; again on a new connection");
+                    tokio::time::sleep(*pause).await;
+                }
+                None => return Err(err),
+            },
+            other => return other,
         }
-        other => other,
     }
 }
 
-/// One statement (its `?` bound to `args`, in order) in a transaction of its own, once more when it certainly did not
-/// commit: its connection was lost before the COMMIT was sent (the server rolls an open transaction back when its
-/// client goes), or the statement or the COMMIT was refused with a rollback (a deadlock, which is how Galera reports
-/// a certification failure; a node not ready). A connection lost during the COMMIT itself leaves the outcome unknown:
-/// that error is returned, never retried.
-pub async fn write(pool: &MySqlPool, sql: &str, args: &[&str]) -> Result<sqlx::mysql::MySqlQueryResult, sqlx::Error> {
-    let mut attempt = 0;
+/// One statement (its `?` bound to `args`, in order) in a transaction of its own.
+///
+/// It runs again (at most twice more) when it certainly did not commit: its connection was lost before the COMMIT was
+/// sent (the server rolls an open transaction back when its client goes), or the statement or the COMMIT was refused
+/// with a rollback (a deadlock, which is how Galera reports a certification failure; a node not ready).
+///
+/// A connection lost during the COMMIT itself leaves the outcome unknown: it is never run again. After `SETTLE`,
+/// `committed` is asked, on a new connection, whether the statement's effect is there (given the statement's result,
+/// whose `last_insert_id` the server assigned before the COMMIT); if it is, the write succeeded, otherwise the COMMIT's
+/// error is returned.
+pub async fn write<C, Fut>(
+    pool: &MySqlPool,
+    sql: &str,
+    args: &[&str],
+    committed: C,
+) -> Result<sqlx::mysql::MySqlQueryResult, sqlx::Error>
+where
+    C: FnOnce(u64) -> Fut,
+    Fut: std::future::Future<Output = Result<bool, sqlx::Error>>,
+{
+    let mut pauses = RETRY_PAUSES.iter();
     loop {
-        attempt += 1;
-        // The error, and whether the transaction certainly did not commit.
-        let result: Result<_, (sqlx::Error, bool)> = async {
-            let mut tx = pool.begin().await.map_err(|e| (e, true))?;
-            let mut query = sqlx::query(sql);
-            for arg in args {
-                query = query.bind(*arg);
+        let err = match attempt(pool, sql, args).await {
+            Attempt::Committed(done) => return Ok(done),
+            Attempt::Failed(err) => err,
+            Attempt::Unknown(done, err) => {
+                tracing::warn!(error = %err, "the connection was lost during a COMMIT; looking up its outcome");
+                tokio::time::sleep(SETTLE).await;
+                return match committed(done.last_insert_id()).await {
+                    Ok(true) => {
+                        tracing::info!("the COMMIT whose answer was lost had committed");
+                        Ok(done)
+                    }
+                    Ok(false) => Err(err),
+                    Err(lookup) => {
+                        tracing::warn!(error = %lookup, "the outcome of a COMMIT could not be looked up");
+                        Err(err)
+                    }
+                };
             }
-            let done = query.execute(&mut *tx).await.map_err(|e| (e, true))?;
-            tx.commit().await.map_err(|e| {
-                let rolled = rolled_back(&e);
-                (e, rolled)
-            })?;
-            Ok(done)
-        }
-        .await;
-        match result {
-            Ok(done) => return Ok(done),
-            Err((err, true)) if attempt == 1 && (connection_lost(&err) || rolled_back(&err)) => {
-                tracing::info!(error = %err, "a write did not commit; once more on a new connection");
-                tokio::time::sleep(RETRY_PAUSE).await;
+        };
+        match pauses.next() {
+            Some(pause) if connection_lost(&err) || rolled_back(&err) => {
+                tracing::info!(error = %err, "a write did not commit; again on a new connection");
+                tokio::time::sleep(*pause).await;
             }
-            Err((err, _)) => return Err(err),
+            _ => return Err(err),
         }
+    }
+}
+
+/// What became of one attempt of a write.
+enum Attempt {
+    Committed(sqlx::mysql::MySqlQueryResult),
+    /// Certainly not committed.
+    Failed(sqlx::Error),
+    /// The statement ran, and the COMMIT was sent but not answered.
+    Unknown(sqlx::mysql::MySqlQueryResult, sqlx::Error),
+}
+
+async fn attempt(pool: &MySqlPool, sql: &str, args: &[&str]) -> Attempt {
+    let mut tx = match pool.begin().await {
+        Ok(tx) => tx,
+        Err(err) => return Attempt::Failed(err),
+    };
+    let mut query = sqlx::query(sql);
+    for arg in args {
+        query = query.bind(*arg);
+    }
+    let done = match query.execute(&mut *tx).await {
+        Ok(done) => done,
+        Err(err) => return Attempt::Failed(err),
+    };
+    match tx.commit().await {
+        Ok(()) => Attempt::Committed(done),
+        Err(err) if connection_lost(&err) => Attempt::Unknown(done, err),
+        // A refusal by a server that answered: rolled back.
+        Err(err) => Attempt::Failed(err),
     }
 }
 

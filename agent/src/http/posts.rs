@@ -70,6 +70,7 @@ impl NewPost {
             &state.pool,
             "INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))",
             &[&self.author, &self.body],
+            |id| self.stored(state, id),
         )
         .await?
         .last_insert_id();
@@ -79,6 +80,24 @@ impl NewPost {
         // Before the answer goes out, so the writer's next read sees the post.
         state.cache.invalidate();
         Ok(post)
+    }
+
+    /// Whether post `id` is this one, read causally (after every write the cluster has ordered, on whichever node
+    /// answers): the outcome of a COMMIT whose answer was lost. The id was the INSERT's own, assigned before the
+    /// COMMIT; a rolled-back id is not reused by the node that assigned it, and another post with the same id would
+    /// also need the same author and body.
+    async fn stored(&self, state: &AppState, id: u64) -> Result<bool, sqlx::Error> {
+        let row: Option<(u64,)> = crate::db::read(|| {
+            sqlx::query_as(
+                "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT id FROM posts WHERE id = ? AND author = ? AND body = ?",
+            )
+            .bind(id)
+            .bind(&self.author)
+            .bind(&self.body)
+            .fetch_optional(&state.pool)
+        })
+        .await?;
+        Ok(row.is_some())
     }
 }
 
