@@ -65,7 +65,8 @@ impl NewPost {
             return Err(ApiError::DiskFull);
         }
         // MariaDB's INSERT ... RETURNING sends no column metadata for prepared statements, which sqlx needs,
-        // so the stored row is read back by its id.
+        // so the stored row is read back by its id, causally: on whichever node answers (a cluster's proxy may send
+        // the read to another node than the write), after every write the cluster has ordered.
         let id = crate::db::write(
             &state.pool,
             "INSERT INTO posts (author, body, created_at) VALUES (?, ?, UTC_TIMESTAMP(6))",
@@ -74,7 +75,7 @@ impl NewPost {
         )
         .await?
         .last_insert_id();
-        let post = fetch(state, id)
+        let post = fetch_causal(state, id)
             .await?
             .ok_or_else(|| ApiError::NotFound(format!("post {id} vanished after insert")))?;
         // Before the answer goes out, so the writer's next read sees the post.
@@ -82,22 +83,13 @@ impl NewPost {
         Ok(post)
     }
 
-    /// Whether post `id` is this one, read causally (after every write the cluster has ordered, on whichever node
-    /// answers): the outcome of a COMMIT whose answer was lost. The id was the INSERT's own, assigned before the
-    /// COMMIT; a rolled-back id is not reused by the node that assigned it, and another post with the same id would
-    /// also need the same author and body.
+    /// Whether post `id` is this one: the outcome of a COMMIT whose answer was lost. The id was the INSERT's own,
+    /// assigned before the COMMIT; a rolled-back id is not reused by the node that assigned it, and another post with
+    /// the same id would also need the same author and body.
     async fn stored(&self, state: &AppState, id: u64) -> Result<bool, sqlx::Error> {
-        let row: Option<(u64,)> = crate::db::read(|| {
-            sqlx::query_as(
-                "SET STATEMENT wsrep_sync_wait = 1 FOR SELECT id FROM posts WHERE id = ? AND author = ? AND body = ?",
-            )
-            .bind(id)
-            .bind(&self.author)
-            .bind(&self.body)
-            .fetch_optional(&state.pool)
-        })
-        .await?;
-        Ok(row.is_some())
+        Ok(fetch_causal(state, id)
+            .await?
+            .is_some_and(|post| post.author == self.author && post.body == self.body))
     }
 }
 
@@ -164,6 +156,12 @@ fn json_bytes(value: &impl Serialize) -> Bytes {
 async fn fetch(state: &AppState, id: u64) -> Result<Option<Post>, ApiError> {
     let sql = format!("SELECT {COLUMNS} FROM posts WHERE id = ?");
     Ok(crate::db::read(|| sqlx::query_as::<_, Post>(&sql).bind(id).fetch_optional(&state.pool)).await?)
+}
+
+/// Post `id`, read after every write the cluster has ordered (Galera's causality wait; nothing without Galera).
+async fn fetch_causal(state: &AppState, id: u64) -> Result<Option<Post>, sqlx::Error> {
+    let sql = format!("SET STATEMENT wsrep_sync_wait = 1 FOR SELECT {COLUMNS} FROM posts WHERE id = ?");
+    crate::db::read(|| sqlx::query_as::<_, Post>(&sql).bind(id).fetch_optional(&state.pool)).await
 }
 
 /// Newest first, strictly older than `before` (an id) when given.
