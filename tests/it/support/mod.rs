@@ -318,7 +318,22 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    /// SIGTERM first, so that a supervisor stops its app (which leads a process group of its own and would outlive a
+    /// SIGKILL of the agent); SIGKILL when the agent has not exited within `STOP_LIMIT`.
     fn drop(&mut self) {
+        const STOP_LIMIT: Duration = Duration::from_secs(5);
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        // SAFETY: kill(2) with the pid of our own child, which has not been waited for, so is not reused.
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + STOP_LIMIT;
+        while Instant::now() < deadline {
+            if !matches!(self.child.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
