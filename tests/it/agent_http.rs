@@ -747,11 +747,7 @@ impl CommitCutter {
                 tokio::spawn(Self::pipe(client, upstream, task_armed.clone(), task_cuts.clone()));
             }
         });
-        CommitCutter {
-            socket,
-            armed,
-            cuts,
-        }
+        CommitCutter { socket, armed, cuts }
     }
 
     fn arm(&self, cut: Cut) {
@@ -849,8 +845,15 @@ async fn a_commit_whose_answer_is_lost_is_looked_up_and_answered_by_its_outcome_
     assert_eq!(cutter.cuts(), 1, "the COMMIT was cut");
     assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.body);
     assert_eq!(reply.json()["body"], "its answer");
-    assert!(started.elapsed() >= foobar_agent::db::SETTLE, "looked up only after the settle time");
-    assert_eq!(count("its answer").await, 1, "the post exists once: the write was not run again");
+    assert!(
+        started.elapsed() >= foobar_agent::db::SETTLE,
+        "looked up only after the settle time"
+    );
+    assert_eq!(
+        count("its answer").await,
+        1,
+        "the post exists once: the write was not run again"
+    );
 
     // The COMMIT never reached the server, which rolled back: nothing is found, the answer is 503 (the outcome was not
     // the agent's to know), and the write is not run again.
